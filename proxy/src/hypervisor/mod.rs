@@ -1,0 +1,1 @@
+//! Hypervisor adapters: libvirt and plain QEMU (QMP).

@@ -1,0 +1,8 @@
+//! Sluice's data path, async on tokio.
+//!
+//! Owns NBD (client and server), the hypervisor adapters, the ingest pipeline, restore
+//! exports and the backup and restore jobs. Reaches the repository (`catalog`) only through
+//! one seam on a bounded blocking pool.
+
+pub mod hypervisor;
+pub mod nbd;

@@ -1,0 +1,1 @@
+//! NBD peers for interop tests: qemu-nbd, qemu-storage-daemon, nbdkit, killed on drop.
