@@ -6,3 +6,4 @@
 
 pub mod hypervisor;
 pub mod nbd;
+pub mod plan;
