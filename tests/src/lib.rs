@@ -1,3 +1,24 @@
 //! The real test bed: libvirt, QEMU and NBD peers, driven for Sluice's integration tests.
+//!
+//! - [`TestVm`]: a throwaway TCG domain booting the tiny test guest (built by `make guest`
+//!   into `target/test-guest/`) with N qcow2 disks; its command agent writes deterministic
+//!   patterns, discards, syncs and checksums; dropping it removes domain, checkpoints,
+//!   processes and files, also on panic.
+//! - [`pattern()`]: the host twin of the guest's write pattern.
+//! - [`read_image`]: a disk image's bytes read from outside QEMU.
+//! - [`ensure_libvirt`], [`virsh`]: the daemons and the CLI.
+//! - [`peers`]: NBD peers (qemu-nbd, qemu-storage-daemon, nbdkit).
 
+pub mod channel;
+pub mod image;
+pub mod libvirt;
+pub mod pattern;
 pub mod peers;
+pub mod scratch;
+pub mod vm;
+
+pub use image::{guest_image, read_image, GuestImage};
+pub use libvirt::{domain_names, ensure_libvirt, qemu_pids_of, virsh};
+pub use pattern::{pattern, pattern_sha256, sha256_hex};
+pub use scratch::{ScratchDir, SCRATCH_ROOT};
+pub use vm::{teardown_domain, Disk, TestVm, VmSpec, NAME_PREFIX};
