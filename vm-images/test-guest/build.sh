@@ -61,7 +61,7 @@ fail() {
 # Copies a dynamically linked binary's libraries and loader into the initramfs root.
 copy_libs() {
   local bin=$1 root=$2 lib
-  ldd "$bin" | awk '/=> \// { print $3 } /^\s*\/lib/ { print $1 }' | while read -r lib; do
+  ldd "$bin" | awk '/=> \// { print $3 } /^[ \t]*\/lib/ { print $1 }' | while read -r lib; do
     mkdir -p "$root$(dirname "$lib")"
     cp -L "$lib" "$root$lib"
   done
