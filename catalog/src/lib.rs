@@ -1,5 +1,76 @@
 //! Sluice's repository and catalog.
 //!
-//! Owns everything Sluice keeps on disk: the content-addressed chunk store, per-disk
-//! indexes, backup manifests and the SQLite catalog. Synchronous by design: async code
-//! reaches it through one seam in `proxy` on a bounded blocking pool.
+//! Owns everything Sluice keeps on disk: the content-addressed chunk store (blobs in packs),
+//! per-disk two-level indexes, backup manifests, verify, retention, prune, GC, and the SQLite
+//! catalog. Synchronous by design: async code reaches it through one seam in `proxy` on a
+//! bounded blocking pool. The byte formats are drawn in `docs/formats.md`.
+//!
+//! # Shape
+//! - [`Repository::create`] / [`Repository::open`] over a [`Backend`] (`FsBackend` now).
+//! - Backup: [`Repository::begin_backup`] → [`BackupWriter`] (`put_chunks_owned`,
+//!   `put_chunk`, `put_zeros`, `keep_parent`) → [`BackupWriter::commit`]. Hashing and
+//!   compression run on worker threads fed by bounded channels; the manifest, written last,
+//!   is the commit point; dropping the writer aborts.
+//! - Restore: [`Repository::open_disk`] → [`DiskReader`] (`read_at`, `digest`, `is_zero`).
+//! - Upkeep: [`Repository::verify`], [`Repository::prune`], [`Repository::gc`],
+//!   [`Repository::rebuild_catalog`].
+//!
+//! # Which operation may run beside which
+//! Locks are the backend's repository lock ([`LockMode`]: `flock` on `<repo>/lock` for the
+//! filesystem backend, released by the kernel if the process dies).
+//!
+//! | running ↓ / starting → | backup | restore read | verify | prune | gc | rebuild-catalog |
+//! |---|---|---|---|---|---|---|
+//! | backup (shared) | yes | yes | yes | yes | waits / `Locked` | yes |
+//! | restore read (no lock) | yes | yes | yes | yes¹ | yes² | yes³ |
+//! | verify (shared) | yes | yes | yes | yes | waits / `Locked` | yes |
+//! | prune (shared) | yes⁴ | yes¹ | yes | yes | waits / `Locked` | yes |
+//! | gc (exclusive) | waits | yes² | waits | waits | waits / `Locked` | waits |
+//! | rebuild-catalog (shared) | yes³ | yes³ | yes | yes | waits / `Locked` | yes |
+//!
+//! 1. A reader of a backup that prune removes keeps its loaded index; once GC has run,
+//!    reads of its chunks fail with `NotFound` (never wrong data).
+//! 2. GC only drops blobs no committed manifest references; a repacked blob moves, and a
+//!    read that finds its pack gone looks the location up again once.
+//! 3. While the catalog is rebuilt, lookups may miss: readers fail with `NotFound` and may
+//!    retry; a writer may store a duplicate copy (harmless, GC reclaims it).
+//! 4. A backup whose parent is pruned meanwhile still commits complete: its writer holds
+//!    the parent's chunk ids, and GC (the only deleter of chunks) cannot run until it ends.
+//!
+//! Why GC is exclusive rather than generation-based: a writer deduplicates against any chunk
+//! the catalog knows, including chunks of pruned backups or aborted writers that no manifest
+//! references. Only excluding GC for the writer's whole life makes "a backup that began
+//! before GC and commits after is complete" hold without tracking every reused chunk.
+//!
+//! io_uring is not used: the chunk store reads and writes whole packs or single blobs with
+//! `pread`/`write`, and no benchmark here has shown a need yet.
+
+pub mod backend;
+mod db;
+mod error;
+pub mod format;
+mod gc;
+mod ids;
+mod reader;
+mod repo;
+pub mod retention;
+mod verify;
+mod writer;
+
+pub use backend::fault::FaultBackend;
+pub use backend::fs::FsBackend;
+pub use backend::mem::MemBackend;
+pub use backend::{Backend, LockGuard, LockMode};
+pub use db::{BackupRow, Catalog, JobRow, Location, SCHEMA_VERSION};
+pub use error::{Error, ErrorKind, Result};
+pub use format::config::RepoConfig;
+pub use format::manifest::{
+    BackupMode, BackupStats, Consistency, DiskManifest, Manifest, VmIdentity,
+};
+pub use gc::{GcOptions, GcReport, PruneReport};
+pub use ids::{BackupId, ChunkDigest, PackId};
+pub use reader::DiskReader;
+pub use repo::{RebuildReport, RepoOptions, Repository};
+pub use retention::RetentionPolicy;
+pub use verify::{Affected, Problem, ProblemKind, VerifyMode, VerifyReport};
+pub use writer::{BackupSpec, BackupWriter, CommitInfo, DiskSpec};

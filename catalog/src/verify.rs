@@ -1,0 +1,292 @@
+//! Verify: check that every chunk the committed backups need is present and intact.
+//!
+//! Owns the verify walk and its report. `Quick` checks manifests, index blocks (decoded and
+//! hashed) and that every chunk is located in a stored pack; `Full` also re-reads and
+//! re-hashes every chunk; `Sample` re-hashes a deterministic percentage (by digest). Every
+//! problem names each backup, disk and offset it affects.
+
+use crate::backend::LockMode;
+use crate::error::{ErrorKind, Result};
+use crate::format::blob;
+use crate::format::index;
+use crate::format::manifest::Manifest;
+use crate::ids::{BackupId, ChunkDigest, PackId};
+use crate::repo::Repository;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
+/// How deep to check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerifyMode {
+    /// Manifests, index blocks, presence of every chunk.
+    Quick,
+    /// Re-read and re-hash every chunk.
+    Full,
+    /// Re-hash this percentage of chunks (1..=100), the rest checked for presence.
+    Sample(u8),
+}
+
+/// What is wrong with an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProblemKind {
+    /// Not located, or its pack is gone.
+    Missing,
+    /// Fails its checks.
+    Corrupt,
+}
+
+/// Where a bad object is used.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Affected {
+    /// Backup.
+    pub backup: BackupId,
+    /// Disk target.
+    pub disk: String,
+    /// Byte offset in the disk of the first affected byte.
+    pub offset: u64,
+}
+
+/// One bad object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The chunk or index block (None for a manifest).
+    pub digest: Option<ChunkDigest>,
+    /// Missing or corrupt.
+    pub kind: ProblemKind,
+    /// What failed.
+    pub detail: String,
+    /// Every use of it (capped at 10,000 per problem).
+    pub affected: Vec<Affected>,
+}
+
+/// The result of a verify run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Backups examined.
+    pub backups: u64,
+    /// Distinct chunks checked for presence.
+    pub chunks: u64,
+    /// Chunks re-read and re-hashed.
+    pub chunks_rehashed: u64,
+    /// Problems found.
+    pub problems: Vec<Problem>,
+}
+
+impl VerifyReport {
+    /// Whether nothing is wrong.
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+
+    /// Every backup some problem affects.
+    pub fn affected_backups(&self) -> BTreeSet<BackupId> {
+        self.problems
+            .iter()
+            .flat_map(|p| p.affected.iter().map(|a| a.backup.clone()))
+            .collect()
+    }
+}
+
+const AFFECTED_CAP: usize = 10_000;
+
+struct Walk {
+    report: VerifyReport,
+    manifests: Vec<Manifest>,
+    /// Index blocks already decoded: block id -> ids.
+    blocks_ok: HashSet<ChunkDigest>,
+    needed: HashSet<ChunkDigest>,
+}
+
+impl Repository {
+    /// Verify `only` these backups, or all committed ones.
+    pub fn verify(&self, mode: VerifyMode, only: Option<&[BackupId]>) -> Result<VerifyReport> {
+        let _lock = self.lock(LockMode::Shared, true)?;
+        let ids = match only {
+            Some(v) => v.to_vec(),
+            None => self.manifest_ids()?,
+        };
+        let mut w = Walk {
+            report: VerifyReport::default(),
+            manifests: Vec::new(),
+            blocks_ok: HashSet::new(),
+            needed: HashSet::new(),
+        };
+        for id in &ids {
+            self.walk_backup(id, &mut w)?;
+        }
+        let bad = self.check_chunks(mode, &mut w)?;
+        self.name_affected(&mut w, bad);
+        w.report.backups = ids.len() as u64;
+        tracing::info!(
+            backups = ids.len(),
+            problems = w.report.problems.len(),
+            "verify finished"
+        );
+        Ok(w.report)
+    }
+
+    fn walk_backup(&self, id: &BackupId, w: &mut Walk) -> Result<()> {
+        let m = match self.manifest(id) {
+            Ok(m) => m,
+            Err(e) if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::NotFound) => {
+                let kind = problem_kind(e.kind());
+                let aff = Affected {
+                    backup: id.clone(),
+                    disk: String::new(),
+                    offset: 0,
+                };
+                w.report.problems.push(Problem {
+                    digest: None,
+                    kind,
+                    detail: e.to_string(),
+                    affected: vec![aff],
+                });
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        for d in &m.disks {
+            let chunks = index::chunk_count(d.size, d.chunk_size);
+            for (b, bid) in d.index_blocks.iter().enumerate() {
+                if w.blocks_ok.contains(bid) {
+                    continue;
+                }
+                let n = index::ids_in_block(b as u64, chunks, d.index_block_len);
+                match self.load_index_block(bid, n) {
+                    Ok(ids) => {
+                        w.needed.extend(ids.into_iter().filter(|x| !x.is_zero()));
+                        w.blocks_ok.insert(*bid);
+                    }
+                    Err(e) if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::NotFound) => {
+                        push_problem(w, *bid, e.kind(), e.to_string());
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        w.manifests.push(m);
+        Ok(())
+    }
+
+    /// Check presence (and contents per `mode`); returns the bad digests' problem indexes.
+    fn check_chunks(&self, mode: VerifyMode, w: &mut Walk) -> Result<HashMap<ChunkDigest, usize>> {
+        let stored: HashSet<PackId> = self.stored_packs()?.into_iter().collect();
+        let mut by_pack: BTreeMap<(PackId, u64), (ChunkDigest, u32)> = BTreeMap::new();
+        let needed: Vec<ChunkDigest> = w.needed.iter().copied().collect();
+        w.report.chunks = needed.len() as u64;
+        for d in needed {
+            let loc = self.catalog().lookup(&d)?;
+            match loc {
+                Some(l) if stored.contains(&l.pack) => {
+                    if sampled(&d, mode) {
+                        by_pack.insert((l.pack, l.offset), (d, l.length));
+                    }
+                }
+                Some(l) => push_problem(
+                    w,
+                    d,
+                    ErrorKind::NotFound,
+                    format!("chunk {d}: pack {} is missing", l.pack),
+                ),
+                None => push_problem(
+                    w,
+                    d,
+                    ErrorKind::NotFound,
+                    format!("chunk {d} is not located in any pack"),
+                ),
+            }
+        }
+        for ((pack, offset), (d, len)) in by_pack {
+            w.report.chunks_rehashed += 1;
+            let r = self
+                .inner
+                .backend
+                .get_range(&pack.key(), offset, len as usize)
+                .and_then(|b| blob::decode(&b, d));
+            match r {
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::NotFound) => {
+                    push_problem(w, d, e.kind(), format!("chunk {d}: {e}"))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(w.report
+            .problems
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.digest.map(|d| (d, i)))
+            .collect())
+    }
+
+    /// Second pass: find every use of each bad digest.
+    fn name_affected(&self, w: &mut Walk, bad: HashMap<ChunkDigest, usize>) {
+        if bad.is_empty() {
+            return;
+        }
+        for m in &w.manifests {
+            for d in &m.disks {
+                let chunks = index::chunk_count(d.size, d.chunk_size);
+                let span = d.index_block_len as u64 * d.chunk_size as u64;
+                for (b, bid) in d.index_blocks.iter().enumerate() {
+                    let at = |off: u64| Affected {
+                        backup: m.id.clone(),
+                        disk: d.target.clone(),
+                        offset: off,
+                    };
+                    if let Some(&p) = bad.get(bid) {
+                        add_affected(&mut w.report.problems[p], at(b as u64 * span));
+                        continue;
+                    }
+                    let n = index::ids_in_block(b as u64, chunks, d.index_block_len);
+                    let Ok(ids) = self.load_index_block(bid, n) else {
+                        continue;
+                    };
+                    for (k, id) in ids.iter().enumerate() {
+                        if let Some(&p) = bad.get(id) {
+                            let pos = b as u64 * d.index_block_len as u64 + k as u64;
+                            add_affected(&mut w.report.problems[p], at(pos * d.chunk_size as u64));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn add_affected(p: &mut Problem, a: Affected) {
+    if p.affected.len() < AFFECTED_CAP {
+        p.affected.push(a);
+    }
+}
+
+fn problem_kind(k: ErrorKind) -> ProblemKind {
+    if k == ErrorKind::NotFound {
+        ProblemKind::Missing
+    } else {
+        ProblemKind::Corrupt
+    }
+}
+
+fn push_problem(w: &mut Walk, d: ChunkDigest, k: ErrorKind, detail: String) {
+    if w.report.problems.iter().any(|p| p.digest == Some(d)) {
+        return;
+    }
+    tracing::warn!(chunk = %d, %detail, "verify found a problem");
+    w.report.problems.push(Problem {
+        digest: Some(d),
+        kind: problem_kind(k),
+        detail,
+        affected: Vec::new(),
+    });
+}
+
+fn sampled(d: &ChunkDigest, mode: VerifyMode) -> bool {
+    match mode {
+        VerifyMode::Quick => false,
+        VerifyMode::Full => true,
+        VerifyMode::Sample(pct) => {
+            let v = u16::from_le_bytes([d.0[0], d.0[1]]) as u32 % 100;
+            v < pct.min(100) as u32
+        }
+    }
+}

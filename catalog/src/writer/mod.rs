@@ -1,0 +1,403 @@
+//! Writing one backup: the `BackupWriter` API, index-block writing and the commit.
+//!
+//! Unwritten positions keep the parent's chunk (or zero without a parent); `put_*` calls
+//! feed the pipeline; `commit` seals the last pack, writes the changed index blocks, then the
+//! manifest (the commit point). Dropping an uncommitted writer aborts it: sealed packs become
+//! garbage for GC, nothing references them. Owns none of the byte formats.
+
+mod pipeline;
+
+use crate::backend::{LockGuard, LockMode};
+use crate::error::{Error, Result};
+use crate::format::blob::{self, BlobKind};
+use crate::format::index;
+use crate::format::manifest::{
+    BackupMode, BackupStats, Consistency, DiskManifest, Manifest, VmIdentity,
+};
+use crate::format::pack::PackBuilder;
+use crate::ids::{BackupId, ChunkDigest};
+use crate::repo::Repository;
+use pipeline::{DiskIndex, Job, Outcome, Pipeline, StoreState};
+use std::ops::Range;
+use std::sync::Arc;
+
+/// One disk to back up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// Target name (`vda`); matched against the parent's disks.
+    pub target: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Hypervisor checkpoint created with this backup.
+    pub checkpoint: Option<String>,
+}
+
+/// What a new backup is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupSpec {
+    /// The VM.
+    pub vm: VmIdentity,
+    /// Its disks.
+    pub disks: Vec<DiskSpec>,
+    /// The backup whose chunks unwritten positions keep.
+    pub parent: Option<BackupId>,
+    /// Start, unix seconds.
+    pub started: i64,
+}
+
+/// What is known only at the end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitInfo {
+    /// Domain definition.
+    pub domain_xml: String,
+    /// Full, incremental, or full because of a reason.
+    pub mode: BackupMode,
+    /// Application- or crash-consistent.
+    pub consistency: Consistency,
+    /// Commit time, unix seconds.
+    pub finished: i64,
+}
+
+struct DiskPlan {
+    spec: DiskSpec,
+    chunks: u64,
+    parent_blocks: Option<Vec<ChunkDigest>>,
+    parent_backup: Option<BackupId>,
+}
+
+/// An open backup. Feed it chunks, then [`BackupWriter::commit`]; dropping aborts.
+pub struct BackupWriter {
+    repo: Repository,
+    id: BackupId,
+    spec: BackupSpec,
+    plans: Vec<DiskPlan>,
+    pipeline: Option<Pipeline>,
+    _lock: LockGuard,
+}
+
+impl std::fmt::Debug for BackupWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackupWriter")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl Repository {
+    /// Start a backup (takes the shared repository lock until commit or drop).
+    pub fn begin_backup(&self, spec: BackupSpec) -> Result<BackupWriter> {
+        let lock = self.lock(LockMode::Shared, true)?;
+        validate_spec(&spec)?;
+        let parent = match &spec.parent {
+            Some(p) => Some(self.manifest(p)?),
+            None => None,
+        };
+        let mut plans = Vec::new();
+        let (mut parents, mut disks) = (Vec::new(), Vec::new());
+        for d in &spec.disks {
+            let (plan, ids) = self.plan_disk(d, parent.as_ref())?;
+            let block_len = self.config().index_block_len as u64;
+            let mut own = ids.clone();
+            own.resize(plan.chunks as usize, ChunkDigest::ZERO);
+            disks.push(DiskIndex {
+                dirty_blocks: vec![false; own.len().div_ceil(block_len as usize)],
+                ids: own,
+                block_len,
+            });
+            parents.push(Arc::new(ids));
+            plans.push(plan);
+        }
+        let pipeline = Pipeline::start(self, parents, disks)?;
+        let id = BackupId::generate(spec.started);
+        tracing::info!(backup = %id, vm = %spec.vm.name, "backup started");
+        Ok(BackupWriter {
+            repo: self.clone(),
+            id,
+            spec,
+            plans,
+            pipeline: Some(pipeline),
+            _lock: lock,
+        })
+    }
+
+    fn plan_disk(
+        &self,
+        d: &DiskSpec,
+        parent: Option<&Manifest>,
+    ) -> Result<(DiskPlan, Vec<ChunkDigest>)> {
+        let cs = self.config().chunk_size;
+        let chunks = index::chunk_count(d.size, cs);
+        let pd = parent.and_then(|p| p.disks.iter().find(|x| x.target == d.target));
+        let usable =
+            pd.filter(|x| x.chunk_size == cs && x.index_block_len == self.config().index_block_len);
+        let ids = match usable {
+            Some(x) => self.load_index(x)?,
+            None => Vec::new(),
+        };
+        let same_size = usable.is_some_and(|x| x.size == d.size);
+        Ok((
+            DiskPlan {
+                spec: d.clone(),
+                chunks,
+                parent_blocks: usable.filter(|_| same_size).map(|x| x.index_blocks.clone()),
+                parent_backup: usable.and(parent.map(|p| p.id.clone())),
+            },
+            ids,
+        ))
+    }
+}
+
+fn validate_spec(spec: &BackupSpec) -> Result<()> {
+    if spec.disks.is_empty() {
+        return Err(Error::invalid(format!(
+            "backup of vm {} has no disks",
+            spec.vm.name
+        )));
+    }
+    for (i, d) in spec.disks.iter().enumerate() {
+        if d.target.is_empty() || spec.disks[..i].iter().any(|x| x.target == d.target) {
+            return Err(Error::invalid(format!(
+                "disk target {:?} empty or repeated",
+                d.target
+            )));
+        }
+        if d.size == 0 || d.size > 1 << 50 {
+            return Err(Error::invalid(format!(
+                "disk {} size {} out of range",
+                d.target, d.size
+            )));
+        }
+    }
+    Ok(())
+}
+
+impl BackupWriter {
+    /// The id this backup will have.
+    pub fn id(&self) -> &BackupId {
+        &self.id
+    }
+
+    /// Chunk size in bytes.
+    pub fn chunk_size(&self) -> u32 {
+        self.repo.config().chunk_size
+    }
+
+    /// Number of chunk positions of disk `disk`.
+    pub fn chunk_count(&self, disk: usize) -> Result<u64> {
+        Ok(self.plan(disk)?.chunks)
+    }
+
+    fn plan(&self, disk: usize) -> Result<&DiskPlan> {
+        self.plans
+            .get(disk)
+            .ok_or_else(|| Error::invalid(format!("backup {} has no disk #{disk}", self.id)))
+    }
+
+    fn pipe(&self) -> Result<&Pipeline> {
+        let p = self
+            .pipeline
+            .as_ref()
+            .ok_or_else(|| Error::invalid("backup writer finished"))?;
+        match p.failure() {
+            Some(m) => Err(Error::new(
+                crate::ErrorKind::Io,
+                format!("backup {} failed: {m}", self.id),
+            )),
+            None => Ok(p),
+        }
+    }
+
+    /// Expected byte length of chunk `index` of `disk` (the last one may be short).
+    fn chunk_len(&self, disk: usize, index: u64) -> Result<usize> {
+        let p = self.plan(disk)?;
+        if index >= p.chunks {
+            return Err(Error::invalid(format!(
+                "chunk {index} past the end of disk {} ({} chunks)",
+                p.spec.target, p.chunks
+            )));
+        }
+        let cs = self.chunk_size() as u64;
+        Ok((p.spec.size - index * cs).min(cs) as usize)
+    }
+
+    /// Store the chunk at position `index` (copies `data`).
+    pub fn put_chunk(&self, disk: usize, index: u64, data: &[u8]) -> Result<()> {
+        self.put_chunks_owned(disk, index, data.to_vec())
+    }
+
+    /// Store consecutive chunks from `start` (copies `data` once).
+    pub fn put_chunks(&self, disk: usize, start: u64, data: &[u8]) -> Result<()> {
+        self.put_chunks_owned(disk, start, data.to_vec())
+    }
+
+    /// Store consecutive chunks from `start`, taking the buffer without copying. Its length
+    /// must cover whole chunks (the disk's last chunk may be short).
+    pub fn put_chunks_owned(&self, disk: usize, start: u64, data: Vec<u8>) -> Result<()> {
+        let buf = Arc::new(data);
+        let (mut off, mut index) = (0usize, start);
+        while off < buf.len() {
+            let len = self.chunk_len(disk, index)?;
+            if buf.len() - off < len {
+                return Err(Error::invalid(format!(
+                    "buffer for chunk {index} of disk #{disk} holds {} bytes, need {len}",
+                    buf.len() - off
+                )));
+            }
+            let job = Job {
+                disk,
+                index,
+                buf: buf.clone(),
+                start: off,
+                len,
+            };
+            self.pipe()?.send_job(job)?;
+            off += len;
+            index += 1;
+        }
+        Ok(())
+    }
+
+    /// Record that the chunks in `range` are all zeros (nothing is stored).
+    pub fn put_zeros(&self, disk: usize, range: Range<u64>) -> Result<()> {
+        for index in range {
+            self.chunk_len(disk, index)?;
+            self.pipe()?.send_outcome(Outcome::Set {
+                disk,
+                index,
+                digest: ChunkDigest::ZERO,
+                new_blob: None,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Record that chunk `index` is all zeros.
+    pub fn put_zero(&self, disk: usize, index: u64) -> Result<()> {
+        self.put_zeros(disk, index..index + 1)
+    }
+
+    /// Keep the parent's chunks in `range` (the default for unwritten positions; this only
+    /// checks that a parent exists and the range is valid).
+    pub fn keep_parent(&self, disk: usize, range: Range<u64>) -> Result<()> {
+        let p = self.plan(disk)?;
+        if p.parent_backup.is_none() {
+            return Err(Error::invalid(format!(
+                "disk {} has no parent backup",
+                p.spec.target
+            )));
+        }
+        if range.end > p.chunks {
+            return Err(Error::invalid(format!(
+                "range past the end of disk {}",
+                p.spec.target
+            )));
+        }
+        Ok(())
+    }
+
+    /// Finish: seal data, write changed index blocks, write the manifest (commit point),
+    /// record in the catalog. Returns the manifest.
+    pub fn commit(mut self, info: CommitInfo) -> Result<Manifest> {
+        let pipe = self
+            .pipeline
+            .take()
+            .ok_or_else(|| Error::invalid("backup writer finished"))?;
+        let mut st = pipe.finish()?;
+        if let Some(e) = st.error.take() {
+            return Err(e.context(format!("backup {}", self.id)));
+        }
+        let pack = std::mem::take(&mut st.pack);
+        let (disks, pack, meta) = self.write_indexes(&st, pack)?;
+        Pipeline::seal_rest(&self.repo, pack)?;
+        let mut m = self.manifest(info, disks, st.stats);
+        let mut bytes = m.encode()?;
+        m.stats.metadata_bytes = meta + bytes.len() as u64;
+        bytes = m.encode()?;
+        self.repo.backend().put(&Manifest::key(&m.id), &bytes)?;
+        if let Err(e) = self.repo.catalog().insert_backup(&m, false) {
+            tracing::warn!(backup = %m.id, error = %e, "committed backup not recorded; next open will");
+        }
+        tracing::info!(backup = %m.id, vm = %m.vm.name, new = m.stats.chunks_new, "backup committed");
+        Ok(m)
+    }
+
+    fn manifest(&self, info: CommitInfo, disks: Vec<DiskManifest>, stats: BackupStats) -> Manifest {
+        Manifest {
+            id: self.id.clone(),
+            vm: self.spec.vm.clone(),
+            domain_xml: info.domain_xml,
+            started: self.spec.started,
+            finished: info.finished,
+            mode: info.mode,
+            consistency: info.consistency,
+            disks,
+            stats,
+        }
+    }
+
+    fn write_indexes(
+        &self,
+        st: &StoreState,
+        mut pack: PackBuilder,
+    ) -> Result<(Vec<DiskManifest>, PackBuilder, u64)> {
+        let mut out = Vec::new();
+        let mut meta = 0u64;
+        let mut written = std::collections::HashSet::new();
+        for (plan, di) in self.plans.iter().zip(&st.disks) {
+            let mut blocks = Vec::new();
+            for (b, ids) in di.ids.chunks(di.block_len as usize).enumerate() {
+                let reuse = plan.parent_blocks.as_ref().filter(|_| !di.dirty_blocks[b]);
+                match reuse {
+                    Some(pb) => blocks.push(pb[b]),
+                    None => {
+                        blocks.push(self.index_block(ids, &mut pack, &mut written, &mut meta)?)
+                    }
+                }
+            }
+            out.push(self.disk_manifest(plan, blocks));
+        }
+        Ok((out, pack, meta))
+    }
+
+    fn index_block(
+        &self,
+        ids: &[ChunkDigest],
+        pack: &mut PackBuilder,
+        written: &mut std::collections::HashSet<ChunkDigest>,
+        meta: &mut u64,
+    ) -> Result<ChunkDigest> {
+        let payload = index::encode(ids);
+        let d = ChunkDigest::of(&payload);
+        if written.contains(&d) || self.repo.catalog().lookup(&d)?.is_some() {
+            return Ok(d);
+        }
+        let b = blob::encode(BlobKind::Index, d, &payload, self.repo.config().zstd_level)?;
+        *meta += b.len() as u64;
+        pack.add(d, BlobKind::Index, &b);
+        written.insert(d);
+        if pack.len() as u64 >= self.repo.config().pack_target {
+            Pipeline::seal_rest(&self.repo, std::mem::take(pack))?;
+        }
+        Ok(d)
+    }
+
+    fn disk_manifest(&self, plan: &DiskPlan, index_blocks: Vec<ChunkDigest>) -> DiskManifest {
+        DiskManifest {
+            target: plan.spec.target.clone(),
+            size: plan.spec.size,
+            chunk_size: self.chunk_size(),
+            index_block_len: self.repo.config().index_block_len,
+            index_blocks,
+            checkpoint: plan.spec.checkpoint.clone(),
+            parent_backup: plan.parent_backup.clone(),
+        }
+    }
+}
+
+impl Drop for BackupWriter {
+    fn drop(&mut self) {
+        if self.pipeline.take().is_some() {
+            tracing::warn!(backup = %self.id, "backup writer dropped without commit: aborted");
+        }
+    }
+}

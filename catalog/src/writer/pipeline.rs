@@ -1,0 +1,319 @@
+//! The ingest pipeline of one backup: hash/compress workers and the store thread.
+//!
+//! Callers push chunk jobs into a bounded channel; `workers` threads detect zeros, hash,
+//! look the digest up (parent index, open pack, catalog) and compress new chunks; one store
+//! thread appends new blobs to the open pack, seals full packs and records each position's
+//! digest. Owns the threads and channels; does not own commit (see `writer`).
+
+use crate::db::Catalog;
+use crate::error::{Error, Result};
+use crate::format::blob::{self, BlobKind};
+use crate::format::manifest::BackupStats;
+use crate::format::pack::PackBuilder;
+use crate::ids::ChunkDigest;
+use crate::repo::Repository;
+use std::collections::HashSet;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+/// One chunk to ingest: `buf[start..start + len]` is position `index` of disk `disk`.
+pub(crate) struct Job {
+    pub disk: usize,
+    pub index: u64,
+    pub buf: Arc<Vec<u8>>,
+    pub start: usize,
+    pub len: usize,
+}
+
+/// What a worker (or the caller, for zeros) tells the store thread.
+pub(crate) enum Outcome {
+    Set {
+        disk: usize,
+        index: u64,
+        digest: ChunkDigest,
+        new_blob: Option<(Vec<u8>, u64)>,
+    },
+    Failed(Error),
+}
+
+/// Per-disk chunk ids being built, and which index blocks changed.
+pub(crate) struct DiskIndex {
+    pub ids: Vec<ChunkDigest>,
+    pub dirty_blocks: Vec<bool>,
+    pub block_len: u64,
+}
+
+/// Everything the store thread hands back at the end.
+pub(crate) struct StoreState {
+    pub disks: Vec<DiskIndex>,
+    pub pack: PackBuilder,
+    pub stats: BackupStats,
+    pub error: Option<Error>,
+}
+
+/// Shared state workers read.
+struct Shared {
+    repo: Repository,
+    parents: Vec<Arc<Vec<ChunkDigest>>>,
+    pending: Mutex<HashSet<ChunkDigest>>,
+    failed: Mutex<Option<String>>,
+    level: i32,
+}
+
+/// A running pipeline.
+pub(crate) struct Pipeline {
+    jobs: Option<SyncSender<Job>>,
+    outcomes: Option<SyncSender<Outcome>>,
+    workers: Vec<JoinHandle<()>>,
+    store: Option<JoinHandle<StoreState>>,
+    shared: Arc<Shared>,
+}
+
+impl Pipeline {
+    /// Start workers and the store thread. `parents[d]` are the parent's ids for disk `d`
+    /// (empty if none); `disks` start as copies of them.
+    pub fn start(
+        repo: &Repository,
+        parents: Vec<Arc<Vec<ChunkDigest>>>,
+        disks: Vec<DiskIndex>,
+    ) -> Result<Self> {
+        let n = repo.inner.opts.worker_count();
+        let (job_tx, job_rx) = sync_channel::<Job>(n * 8);
+        let (out_tx, out_rx) = sync_channel::<Outcome>(n * 8);
+        let shared = Arc::new(Shared {
+            repo: repo.clone(),
+            parents,
+            pending: Mutex::new(HashSet::new()),
+            failed: Mutex::new(None),
+            level: repo.config().zstd_level,
+        });
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let mut workers = Vec::with_capacity(n);
+        for _ in 0..n {
+            let cat = Catalog::open(&repo.inner.opts.catalog_path)?;
+            let (rx, tx, sh) = (job_rx.clone(), out_tx.clone(), shared.clone());
+            workers.push(std::thread::spawn(move || worker_loop(&sh, &cat, &rx, &tx)));
+        }
+        let sh = shared.clone();
+        let store = std::thread::spawn(move || store_loop(&sh, disks, out_rx));
+        Ok(Pipeline {
+            jobs: Some(job_tx),
+            outcomes: Some(out_tx),
+            workers,
+            store: Some(store),
+            shared,
+        })
+    }
+
+    /// The first failure so far, if any.
+    pub fn failure(&self) -> Option<String> {
+        self.shared
+            .failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Queue a chunk (blocks while the queue is full).
+    pub fn send_job(&self, job: Job) -> Result<()> {
+        let tx = self
+            .jobs
+            .as_ref()
+            .ok_or_else(|| Error::invalid("backup writer finished"))?;
+        tx.send(job)
+            .map_err(|_| Error::new(crate::ErrorKind::Io, "ingest pipeline stopped"))
+    }
+
+    /// Record a position directly (zeros, parent chunks).
+    pub fn send_outcome(&self, o: Outcome) -> Result<()> {
+        let tx = self
+            .outcomes
+            .as_ref()
+            .ok_or_else(|| Error::invalid("backup writer finished"))?;
+        tx.send(o)
+            .map_err(|_| Error::new(crate::ErrorKind::Io, "ingest pipeline stopped"))
+    }
+
+    /// Drain and stop every thread; returns the store state.
+    pub fn finish(mut self) -> Result<StoreState> {
+        self.stop()
+            .ok_or_else(|| Error::new(crate::ErrorKind::Io, "ingest store thread panicked"))
+    }
+
+    fn stop(&mut self) -> Option<StoreState> {
+        self.jobs.take();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        self.outcomes.take();
+        self.store.take().and_then(|s| s.join().ok())
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn worker_loop(sh: &Shared, cat: &Catalog, rx: &Mutex<Receiver<Job>>, tx: &SyncSender<Outcome>) {
+    loop {
+        let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
+            Ok(j) => j,
+            Err(_) => return,
+        };
+        let out = process(sh, cat, &job).unwrap_or_else(Outcome::Failed);
+        if tx.send(out).is_err() {
+            return;
+        }
+    }
+}
+
+fn process(sh: &Shared, cat: &Catalog, job: &Job) -> Result<Outcome> {
+    let data = &job.buf[job.start..job.start + job.len];
+    let set = |digest, new_blob| Outcome::Set {
+        disk: job.disk,
+        index: job.index,
+        digest,
+        new_blob,
+    };
+    if is_zero(data) {
+        return Ok(set(ChunkDigest::ZERO, None));
+    }
+    let digest = ChunkDigest::of(data);
+    if sh.parents[job.disk].get(job.index as usize) == Some(&digest) || known(sh, cat, &digest)? {
+        return Ok(set(digest, None));
+    }
+    let b = blob::encode(BlobKind::Chunk, digest, data, sh.level)?;
+    Ok(set(digest, Some((b, data.len() as u64))))
+}
+
+fn known(sh: &Shared, cat: &Catalog, d: &ChunkDigest) -> Result<bool> {
+    if sh
+        .pending
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(d)
+    {
+        return Ok(true);
+    }
+    Ok(cat.lookup(d)?.is_some())
+}
+
+/// Whether `d` is all zero bytes (vectorises: OR-folds 256-byte runs).
+pub(crate) fn is_zero(d: &[u8]) -> bool {
+    let mut it = d.chunks_exact(256);
+    for c in &mut it {
+        if c.iter().fold(0u8, |a, &b| a | b) != 0 {
+            return false;
+        }
+    }
+    it.remainder().iter().all(|&b| b == 0)
+}
+
+fn store_loop(sh: &Shared, disks: Vec<DiskIndex>, rx: Receiver<Outcome>) -> StoreState {
+    let mut st = StoreState {
+        disks,
+        pack: PackBuilder::new(),
+        stats: BackupStats::default(),
+        error: None,
+    };
+    for o in rx {
+        if st.error.is_some() {
+            continue;
+        }
+        if let Err(e) = apply(sh, &mut st, o) {
+            *sh.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            st.error = Some(e);
+        }
+    }
+    st
+}
+
+fn apply(sh: &Shared, st: &mut StoreState, o: Outcome) -> Result<()> {
+    let (disk, index, digest, new_blob) = match o {
+        Outcome::Failed(e) => return Err(e),
+        Outcome::Set {
+            disk,
+            index,
+            digest,
+            new_blob,
+        } => (disk, index, digest, new_blob),
+    };
+    st.stats.chunks_written += 1;
+    match new_blob {
+        _ if digest.is_zero() => st.stats.chunks_zero += 1,
+        Some((b, raw)) => add_blob(sh, st, digest, b, raw)?,
+        None => st.stats.chunks_dedup += 1,
+    }
+    let d = &mut st.disks[disk];
+    d.ids[index as usize] = digest;
+    d.dirty_blocks[(index / d.block_len) as usize] = true;
+    Ok(())
+}
+
+fn add_blob(
+    sh: &Shared,
+    st: &mut StoreState,
+    digest: ChunkDigest,
+    b: Vec<u8>,
+    raw: u64,
+) -> Result<()> {
+    if !sh
+        .pending
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(digest)
+    {
+        st.stats.chunks_dedup += 1;
+        return Ok(());
+    }
+    st.stats.chunks_new += 1;
+    st.stats.bytes_new_raw += raw;
+    st.stats.bytes_stored += b.len() as u64;
+    st.pack.add(digest, BlobKind::Chunk, &b);
+    if st.pack.len() as u64 >= sh.repo.config().pack_target {
+        let full = std::mem::take(&mut st.pack);
+        seal(&sh.repo, &sh.pending, full)?;
+    }
+    Ok(())
+}
+
+/// Seal `pack`, then drop its digests from `pending` (they are in the catalog now).
+pub(crate) fn seal(
+    repo: &Repository,
+    pending: &Mutex<HashSet<ChunkDigest>>,
+    pack: PackBuilder,
+) -> Result<()> {
+    if pack.is_empty() {
+        return Ok(());
+    }
+    let (_, entries) = repo.seal_pack(pack)?;
+    let mut p = pending.lock().unwrap_or_else(|p| p.into_inner());
+    for e in entries {
+        p.remove(&e.digest);
+    }
+    Ok(())
+}
+
+impl Pipeline {
+    /// Seal the open pack of a finished pipeline's state.
+    pub fn seal_rest(repo: &Repository, pack: PackBuilder) -> Result<()> {
+        seal(repo, &Mutex::new(HashSet::new()), pack)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn zero_detection() {
+        let mut v = vec![0u8; 65536 + 7];
+        assert!(super::is_zero(&v));
+        v[65536 + 3] = 1;
+        assert!(!super::is_zero(&v));
+        v[65536 + 3] = 0;
+        v[100] = 1;
+        assert!(!super::is_zero(&v));
+    }
+}
