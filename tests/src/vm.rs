@@ -330,7 +330,7 @@ impl TestVm {
         let _ = writeln!(x, "  <os>\n    <type arch='x86_64' machine='pc'>hvm</type>");
         let _ = writeln!(x, "    <kernel>{}/vmlinuz</kernel>", esc(&dir));
         let _ = writeln!(x, "    <initrd>{}/initrd.img</initrd>", esc(&dir));
-        x.push_str("    <cmdline>console=ttyS0 panic=-1</cmdline>\n  </os>\n");
+        x.push_str("    <cmdline>console=ttyS0 panic=-1 mitigations=off</cmdline>\n  </os>\n");
         x.push_str("  <features><acpi/></features>\n");
         x.push_str("  <on_poweroff>destroy</on_poweroff>\n  <on_reboot>destroy</on_reboot>\n");
         x.push_str("  <on_crash>destroy</on_crash>\n  <devices>\n");
