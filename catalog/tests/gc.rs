@@ -1,0 +1,166 @@
+//! Prune and GC reclaim space without touching what committed backups need, and GC never
+//! runs beside a backup (the race is tested, not assumed).
+
+mod common;
+
+use catalog::{BackupSpec, DiskSpec, ErrorKind, GcOptions, RetentionPolicy, VerifyMode};
+use common::*;
+use std::time::Duration;
+
+const CS: usize = 64 << 10;
+
+fn stored_bytes(b: &catalog::MemBackend) -> u64 {
+    b.snapshot().values().map(|v| v.len() as u64).sum()
+}
+
+#[test]
+fn prune_then_gc_deletes_dead_packs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, repo) = mem_repo(dir.path());
+    let mut ms = Vec::new();
+    for i in 0..3u64 {
+        let d = noise(100 + i, 40 * CS);
+        ms.push((
+            backup(&repo, &[("vda", &d)], None, None, 1000 * i as i64 + 1).unwrap(),
+            d,
+        ));
+    }
+    let policy = RetentionPolicy {
+        keep_last: 1,
+        ..Default::default()
+    };
+    let dry = repo.prune(None, &policy, true).unwrap();
+    assert!(dry.removed.is_empty());
+    assert_eq!(dry.decisions.iter().filter(|d| !d.keep).count(), 2);
+    let rep = repo.prune(None, &policy, false).unwrap();
+    assert_eq!(rep.removed.len(), 2);
+    let before = stored_bytes(&b);
+    let gc = repo.gc(GcOptions::default()).unwrap();
+    assert!(gc.packs_deleted >= 4, "{gc:?}");
+    let after = stored_bytes(&b);
+    assert!(after < before / 2, "{before} -> {after}");
+    let (last, data) = &ms[2];
+    assert_eq!(read_all(&repo, last, "vda").unwrap(), *data);
+    assert!(repo.verify(VerifyMode::Full, None).unwrap().is_ok());
+}
+
+#[test]
+fn gc_repacks_mostly_dead_packs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_b, repo) = mem_repo(dir.path());
+    let d1 = noise(1, 12 * CS);
+    let m1 = backup(&repo, &[("vda", &d1)], None, None, 1).unwrap();
+    let mut d2 = d1.clone();
+    d2[..10 * CS].copy_from_slice(&noise(2, 10 * CS));
+    let m2 = backup(
+        &repo,
+        &[("vda", &d2)],
+        Some(&m1),
+        Some(&(0..10).collect::<Vec<_>>()),
+        2,
+    )
+    .unwrap();
+    repo.remove_backup(&m1.id).unwrap();
+    let gc = repo
+        .gc(GcOptions {
+            repack_threshold: 0.5,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(gc.packs_repacked, 1, "{gc:?}");
+    assert_eq!(read_all(&repo, &m2, "vda").unwrap(), d2);
+    assert!(repo.verify(VerifyMode::Full, None).unwrap().is_ok());
+    let again = repo.gc(GcOptions::default()).unwrap();
+    assert_eq!(
+        (again.packs_deleted, again.packs_repacked),
+        (0, 0),
+        "gc is idempotent"
+    );
+}
+
+#[test]
+fn backup_begun_before_gc_commits_complete_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_b, repo) = fs_repo(dir.path());
+    let d1 = vm_like(31, 32 * CS);
+    let m1 = backup(&repo, &[("vda", &d1)], None, None, 1).unwrap();
+    // An aborted writer leaves chunks no manifest references.
+    let orphan = noise(99, 4 * CS);
+    {
+        let spec = BackupSpec {
+            vm: vm(),
+            disks: vec![DiskSpec {
+                target: "vda".into(),
+                size: orphan.len() as u64,
+                checkpoint: None,
+            }],
+            parent: None,
+            started: 2,
+        };
+        let w = repo.begin_backup(spec).unwrap();
+        w.put_chunks(0, 0, &orphan).unwrap();
+        drop(w);
+        repo.gc(GcOptions {
+            dry_run: true,
+            ..Default::default()
+        })
+        .unwrap();
+    }
+    // The backup starts, keeping the parent's chunks and reusing chunks of the orphan...
+    let mut d2 = d1.clone();
+    d2[..4 * CS].copy_from_slice(&orphan);
+    let spec = BackupSpec {
+        vm: vm(),
+        disks: vec![DiskSpec {
+            target: "vda".into(),
+            size: d2.len() as u64,
+            checkpoint: None,
+        }],
+        parent: Some(m1.id.clone()),
+        started: 3,
+    };
+    let w = repo.begin_backup(spec).unwrap();
+    w.put_chunks(0, 0, &d2[..4 * CS]).unwrap();
+    // ...then its parent is pruned and GC is asked to run.
+    repo.remove_backup(&m1.id).unwrap();
+    let e = repo.gc(GcOptions::default()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Locked);
+    let r2 = repo.clone();
+    let gc = std::thread::spawn(move || {
+        r2.gc(GcOptions {
+            wait: true,
+            ..Default::default()
+        })
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!gc.is_finished(), "gc must wait for the running backup");
+    w.keep_parent(0, 4..32).unwrap();
+    let m2 = w
+        .commit(commit_info(catalog::BackupMode::Incremental))
+        .unwrap();
+    let rep = gc.join().unwrap().unwrap();
+    assert!(rep.live_blobs > 0, "{rep:?}");
+    assert_eq!(read_all(&repo, &m2, "vda").unwrap(), d2);
+    assert!(repo.verify(VerifyMode::Full, None).unwrap().is_ok());
+}
+
+#[test]
+fn protected_backups_survive_prune() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_b, repo) = mem_repo(dir.path());
+    let d = vm_like(3, 4 * CS);
+    let a = backup(&repo, &[("vda", &d)], None, None, 10).unwrap();
+    let _b2 = backup(&repo, &[("vda", &d)], None, None, 20).unwrap();
+    repo.set_protected(&a.id, true).unwrap();
+    let rep = repo
+        .prune(
+            None,
+            &RetentionPolicy {
+                keep_last: 1,
+                ..Default::default()
+            },
+            false,
+        )
+        .unwrap();
+    assert!(rep.removed.is_empty(), "{rep:?}");
+}
