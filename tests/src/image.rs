@@ -60,6 +60,28 @@ pub fn read_image(path: &Path, format: &str, offset: u64, len: u64) -> Result<Ve
         "driver=raw,offset={offset},size={len},file.driver={format},\
          file.file.driver=file,file.file.filename={file}"
     );
+    convert_to_vec(&opts, len)
+        .with_context(|| format!("read {len} bytes at {offset} of {}", path.display()))
+}
+
+/// Reads `len` bytes at `offset` of the NBD export `export` served on the unix socket
+/// `socket` (e.g. a libvirt pull-mode backup export), with `qemu-img`.
+pub fn read_nbd(socket: &Path, export: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+    let sock = socket
+        .to_str()
+        .with_context(|| format!("socket path {} is not utf-8", socket.display()))?
+        .replace(',', ",,");
+    let opts = format!(
+        "driver=raw,offset={offset},size={len},file.driver=nbd,file.server.type=unix,\
+         file.server.path={sock},file.export={}",
+        export.replace(',', ",,")
+    );
+    convert_to_vec(&opts, len)
+        .with_context(|| format!("read {len} bytes at {offset} of nbd export {export}"))
+}
+
+/// Runs `qemu-img convert -U --image-opts OPTS` into a temporary raw file and returns it.
+fn convert_to_vec(opts: &str, len: u64) -> Result<Vec<u8>> {
     let out = tempfile::NamedTempFile::new().context("temporary file for an image read")?;
     run_qemu_img(&[
         "convert".as_ref(),
@@ -69,15 +91,10 @@ pub fn read_image(path: &Path, format: &str, offset: u64, len: u64) -> Result<Ve
         "-O".as_ref(),
         "raw".as_ref(),
         out.path().as_os_str(),
-    ])
-    .with_context(|| format!("read {len} bytes at {offset} of {}", path.display()))?;
+    ])?;
     let data = std::fs::read(out.path())?;
     if data.len() as u64 != len {
-        bail!(
-            "read of {} at {offset} returned {} bytes, wanted {len}",
-            path.display(),
-            data.len()
-        );
+        bail!("read returned {} bytes, wanted {len}", data.len());
     }
     Ok(data)
 }

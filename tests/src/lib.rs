@@ -17,7 +17,7 @@ pub mod peers;
 pub mod scratch;
 pub mod vm;
 
-pub use image::{guest_image, read_image, GuestImage};
+pub use image::{guest_image, read_image, read_nbd, GuestImage};
 pub use libvirt::{domain_names, ensure_libvirt, qemu_pids_of, virsh};
 pub use pattern::{pattern, pattern_sha256, sha256_hex};
 pub use scratch::{ScratchDir, SCRATCH_ROOT};

@@ -8,6 +8,7 @@
 use anyhow::{bail, Context, Result};
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Mutex;
@@ -57,14 +58,42 @@ pub fn ensure_libvirt() -> Result<()> {
             bail!("{tool} is not installed: run `make deps`");
         }
     }
+    // Test processes of several crates may get here at once: one starts the daemons.
+    let _lock = StartLock::acquire()?;
     fix_kvm_permissions();
     if virsh(&["version"]).is_err() {
-        start_daemon("virtlogd")?;
-        start_daemon("libvirtd")?;
+        start_daemon("virtlogd");
+        start_daemon("libvirtd");
         wait_for_libvirt(Duration::from_secs(60))?;
     }
     *done = true;
     Ok(())
+}
+
+/// An exclusive `flock` on a file beside the scratch directories, released on drop.
+struct StartLock {
+    _file: fs::File,
+}
+
+impl StartLock {
+    fn acquire() -> Result<StartLock> {
+        let root = Path::new(crate::scratch::SCRATCH_ROOT);
+        fs::create_dir_all(root).with_context(|| format!("create {}", root.display()))?;
+        let path = root.join(".libvirt-start.lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("open {}", path.display()))?;
+        // SAFETY: flock on a file descriptor owned by `file`, which outlives the call.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("lock {}", path.display()));
+        }
+        Ok(StartLock { _file: file })
+    }
 }
 
 /// `chgrp kvm /dev/kvm && chmod 660 /dev/kvm`: without it libvirt re-probes QEMU on every
@@ -78,18 +107,17 @@ fn fix_kvm_permissions() {
     let _ = fs::set_permissions(kvm, fs::Permissions::from_mode(0o660));
 }
 
-fn start_daemon(name: &str) -> Result<()> {
+/// Starts `NAME -d` unless a process of that name runs. A failure is only reported: the
+/// daemon may have been started by someone else meanwhile; `wait_for_libvirt` decides.
+fn start_daemon(name: &str) {
     if !pids_by_comm(name).is_empty() {
-        return Ok(());
+        return;
     }
-    let status = Command::new(name)
-        .arg("-d")
-        .status()
-        .with_context(|| format!("cannot start {name} (run `make deps`)"))?;
-    if !status.success() {
-        bail!("{name} -d exited with {status}");
+    match Command::new(name).arg("-d").status() {
+        Ok(status) if status.success() => {}
+        Ok(status) => eprintln!("testbed: {name} -d exited with {status}"),
+        Err(e) => eprintln!("testbed: cannot start {name} (run `make deps`): {e}"),
     }
-    Ok(())
 }
 
 fn wait_for_libvirt(limit: Duration) -> Result<()> {

@@ -226,6 +226,35 @@ impl TestVm {
         self.call(&format!("sum {disk} {offset} {len}"), io_limit(len))
     }
 
+    /// Makes an ext2 filesystem on all of `disk` (for filesystem-freeze tests).
+    pub fn mkfs(&self, disk: &str) -> Result<()> {
+        self.disk(disk)?;
+        self.call(&format!("mkfs {disk}"), Duration::from_secs(120))?;
+        Ok(())
+    }
+
+    /// Mounts `disk`'s ext2 filesystem at `/mnt/DISK` in the guest.
+    pub fn mount(&self, disk: &str) -> Result<()> {
+        self.disk(disk)?;
+        self.call(&format!("mount {disk}"), Duration::from_secs(60))?;
+        Ok(())
+    }
+
+    /// Unmounts `/mnt/DISK` in the guest.
+    pub fn umount(&self, disk: &str) -> Result<()> {
+        self.disk(disk)?;
+        self.call(&format!("umount {disk}"), Duration::from_secs(60))?;
+        Ok(())
+    }
+
+    /// Writes `len` bytes (512-aligned) of the pattern of `seed`, as if at offset 0, into
+    /// the file `/mnt/DISK/NAME` and fsyncs it.
+    pub fn write_file(&self, disk: &str, name: &str, len: u64, seed: u64) -> Result<()> {
+        self.disk(disk)?;
+        self.call(&format!("writefile {disk} {name} {len} {seed}"), io_limit(len))?;
+        Ok(())
+    }
+
     /// Sends a raw agent command line and returns the text after `ok`.
     pub fn command(&self, line: &str) -> Result<String> {
         self.call(line, Duration::from_secs(120))

@@ -10,6 +10,10 @@
  *   sync                         -> ok synced         (fsync of every disk, then sync())
  *   sum DISK OFFSET LEN          -> ok SHA256HEX      (of the byte range)
  *   size DISK                    -> ok BYTES
+ *   mkfs DISK                    -> ok mkfs           (busybox mke2fs -F /dev/DISK)
+ *   mount DISK                   -> ok /mnt/DISK      (ext2, for filesystem-freeze tests)
+ *   umount DISK                  -> ok umount
+ *   writefile DISK NAME LEN SEED -> ok wrote LEN      (pattern into /mnt/DISK/NAME, fsynced)
  *   poweroff                     -> ok poweroff       (after syncing; then the VM powers off)
  *
  * DISK is a block device name under /dev (e.g. vda). OFFSET and LEN are decimal and must be
@@ -30,6 +34,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 #include <sys/reboot.h>
 #include <termios.h>
 #include <unistd.h>
@@ -201,14 +208,10 @@ static int parse_range(char **argv, uint64_t *off, uint64_t *len)
 }
 
 /* ---- commands ---- */
-static void cmd_write(char **argv, int argc)
+
+/* Writes the pattern of `seed` for offsets off..off+len through `fd`; 0 or an errno. */
+static int write_pattern_fd(int fd, uint64_t off, uint64_t len, uint64_t seed, uint64_t *at)
 {
-	uint64_t off, len, seed;
-	if (argc != 4 || parse_range(argv + 1, &off, &len) || parse_u64(argv[3], &seed))
-		return reply("err usage: write DISK OFFSET LEN SEED (512-aligned)");
-	int fd = open_disk(argv[0], O_WRONLY);
-	if (fd < 0)
-		return reply("err open %s: %s", argv[0], strerror(errno));
 	for (uint64_t done = 0; done < len;) {
 		size_t n = len - done > BUF_SIZE ? BUF_SIZE : (size_t)(len - done);
 		fill_pattern(iobuf, seed, off + done, n);
@@ -216,15 +219,98 @@ static void cmd_write(char **argv, int argc)
 		if (w < 0 && errno == EINTR)
 			continue;
 		if (w <= 0) {
-			int e = w < 0 ? errno : EIO;
-			close(fd);
-			return reply("err write %s at %llu: %s", argv[0],
-				     (unsigned long long)(off + done), strerror(e));
+			*at = off + done;
+			return w < 0 ? errno : EIO;
 		}
 		done += (uint64_t)w;
 	}
+	return 0;
+}
+
+static void cmd_write(char **argv, int argc)
+{
+	uint64_t off, len, seed, at;
+	if (argc != 4 || parse_range(argv + 1, &off, &len) || parse_u64(argv[3], &seed))
+		return reply("err usage: write DISK OFFSET LEN SEED (512-aligned)");
+	int fd = open_disk(argv[0], O_WRONLY);
+	if (fd < 0)
+		return reply("err open %s: %s", argv[0], strerror(errno));
+	int e = write_pattern_fd(fd, off, len, seed, &at);
 	close(fd);
+	if (e != 0)
+		return reply("err write %s at %llu: %s", argv[0], (unsigned long long)at, strerror(e));
 	reply("ok wrote %llu", (unsigned long long)len);
+}
+
+static int plain_name(const char *s)
+{
+	if (s == NULL || *s == '\0' || *s == '.' || strlen(s) > 64)
+		return 0;
+	for (; *s; s++)
+		if (!isalnum((unsigned char)*s) && *s != '.' && *s != '_' && *s != '-')
+			return 0;
+	return 1;
+}
+
+static void cmd_writefile(char **argv, int argc)
+{
+	uint64_t len, seed, at, zero = 0;
+	char path[160];
+	if (argc != 4 || !plain_name(argv[0]) || !plain_name(argv[1]) || parse_u64(argv[2], &len) ||
+	    parse_u64(argv[3], &seed) || len % 512)
+		return reply("err usage: writefile DISK NAME LEN SEED (LEN 512-aligned)");
+	snprintf(path, sizeof path, "/mnt/%s/%s", argv[0], argv[1]);
+	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+	if (fd < 0)
+		return reply("err open %s: %s", path, strerror(errno));
+	int e = write_pattern_fd(fd, zero, len, seed, &at);
+	if (e == 0 && fsync(fd) != 0)
+		e = errno;
+	close(fd);
+	if (e != 0)
+		return reply("err write %s: %s", path, strerror(e));
+	reply("ok wrote %llu", (unsigned long long)len);
+}
+
+static void cmd_mkfs(char **argv, int argc)
+{
+	char dev[64];
+	int status;
+	if (argc != 1 || !plain_name(argv[0]))
+		return reply("err usage: mkfs DISK");
+	snprintf(dev, sizeof dev, "/dev/%s", argv[0]);
+	pid_t pid = fork();
+	if (pid == 0) {
+		int null = open("/dev/null", O_RDWR);
+		dup2(null, 1);
+		dup2(null, 2);
+		execl("/bin/busybox", "mke2fs", "-F", dev, (char *)NULL);
+		_exit(127);
+	}
+	if (pid < 0 || waitpid(pid, &status, 0) < 0)
+		return reply("err mkfs %s: %s", argv[0], strerror(errno));
+	if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+		return reply("err mkfs %s: mke2fs failed", argv[0]);
+	reply("ok mkfs");
+}
+
+static void cmd_mount(char **argv, int argc, int on)
+{
+	char dev[64], dir[64];
+	if (argc != 1 || !plain_name(argv[0]))
+		return reply("err usage: %s DISK", on ? "mount" : "umount");
+	snprintf(dev, sizeof dev, "/dev/%s", argv[0]);
+	snprintf(dir, sizeof dir, "/mnt/%s", argv[0]);
+	if (!on) {
+		if (umount2(dir, 0) != 0)
+			return reply("err umount %s: %s", dir, strerror(errno));
+		return reply("ok umount");
+	}
+	mkdir("/mnt", 0755);
+	mkdir(dir, 0755);
+	if (mount(dev, dir, "ext2", 0, NULL) != 0)
+		return reply("err mount %s: %s", dev, strerror(errno));
+	reply("ok %s", dir);
 }
 
 static void cmd_discard(char **argv, int argc)
@@ -322,6 +408,14 @@ static void dispatch(char *line)
 		cmd_sum(argv + 1, argc - 1);
 	else if (!strcmp(argv[0], "size"))
 		cmd_size(argv + 1, argc - 1);
+	else if (!strcmp(argv[0], "writefile"))
+		cmd_writefile(argv + 1, argc - 1);
+	else if (!strcmp(argv[0], "mkfs"))
+		cmd_mkfs(argv + 1, argc - 1);
+	else if (!strcmp(argv[0], "mount"))
+		cmd_mount(argv + 1, argc - 1, 1);
+	else if (!strcmp(argv[0], "umount"))
+		cmd_mount(argv + 1, argc - 1, 0);
 	else if (!strcmp(argv[0], "sync")) {
 		sync_all();
 		reply("ok synced");
