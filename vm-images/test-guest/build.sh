@@ -18,7 +18,18 @@ kernel_pkg() {
     awk '/Depends: linux-image-[0-9]/ { print $2; exit }'
 }
 
-candidate() { apt-cache policy "$1" 2>/dev/null | awk '/Candidate:/ { print $2; exit }'; }
+# Candidate versions of the packages we download, looked up once (apt-cache is slow).
+declare -A CANDIDATE=()
+load_candidates() {
+  local pkg="" line
+  while IFS= read -r line; do
+    case "$line" in
+      [!\ ]*:) pkg=${line%:} ;;
+      *Candidate:*) CANDIDATE[$pkg]=${line##* } ;;
+    esac
+  done < <(apt-cache policy "$@" 2>/dev/null)
+}
+candidate() { echo "${CANDIDATE[$1]:-unknown}"; }
 
 installed() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || echo none; }
 
@@ -32,6 +43,8 @@ if [[ -z "$KPKG" ]]; then
   echo "test-guest: cannot resolve linux-image-cloud-amd64 (apt-get update, then make deps)" >&2
   exit 1
 fi
+
+load_candidates "$KPKG" qemu-guest-agent
 
 inputs() {
   sha256sum "$HERE/build.sh" "$HERE/init" "$HERE/agent.c" | awk '{ print $1 }'
