@@ -20,6 +20,11 @@ const MAX_LINE: usize = 4096;
 pub struct Channel {
     stream: UnixStream,
     pending: Vec<u8>,
+    /// Last ping tag sent.
+    tag: u64,
+    /// A command's answer may still be on its way (its wait timed out): resynchronise
+    /// before the next command, or its answer would be taken for the next one's.
+    dirty: bool,
 }
 
 impl Channel {
@@ -33,6 +38,8 @@ impl Channel {
                     return Ok(Channel {
                         stream,
                         pending: Vec::new(),
+                        tag: 0,
+                        dirty: false,
                     })
                 }
                 Err(e) if start.elapsed() > limit => {
@@ -46,9 +53,9 @@ impl Channel {
     /// Pings until the guest agent answers the latest ping, or `limit` passes.
     pub fn wait_ready(&mut self, limit: Duration) -> Result<()> {
         let start = Instant::now();
-        let mut tag = 0u64;
         while start.elapsed() < limit {
-            tag += 1;
+            self.tag += 1;
+            let tag = self.tag;
             self.send(&format!("ping {tag}"))?;
             match self.read_answer(Duration::from_millis(700)) {
                 Ok(Ok(a)) if a == format!("pong {tag}") => return Ok(()),
@@ -60,20 +67,39 @@ impl Channel {
         bail!("guest agent did not answer a ping within {limit:?}")
     }
 
+    /// Reads answers until `pong TAG`, dropping everything before it.
     fn await_pong(&mut self, tag: u64, limit: Duration) -> Result<()> {
         let want = format!("pong {tag}");
+        let deadline = Instant::now() + limit;
         loop {
-            match self.read_answer(limit)? {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.read_answer(left)? {
                 Ok(a) if a == want => return Ok(()),
                 _ => continue,
             }
         }
     }
 
+    /// Drops late answers of a command whose wait timed out.
+    fn resync(&mut self) -> Result<()> {
+        self.tag += 1;
+        let tag = self.tag;
+        self.send(&format!("ping {tag}"))?;
+        self.await_pong(tag, Duration::from_secs(300))
+            .context("guest agent did not come back after a timed-out command")?;
+        self.dirty = false;
+        Ok(())
+    }
+
     /// Sends one command and returns the text after `ok `; an `err` answer is an error.
     pub fn call(&mut self, command: &str, limit: Duration) -> Result<String> {
+        if self.dirty {
+            self.resync()?;
+        }
         self.send(command)?;
-        match self.read_answer(limit)? {
+        let answer = self.read_answer(limit);
+        self.dirty = answer.is_err();
+        match answer? {
             Ok(text) => Ok(text),
             Err(text) => bail!("guest agent refused `{command}`: {text}"),
         }
@@ -136,5 +162,50 @@ impl Channel {
             Err(e) if e.kind() == ErrorKind::Interrupted => Ok(()),
             Err(e) => Err(e).context("read from the guest command channel"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::net::UnixListener;
+
+    /// A stand-in for the guest agent on a unix socket: echoes a junk line first (as the
+    /// guest's tty does before the agent sets raw mode) and answers `write` late.
+    fn fake_guest(listener: UnixListener) {
+        let (stream, _) = listener.accept().unwrap();
+        let mut out = stream.try_clone().unwrap();
+        out.write_all(b"ping 0\r\n").unwrap();
+        for line in BufReader::new(stream).lines() {
+            let line = line.unwrap();
+            let answer = match line.split(' ').next().unwrap() {
+                "ping" => format!("ok pong {}", &line[5..]),
+                "write" => {
+                    sleep(Duration::from_millis(300));
+                    "ok wrote 512".to_string()
+                }
+                "sum" => "ok abc".to_string(),
+                _ => "err unknown command".to_string(),
+            };
+            out.write_all(format!("{answer}\n").as_bytes()).unwrap();
+        }
+    }
+
+    #[test]
+    fn late_answers_are_not_taken_for_the_next_command() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&path)?;
+        std::thread::spawn(move || fake_guest(listener));
+        let mut ch = Channel::connect(&path, Duration::from_secs(5))?;
+        ch.wait_ready(Duration::from_secs(5))?;
+        assert!(ch
+            .call("write vda 0 512 1", Duration::from_millis(50))
+            .is_err());
+        assert_eq!(ch.call("sum vda 0 512", Duration::from_secs(5))?, "abc");
+        let err = ch.call("bogus", Duration::from_secs(5)).unwrap_err();
+        assert!(format!("{err}").contains("unknown command"), "{err}");
+        Ok(())
     }
 }

@@ -251,7 +251,10 @@ impl TestVm {
     /// the file `/mnt/DISK/NAME` and fsyncs it.
     pub fn write_file(&self, disk: &str, name: &str, len: u64, seed: u64) -> Result<()> {
         self.disk(disk)?;
-        self.call(&format!("writefile {disk} {name} {len} {seed}"), io_limit(len))?;
+        self.call(
+            &format!("writefile {disk} {name} {len} {seed}"),
+            io_limit(len),
+        )?;
         Ok(())
     }
 
@@ -383,6 +386,12 @@ impl TestVm {
         x
     }
 }
+
+// Tests share one VM between threads (`Arc<TestVm>`): keep it Send + Sync.
+const _: () = {
+    const fn shareable<T: Send + Sync>() {}
+    shareable::<TestVm>();
+};
 
 impl Drop for TestVm {
     fn drop(&mut self) {
