@@ -21,4 +21,4 @@ pub use image::{guest_image, read_image, read_nbd, GuestImage};
 pub use libvirt::{domain_names, ensure_libvirt, qemu_pids_of, virsh};
 pub use pattern::{pattern, pattern_sha256, sha256_hex};
 pub use scratch::{ScratchDir, SCRATCH_ROOT};
-pub use vm::{teardown_domain, Disk, TestVm, VmSpec, NAME_PREFIX};
+pub use vm::{sweep_dead, teardown_domain, Disk, TestVm, VmSpec, NAME_PREFIX};

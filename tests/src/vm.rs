@@ -489,8 +489,9 @@ fn pid_alive(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// Removes the domains and scratch directories of test processes that no longer exist.
-fn sweep_dead() {
+/// Removes the domains and scratch directories of test processes that no longer exist
+/// (killed without unwinding). `TestVm::boot` runs it once per process.
+pub fn sweep_dead() {
     let dead = |n: &String| owner_pid(n).is_some_and(|p| !pid_alive(p));
     for name in domain_names()
         .unwrap_or_default()
