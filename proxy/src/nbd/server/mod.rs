@@ -1,0 +1,148 @@
+//! NBD server: serves named [`BlockExport`]s over unix sockets and TCP, optionally with TLS.
+//!
+//! Owns the export table (exports can be added and removed while serving), the accept loops
+//! and per-connection lifecycle. The handshake is in `handshake`, requests and replies in
+//! `transmission`. A failing connection is logged and closed; the others go on.
+
+mod handshake;
+mod transmission;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use tokio::net::{TcpListener, UnixListener};
+
+use super::error::{io_error, Result};
+use super::export::BlockExport;
+use super::tls::ServerTls;
+use super::BoxStream;
+
+/// How the server negotiates.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// TLS identity; `None` serves in clear text only.
+    pub tls: Option<ServerTls>,
+    /// With `tls` set: refuse every option but `STARTTLS` until TLS is up.
+    pub tls_required: bool,
+    /// Requests of one connection processed concurrently.
+    pub max_in_flight_requests: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            tls: None,
+            tls_required: true,
+            max_in_flight_requests: 16,
+        }
+    }
+}
+
+/// An NBD server holding exports by name. Share it in an [`Arc`] between accept loops.
+pub struct Server {
+    exports: RwLock<BTreeMap<String, Arc<dyn BlockExport>>>,
+    options: ServerOptions,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("exports", &self.export_names())
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+impl Server {
+    /// A server with no exports yet.
+    pub fn new(options: ServerOptions) -> Arc<Server> {
+        Arc::new(Server {
+            exports: RwLock::new(BTreeMap::new()),
+            options,
+        })
+    }
+
+    /// Serve `export` as `name` (replacing any export of that name) to new connections.
+    pub fn add_export(&self, name: impl Into<String>, export: Arc<dyn BlockExport>) {
+        let name = name.into();
+        tracing::info!(export = %name, size = export.size(), writable = export.is_writable(), "nbd export opened");
+        self.exports
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name, export);
+    }
+
+    /// Stop offering `name` to new connections (open connections keep it). Returns whether
+    /// it existed.
+    pub fn remove_export(&self, name: &str) -> bool {
+        let removed = self
+            .exports
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name)
+            .is_some();
+        if removed {
+            tracing::info!(export = %name, "nbd export closed");
+        }
+        removed
+    }
+
+    /// Names of the exports offered.
+    pub fn export_names(&self) -> Vec<String> {
+        self.exports().into_iter().map(|(n, _)| n).collect()
+    }
+
+    fn exports(&self) -> Vec<(String, Arc<dyn BlockExport>)> {
+        let map = self.exports.read().unwrap_or_else(PoisonError::into_inner);
+        map.iter().map(|(n, e)| (n.clone(), e.clone())).collect()
+    }
+
+    fn export(&self, name: &str) -> Option<Arc<dyn BlockExport>> {
+        let map = self.exports.read().unwrap_or_else(PoisonError::into_inner);
+        map.get(name).cloned()
+    }
+
+    /// Accept connections on a unix socket forever, each served in its own task.
+    pub async fn serve_unix(self: Arc<Self>, listener: UnixListener) -> Result<()> {
+        loop {
+            let (stream, _) = listener
+                .accept()
+                .await
+                .map_err(|e| io_error("accepting nbd connection", e))?;
+            self.clone().spawn(Box::new(stream), "unix".to_string());
+        }
+    }
+
+    /// Accept TCP connections forever, each served in its own task.
+    pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener) -> Result<()> {
+        loop {
+            let (stream, peer) = listener
+                .accept()
+                .await
+                .map_err(|e| io_error("accepting nbd connection", e))?;
+            let _ = stream.set_nodelay(true);
+            self.clone().spawn(Box::new(stream), peer.to_string());
+        }
+    }
+
+    fn spawn(self: Arc<Self>, stream: BoxStream, peer: String) {
+        tokio::spawn(async move {
+            if let Err(e) = self.serve_stream(stream).await {
+                tracing::warn!(peer = %peer, error = %e, "nbd connection failed");
+            }
+        });
+    }
+
+    /// Serve one connection: handshake, then requests until the client disconnects. Returns
+    /// the error that closed the connection, if any.
+    pub async fn serve_stream(&self, stream: BoxStream) -> Result<()> {
+        let Some(session) = handshake::negotiate(self, stream).await? else {
+            return Ok(());
+        };
+        let name = session.name.clone();
+        tracing::debug!(export = %name, "nbd client connected");
+        transmission::run(session, self.options.max_in_flight_requests)
+            .await
+            .map_err(|e| e.context(format!("export {name:?}")))
+    }
+}
