@@ -1,0 +1,1 @@
+//! The plain-QEMU adapter over QMP.
