@@ -462,7 +462,8 @@ impl Client {
     }
 
     /// Write `data` at `offset`, split as needed; with `fua`, durable when this returns.
-    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<()> {
+    pub async fn write(&self, offset: u64, data: impl Into<Bytes>, fua: bool) -> Result<()> {
+        let data: Bytes = data.into();
         self.check_writable("write", 0)?;
         self.check_range("write", offset, data.len() as u64)?;
         let flags = self.fua_flag(fua);
