@@ -52,8 +52,7 @@ fn guest_writes_patterns_seen_inside_and_outside() -> Result<()> {
     // Everything else is still zero: the whole of vda, compared with the expected image.
     let whole = vm.read_disk("vda", 0, 32 * MIB)?;
     let mut expected = vec![0u8; 32 * MIB as usize];
-    for &(disk, off, len, seed) in WRITES.iter().filter(|w| w.0 == "vda") {
-        let _ = disk;
+    for &(_, off, len, seed) in WRITES.iter().filter(|w| w.0 == "vda") {
         expected[off as usize..(off + len) as usize].copy_from_slice(&pattern(
             seed,
             off,
