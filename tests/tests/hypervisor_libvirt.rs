@@ -422,5 +422,32 @@ async fn stopped_domain_is_read_offline_with_its_bitmap() -> Result<()> {
         .map(|b| b.0)
         .collect();
     assert_eq!(names, vec!["cp0", "cp1"]);
+
+    // libvirt learned cp1 (not the failed cp2): once started, the next online incremental
+    // starts from it.
+    assert_eq!(
+        checkpoint_names(&hv.list_checkpoints(&vm.name).await?),
+        vec!["cp1"]
+    );
+    vm.start()?;
+    let want = vec![ExpectedDisk {
+        disk: "vda".into(),
+        capacity: 64 * MIB,
+    }];
+    assert!(hv
+        .check_checkpoint(&vm.name, "cp1", &want)
+        .await?
+        .is_usable());
+    vm.write("vda", 30 * MIB, 64 * KIB, 0x66)?;
+    let s = hv
+        .begin_backup(request(&vm, &["vda"], Some("cp1"), Some("cp3")))
+        .await?;
+    let e = export(&s, "vda");
+    let ctx = e.dirty_bitmap_context.clone().expect("bitmap");
+    assert_eq!(
+        dirty_extents(&e.socket, &e.export_name, &ctx)?,
+        vec![(30 * MIB, 64 * KIB)]
+    );
+    s.finish().await?;
     Ok(())
 }

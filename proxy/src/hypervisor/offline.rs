@@ -107,6 +107,13 @@ async fn inspect(req: &OfflineRequest) -> Result<Vec<ImageInfo>> {
 
 /// Starts `qemu-nbd` for each disk and returns the session that stops them.
 pub async fn begin_offline_backup(req: OfflineRequest) -> Result<BackupSession> {
+    let (vm, cp) = (req.vm.clone(), req.new_checkpoint.clone());
+    let (exports, end) = open(req).await?;
+    Ok(BackupSession::new(vm, exports, cp, Box::new(end)))
+}
+
+/// Adds the new bitmap and starts the exports; the returned release stops them.
+pub(crate) async fn open(req: OfflineRequest) -> Result<(Vec<DiskExport>, OfflineEnd)> {
     let infos = inspect(&req).await?;
     let mut added = Vec::new();
     if let Some(cp) = &req.new_checkpoint {
@@ -135,17 +142,12 @@ pub async fn begin_offline_backup(req: OfflineRequest) -> Result<BackupSession> 
             }
         }
     }
-    let release = OfflineEnd {
+    let end = OfflineEnd {
         servers,
         images: added,
-        new_checkpoint: req.new_checkpoint.clone(),
+        new_checkpoint: req.new_checkpoint,
     };
-    Ok(BackupSession::new(
-        req.vm,
-        exports,
-        req.new_checkpoint,
-        Box::new(release),
-    ))
+    Ok((exports, end))
 }
 
 fn export_of(
@@ -267,7 +269,7 @@ impl Servers {
 }
 
 /// Stops the exports; after a failure also removes the new checkpoint's bitmaps.
-struct OfflineEnd {
+pub(crate) struct OfflineEnd {
     servers: Servers,
     images: Vec<PathBuf>,
     new_checkpoint: Option<String>,

@@ -145,6 +145,18 @@ pub fn checkpoint_xml(name: &str, all_disks: &[String], with_bitmap: &[String]) 
     xml
 }
 
+/// `<domaincheckpoint>` to redefine (metadata only) a checkpoint whose bitmaps were added
+/// offline at `creation_time` (seconds since the epoch).
+pub fn redefine_checkpoint_xml(
+    name: &str,
+    creation_time: u64,
+    all_disks: &[String],
+    with_bitmap: &[String],
+) -> String {
+    let created = format!("<creationTime>{creation_time}</creationTime><disks>");
+    checkpoint_xml(name, all_disks, with_bitmap).replacen("<disks>", &created, 1)
+}
+
 /// Inputs of a pull-mode `<domainbackup>`.
 #[derive(Debug, Clone)]
 pub struct PullBackup<'a> {

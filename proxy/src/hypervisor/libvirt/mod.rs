@@ -507,6 +507,47 @@ async fn check_inactive(
     Ok(CheckpointHealth::from_problems(problems))
 }
 
+/// An offline backup of a libvirt domain: on success, libvirt learns the new checkpoint (its
+/// bitmaps were added offline) so the next online backup can start from it.
+struct OfflineEnd {
+    inner: offline::OfflineEnd,
+    worker: Worker,
+    vm: String,
+    checkpoint_xml: Option<String>,
+}
+
+impl Release for OfflineEnd {
+    fn release(self: Box<Self>, success: bool) -> BoxFuture<Result<()>> {
+        Box::pin(async move {
+            Box::new(self.inner).release(success).await?;
+            let (Some(cp_xml), true) = (self.checkpoint_xml, success) else {
+                return Ok(());
+            };
+            let vm = self.vm;
+            self.worker
+                .call(move |c| {
+                    let flags = sys::VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE;
+                    ffi::checkpoint_create(&lookup(c, &vm)?, &cp_xml, flags)
+                        .map(drop)
+                        .map_err(virt_err(format!(
+                            "recording the offline checkpoint of vm {vm}"
+                        )))
+                })
+                .await
+        })
+    }
+
+    fn release_in_background(self: Box<Self>) {
+        Box::new(self.inner).release_in_background();
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 impl LibvirtHypervisor {
     async fn begin_offline(
         &self,
@@ -517,24 +558,35 @@ impl LibvirtHypervisor {
         for name in &req.disks {
             let disk = disks.iter().find(|d| &d.target == name).cloned();
             let Some(image) = disk.and_then(|d| d.source) else {
-                return Err(Error::new(
-                    ErrorKind::Unsupported,
-                    format!("disk {name} of vm {} is not a local image", req.vm),
-                ));
+                let msg = format!("disk {name} of vm {} is not a local image", req.vm);
+                return Err(Error::new(ErrorKind::Unsupported, msg));
             };
             offline_disks.push(offline::OfflineDisk {
                 disk: name.clone(),
                 image,
             });
         }
-        offline::begin_offline_backup(offline::OfflineRequest {
+        let all: Vec<String> = disks.iter().map(|d| d.target.clone()).collect();
+        let checkpoint_xml = req
+            .new_checkpoint
+            .as_deref()
+            .map(|cp| xml::redefine_checkpoint_xml(cp, now_secs(), &all, &req.disks));
+        let (vm, cp) = (req.vm.clone(), req.new_checkpoint.clone());
+        let (exports, inner) = offline::open(offline::OfflineRequest {
             vm: req.vm,
             disks: offline_disks,
             incremental_from: req.incremental_from,
             new_checkpoint: req.new_checkpoint,
             socket: req.socket,
         })
-        .await
+        .await?;
+        let end = OfflineEnd {
+            inner,
+            worker: self.worker.clone(),
+            vm: vm.clone(),
+            checkpoint_xml,
+        };
+        Ok(BackupSession::new(vm, exports, cp, Box::new(end)))
     }
 }
 
