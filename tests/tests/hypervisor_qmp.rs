@@ -5,10 +5,9 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use proxy::hypervisor::offline::{self, OfflineDisk, OfflineRequest};
 use proxy::hypervisor::qmp::{QmpClient, QmpHypervisor};
 use proxy::hypervisor::{
@@ -16,100 +15,6 @@ use proxy::hypervisor::{
 };
 use support::*;
 use testbed::ScratchDir;
-
-/// A QEMU process killed (and reaped) on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    fn kill9(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_socket(socket: &Path) -> Result<()> {
-    let start = Instant::now();
-    while std::os::unix::net::UnixStream::connect(socket).is_err() {
-        if start.elapsed() > Duration::from_secs(20) {
-            bail!("{} never opened", socket.display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
-fn blockdev_args(image: &Path) -> Vec<String> {
-    vec![
-        "--blockdev".into(),
-        format!("driver=file,node-name=file0,filename={}", image.display()),
-        "--blockdev".into(),
-        "driver=qcow2,node-name=disk0,file=file0".into(),
-    ]
-}
-
-fn spawn(program: &str, args: &[String], qmp: &Path) -> Result<Proc> {
-    require_tools(&[program, "qemu-img", "qemu-io", "nbdinfo"]);
-    let _ = std::fs::remove_file(qmp);
-    let child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()?;
-    let proc = Proc(child);
-    wait_socket(qmp)?;
-    Ok(proc)
-}
-
-fn qsd(image: &Path, qmp: &Path) -> Result<Proc> {
-    let mut args = blockdev_args(image);
-    args.extend([
-        "--chardev".into(),
-        format!("socket,id=qmp0,path={},server=on,wait=off", qmp.display()),
-        "--monitor".into(),
-        "chardev=qmp0".into(),
-    ]);
-    spawn("qemu-storage-daemon", &args, qmp)
-}
-
-/// A TCG QEMU (no OS) with the disk on a virtio device `vda` and two QMP sockets.
-fn qemu(image: &Path, qmp: &Path, qmp2: &Path) -> Result<Proc> {
-    let mut args: Vec<String> = [
-        "-accel",
-        "tcg",
-        "-M",
-        "pc",
-        "-m",
-        "64",
-        "-nodefaults",
-        "-display",
-        "none",
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(
-        blockdev_args(image)
-            .into_iter()
-            .map(|a| a.replacen("--", "-", 1)),
-    );
-    args.extend(["-device".into(), "virtio-blk-pci,drive=disk0,id=vda".into()]);
-    for sock in [qmp, qmp2] {
-        args.extend([
-            "-qmp".into(),
-            format!("unix:{},server=on,wait=off", sock.display()),
-        ]);
-    }
-    let _ = std::fs::remove_file(qmp2);
-    let proc = spawn("qemu-system-x86_64", &args, qmp)?;
-    wait_socket(qmp2)?;
-    Ok(proc)
-}
 
 fn request(dir: &Path, vm: &str, from: Option<&str>, new: Option<&str>) -> BackupRequest {
     BackupRequest {
@@ -261,24 +166,6 @@ async fn storage_daemon_full_incremental_abort_and_drop() -> Result<()> {
     hv.delete_checkpoint("qsd", "cp0", false).await?;
     assert_eq!(checkpoint_names(&hv, "qsd").await?, vec!["cp1"]);
     assert!(!hv.agent_responds("qsd").await);
-    Ok(())
-}
-
-/// Writes through the guest device's block backend, over a second QMP monitor.
-async fn guest_write(c: &mut QmpClient, offset: u64, len: u64, byte: u8) -> Result<()> {
-    let line = format!(
-        "qemu-io -d /machine/peripheral/vda/virtio-backend \"write -P {byte} {offset} {len}\""
-    );
-    let out = c
-        .execute_value(
-            "human-monitor-command",
-            serde_json::json!({"command-line": line}),
-        )
-        .await?;
-    let out = out.as_str().unwrap_or_default();
-    if !out.is_empty() && !out.contains("wrote") {
-        bail!("guest write failed: {out}");
-    }
     Ok(())
 }
 

@@ -9,6 +9,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use proxy::hypervisor::qmp::QmpClient;
+use std::process::{Child, Stdio};
 use testbed::{ensure_libvirt, teardown_domain, virsh, ScratchDir};
 
 pub const MIB: u64 = 1 << 20;
@@ -293,4 +295,116 @@ pub fn image_bitmaps(image: &Path) -> Result<Vec<(String, Vec<String>)>> {
             )
         })
         .collect())
+}
+
+/// A QEMU process killed (and reaped) on drop.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    pub fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn wait_socket(socket: &Path) -> Result<()> {
+    let start = Instant::now();
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        if start.elapsed() > Duration::from_secs(20) {
+            bail!("{} never opened", socket.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+pub fn blockdev_args(image: &Path) -> Vec<String> {
+    vec![
+        "--blockdev".into(),
+        format!("driver=file,node-name=file0,filename={}", image.display()),
+        "--blockdev".into(),
+        "driver=qcow2,node-name=disk0,file=file0".into(),
+    ]
+}
+
+pub fn spawn(program: &str, args: &[String], qmp: &Path) -> Result<Proc> {
+    require_tools(&[program, "qemu-img", "qemu-io", "nbdinfo"]);
+    let _ = std::fs::remove_file(qmp);
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()?;
+    let proc = Proc(child);
+    wait_socket(qmp)?;
+    Ok(proc)
+}
+
+pub fn qsd(image: &Path, qmp: &Path) -> Result<Proc> {
+    let mut args = blockdev_args(image);
+    args.extend([
+        "--chardev".into(),
+        format!("socket,id=qmp0,path={},server=on,wait=off", qmp.display()),
+        "--monitor".into(),
+        "chardev=qmp0".into(),
+    ]);
+    spawn("qemu-storage-daemon", &args, qmp)
+}
+
+/// A TCG QEMU (no OS) with the disk on a virtio device `vda` and two QMP sockets.
+pub fn qemu(image: &Path, qmp: &Path, qmp2: &Path) -> Result<Proc> {
+    let mut args: Vec<String> = [
+        "-accel",
+        "tcg",
+        "-M",
+        "pc",
+        "-m",
+        "64",
+        "-nodefaults",
+        "-display",
+        "none",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(
+        blockdev_args(image)
+            .into_iter()
+            .map(|a| a.replacen("--", "-", 1)),
+    );
+    args.extend(["-device".into(), "virtio-blk-pci,drive=disk0,id=vda".into()]);
+    for sock in [qmp, qmp2] {
+        args.extend([
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", sock.display()),
+        ]);
+    }
+    let _ = std::fs::remove_file(qmp2);
+    let proc = spawn("qemu-system-x86_64", &args, qmp)?;
+    wait_socket(qmp2)?;
+    Ok(proc)
+}
+
+/// Writes through the guest device's block backend, over a second QMP monitor.
+pub async fn guest_write(c: &mut QmpClient, offset: u64, len: u64, byte: u8) -> Result<()> {
+    let line = format!(
+        "qemu-io -d /machine/peripheral/vda/virtio-backend \"write -P {byte} {offset} {len}\""
+    );
+    let out = c
+        .execute_value(
+            "human-monitor-command",
+            serde_json::json!({"command-line": line}),
+        )
+        .await?;
+    let out = out.as_str().unwrap_or_default();
+    if !out.is_empty() && !out.contains("wrote") {
+        bail!("guest write failed: {out}");
+    }
+    Ok(())
 }

@@ -179,6 +179,10 @@ pub trait Hypervisor: Send + Sync {
     /// One VM.
     fn domain(&self, vm: &str) -> impl Future<Output = Result<DomainInfo>> + Send;
 
+    /// The VM's definition as the hypervisor gives it (libvirt domain XML), kept in manifests
+    /// so a backup can be restored as a new domain.
+    fn domain_xml(&self, vm: &str) -> impl Future<Output = Result<String>> + Send;
+
     /// The VM's checkpoints, oldest first.
     fn list_checkpoints(
         &self,

@@ -591,6 +591,10 @@ impl LibvirtHypervisor {
 }
 
 impl Hypervisor for LibvirtHypervisor {
+    async fn domain_xml(&self, vm: &str) -> Result<String> {
+        LibvirtHypervisor::domain_xml(self, vm).await
+    }
+
     async fn list_domains(&self) -> Result<Vec<DomainInfo>> {
         self.worker
             .call(|c| {

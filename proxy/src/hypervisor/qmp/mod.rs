@@ -261,6 +261,14 @@ impl Release for QmpEnd {
 }
 
 impl Hypervisor for QmpHypervisor {
+    /// Plain QEMU has no definition to keep: the manifest records that it came over QMP.
+    async fn domain_xml(&self, vm: &str) -> Result<String> {
+        self.check_vm(vm)?;
+        Ok(format!(
+            "<!-- vm {vm}: plain QEMU over QMP, no libvirt definition -->"
+        ))
+    }
+
     async fn list_domains(&self) -> Result<Vec<DomainInfo>> {
         let mut c = self.client.lock().await;
         Ok(vec![self.describe(&mut c).await?])
