@@ -5,5 +5,7 @@
 //! one seam on a bounded blocking pool.
 
 pub mod hypervisor;
+pub mod ingest;
+pub mod job;
 pub mod nbd;
 pub mod plan;

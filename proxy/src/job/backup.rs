@@ -1,0 +1,473 @@
+//! The backup job: full or incremental-forever backup of one VM, all disks at one point in
+//! time.
+//!
+//! Order of steps: find the last good backup and decide full or incremental (validating the
+//! checkpoint it was taken against: self-healing change tracking); freeze the guest's
+//! filesystems if its agent answers; take the point in time with a new checkpoint; thaw;
+//! read every disk concurrently into one new backup; commit (the manifest is the commit
+//! point); end the hypervisor job; drop checkpoints the chain no longer needs. On any failure
+//! or cancel the hypervisor job is aborted, its new checkpoint deleted and nothing is
+//! committed, so the chain still starts at the last good backup.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use catalog::{
+    BackupMode, BackupSpec, CommitInfo, Consistency, DiskSpec, Manifest, Repository, VmIdentity,
+};
+use futures_util::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
+use super::disk::{back_up_disk, DiskJob, DiskStats};
+use super::error::{Error, ErrorKind, Result};
+use super::progress::Progress;
+use crate::hypervisor::{
+    BackupRequest, BackupSession, CheckpointHealth, DomainInfo, ExpectedDisk, FreezeGuard,
+    Hypervisor, VmState,
+};
+use crate::ingest::IngestSink;
+
+/// Prefix of every checkpoint Sluice creates; only these are ever deleted by Sluice.
+pub const CHECKPOINT_PREFIX: &str = "sluice-";
+
+/// How to take a backup.
+#[derive(Clone)]
+pub struct BackupOptions {
+    /// Read every disk in full even when an incremental is possible.
+    pub force_full: bool,
+    /// Directory for the job's scratch images and NBD socket (a subdirectory is made per job).
+    pub work_dir: PathBuf,
+    /// Freeze guest filesystems around the point in time when the guest agent answers.
+    pub freeze: bool,
+    /// Bytes of block status asked per planning window.
+    pub window: u64,
+    /// Bytes of consecutive chunks assembled and stored per batch.
+    pub batch_bytes: u64,
+    /// Batches in flight per disk.
+    pub depth: usize,
+    /// NBD connections per disk when the export allows several.
+    pub connections: usize,
+    /// Runs once the point in time is taken, before any byte is read (phase reporting, and
+    /// tests that write to the guest during a backup or cancel it half-way).
+    pub after_point_in_time: Option<Hook>,
+}
+
+/// An async callback of a job.
+pub type Hook = Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
+
+impl BackupOptions {
+    /// Defaults for a job whose scratch files go under `work_dir`.
+    pub fn new(work_dir: impl Into<PathBuf>) -> Self {
+        BackupOptions {
+            force_full: false,
+            work_dir: work_dir.into(),
+            freeze: true,
+            window: 1 << 30,
+            batch_bytes: 4 << 20,
+            depth: 16,
+            connections: 1,
+            after_point_in_time: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for BackupOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackupOptions")
+            .field("force_full", &self.force_full)
+            .field("work_dir", &self.work_dir)
+            .field("freeze", &self.freeze)
+            .field("window", &self.window)
+            .field("batch_bytes", &self.batch_bytes)
+            .field("depth", &self.depth)
+            .field("connections", &self.connections)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a committed backup cost.
+#[derive(Debug, Clone)]
+pub struct BackupReport {
+    pub manifest: Manifest,
+    /// Bytes read from the hypervisor over NBD.
+    pub bytes_read: u64,
+    /// Bytes the dirty bitmap (or, for a full, the disk) marked as changed.
+    pub bytes_dirty: u64,
+}
+
+/// Takes one backup of `vm` into `repo`.
+pub async fn run_backup<H: Hypervisor>(
+    hv: &H,
+    repo: &Repository,
+    vm: &str,
+    opts: &BackupOptions,
+    progress: Arc<Progress>,
+    cancel: CancellationToken,
+) -> Result<BackupReport> {
+    let dom = hv
+        .domain(vm)
+        .await
+        .map_err(|e| Error::hypervisor(format!("vm {vm}"), e))?;
+    if dom.state != VmState::Running && dom.state != VmState::Paused {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("vm {vm} is not running; back up stopped vms with the offline path"),
+        ));
+    }
+    let domain_xml = hv
+        .domain_xml(vm)
+        .await
+        .map_err(|e| Error::hypervisor(format!("definition of vm {vm}"), e))?;
+    let parent = last_backup(repo, &dom.uuid).await?;
+    let mode = decide_mode(hv, &dom, parent.as_ref(), opts.force_full).await?;
+    let checkpoint = new_checkpoint_name();
+    let job_dir = make_job_dir(&opts.work_dir, &checkpoint, &dom)?;
+    let result = take_backup(
+        hv,
+        repo,
+        &dom,
+        &domain_xml,
+        parent,
+        mode,
+        &checkpoint,
+        &job_dir,
+        opts,
+        progress,
+        cancel,
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(&job_dir);
+    result
+}
+
+/// Everything after the mode is decided; `job_dir` is removed by the caller on every path.
+#[allow(clippy::too_many_arguments)]
+async fn take_backup<H: Hypervisor>(
+    hv: &H,
+    repo: &Repository,
+    dom: &DomainInfo,
+    domain_xml: &str,
+    parent: Option<Manifest>,
+    mode: Mode,
+    checkpoint: &str,
+    job_dir: &Path,
+    opts: &BackupOptions,
+    progress: Arc<Progress>,
+    cancel: CancellationToken,
+) -> Result<BackupReport> {
+    let vm = dom.name.as_str();
+    let req = BackupRequest {
+        vm: vm.to_string(),
+        disks: dom.disks.iter().map(|d| d.target.clone()).collect(),
+        incremental_from: mode.base_checkpoint().map(str::to_string),
+        new_checkpoint: Some(checkpoint.to_string()),
+        scratch_dir: job_dir.to_path_buf(),
+        socket: job_dir.join("nbd.sock"),
+    };
+    let (session, consistency) = point_in_time(hv, vm, req, opts.freeze).await?;
+    if let Some(hook) = &opts.after_point_in_time {
+        hook().await;
+    }
+    let spec = BackupSpec {
+        vm: VmIdentity {
+            name: vm.to_string(),
+            uuid: dom.uuid.clone(),
+        },
+        disks: session
+            .exports()
+            .iter()
+            .map(|e| DiskSpec {
+                target: e.disk.clone(),
+                size: e.capacity,
+                checkpoint: Some(checkpoint.to_string()),
+            })
+            .collect(),
+        parent: parent
+            .as_ref()
+            .filter(|_| !mode.is_full())
+            .map(|m| m.id.clone()),
+        started: unix_now(),
+    };
+    let read = read_all(repo, &session, spec, &mode, opts, &progress, &cancel).await;
+    let (sink, stats) = match read {
+        Ok(ok) => ok,
+        Err(e) => return Err(abort(session, e).await),
+    };
+    let info = CommitInfo {
+        domain_xml: domain_xml.to_string(),
+        mode: mode.manifest_mode(),
+        consistency,
+        finished: unix_now(),
+    };
+    let manifest = match sink.commit(info).await {
+        Ok(m) => m,
+        Err(e) => return Err(abort(session, Error::repo(format!("commit of vm {vm}"), e)).await),
+    };
+    if let Err(e) = session.finish().await {
+        tracing::warn!(vm, error = %e, "backup committed but ending the hypervisor job failed");
+    }
+    Progress::add(&progress.bytes_new, manifest.stats.bytes_new_raw);
+    drop_old_checkpoints(hv, vm, checkpoint).await;
+    Ok(BackupReport {
+        bytes_read: stats.bytes_read,
+        bytes_dirty: stats.bytes_dirty,
+        manifest,
+    })
+}
+
+/// Ends the hypervisor job after a failure (deleting its new checkpoint) and returns `e`.
+async fn abort(session: BackupSession, e: Error) -> Error {
+    let vm = session.vm().to_string();
+    if let Err(ae) = session.abort().await {
+        tracing::error!(vm, error = %ae, "aborting the hypervisor job failed");
+    }
+    e
+}
+
+/// Freezes (when asked and the agent answers), takes the point in time, thaws.
+async fn point_in_time<H: Hypervisor>(
+    hv: &H,
+    vm: &str,
+    req: BackupRequest,
+    freeze: bool,
+) -> Result<(BackupSession, Consistency)> {
+    let guard = if freeze && hv.agent_responds(vm).await {
+        match hv.freeze(vm).await {
+            Ok(g) => Some(g),
+            Err(e) => {
+                tracing::warn!(vm, error = %e, "guest agent answered but freeze failed: crash-consistent backup");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let begun = hv.begin_backup(req).await;
+    let consistency = thaw(vm, guard).await;
+    let session = begun.map_err(|e| Error::hypervisor(format!("backup of vm {vm}"), e))?;
+    Ok((session, consistency))
+}
+
+async fn thaw(vm: &str, guard: Option<FreezeGuard>) -> Consistency {
+    let Some(g) = guard else {
+        return Consistency::Crash;
+    };
+    match g.thaw().await {
+        Ok(()) => Consistency::Application,
+        Err(e) => {
+            tracing::error!(vm, error = %e, "thaw after freeze failed");
+            Consistency::Application
+        }
+    }
+}
+
+/// Reads every disk of the session concurrently into one new backup.
+async fn read_all(
+    repo: &Repository,
+    session: &BackupSession,
+    spec: BackupSpec,
+    mode: &Mode,
+    opts: &BackupOptions,
+    progress: &Arc<Progress>,
+    cancel: &CancellationToken,
+) -> Result<(IngestSink, DiskStats)> {
+    let vm = session.vm().to_string();
+    let sink = IngestSink::begin(repo.clone(), spec)
+        .await
+        .map_err(|e| Error::repo(format!("backup of vm {vm}"), e))?;
+    let jobs = session.exports().iter().enumerate().map(|(index, export)| {
+        let job = DiskJob {
+            vm: vm.clone(),
+            index,
+            export: export.clone(),
+            full: mode.is_full(),
+            window: opts.window,
+            batch_bytes: opts.batch_bytes,
+            depth: opts.depth,
+            connections: opts.connections,
+        };
+        back_up_disk(job, sink.clone(), progress.clone(), cancel.clone())
+    });
+    let per_disk = futures_util::future::try_join_all(jobs).await?;
+    let stats = per_disk
+        .iter()
+        .fold(DiskStats::default(), |a, s| DiskStats {
+            bytes_read: a.bytes_read + s.bytes_read,
+            bytes_dirty: a.bytes_dirty + s.bytes_dirty,
+        });
+    Ok((sink, stats))
+}
+
+/// Full or incremental, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Mode {
+    Full,
+    FullBecause(String),
+    Incremental { checkpoint: String },
+}
+
+impl Mode {
+    fn is_full(&self) -> bool {
+        !matches!(self, Mode::Incremental { .. })
+    }
+
+    fn base_checkpoint(&self) -> Option<&str> {
+        match self {
+            Mode::Incremental { checkpoint } => Some(checkpoint),
+            _ => None,
+        }
+    }
+
+    fn manifest_mode(&self) -> BackupMode {
+        match self {
+            Mode::Full => BackupMode::Full,
+            Mode::FullBecause(r) => BackupMode::FullBecause(r.clone()),
+            Mode::Incremental { .. } => BackupMode::Incremental,
+        }
+    }
+}
+
+/// The newest committed backup of the VM with `uuid`, if any.
+async fn last_backup(repo: &Repository, uuid: &str) -> Result<Option<Manifest>> {
+    let repo = repo.clone();
+    let uuid = uuid.to_string();
+    let what = format!("backups of vm {uuid}");
+    tokio::task::spawn_blocking(move || -> catalog::Result<Option<Manifest>> {
+        let rows = repo.backups(Some(&uuid))?;
+        match rows
+            .iter()
+            .max_by_key(|r| (r.started, r.id.as_str().to_string()))
+        {
+            Some(row) => Ok(Some(repo.manifest(&row.id)?)),
+            None => Ok(None),
+        }
+    })
+    .await
+    .map_err(|e| Error::new(ErrorKind::Repository, format!("{what}: {e}")))?
+    .map_err(|e| Error::repo(what, e))
+}
+
+/// Self-healing change tracking: an incremental only from a checkpoint that exists, is
+/// consistent and matches the disks of the last good backup; otherwise a full read, with
+/// the reason recorded.
+async fn decide_mode<H: Hypervisor>(
+    hv: &H,
+    dom: &DomainInfo,
+    parent: Option<&Manifest>,
+    force_full: bool,
+) -> Result<Mode> {
+    let Some(parent) = parent else {
+        return Ok(Mode::Full);
+    };
+    if force_full {
+        return Ok(Mode::FullBecause("full backup requested".into()));
+    }
+    let mut now: Vec<&str> = dom.disks.iter().map(|d| d.target.as_str()).collect();
+    let mut was: Vec<&str> = parent.disks.iter().map(|d| d.target.as_str()).collect();
+    now.sort_unstable();
+    was.sort_unstable();
+    if now != was {
+        return Ok(Mode::FullBecause(format!(
+            "disks changed since backup {}: {was:?} -> {now:?}",
+            parent.id
+        )));
+    }
+    let cps: Vec<&str> = parent
+        .disks
+        .iter()
+        .filter_map(|d| d.checkpoint.as_deref())
+        .collect();
+    let Some(cp) = cps.first().copied().filter(|c| cps.iter().all(|x| x == c)) else {
+        return Ok(Mode::FullBecause(format!(
+            "backup {} recorded no common checkpoint",
+            parent.id
+        )));
+    };
+    let expected: Vec<ExpectedDisk> = parent
+        .disks
+        .iter()
+        .map(|d| ExpectedDisk {
+            disk: d.target.clone(),
+            capacity: d.size,
+        })
+        .collect();
+    let health = hv
+        .check_checkpoint(&dom.name, cp, &expected)
+        .await
+        .map_err(|e| Error::hypervisor(format!("checkpoint {cp} of vm {}", dom.name), e))?;
+    Ok(match health {
+        CheckpointHealth::Usable => Mode::Incremental {
+            checkpoint: cp.to_string(),
+        },
+        CheckpointHealth::Unusable(problems) => {
+            let reason = format!("checkpoint {cp} unusable: {problems:?}");
+            tracing::warn!(vm = %dom.name, %reason, "falling back to a full read");
+            Mode::FullBecause(reason)
+        }
+    })
+}
+
+/// Deletes Sluice's checkpoints older than `keep`: the chain only needs the newest.
+async fn drop_old_checkpoints<H: Hypervisor>(hv: &H, vm: &str, keep: &str) {
+    let cps = match hv.list_checkpoints(vm).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(vm, error = %e, "listing checkpoints for cleanup failed");
+            return;
+        }
+    };
+    for cp in cps
+        .iter()
+        .filter(|c| c.name.starts_with(CHECKPOINT_PREFIX) && c.name != keep)
+    {
+        if let Err(e) = hv.delete_checkpoint(vm, &cp.name, false).await {
+            tracing::warn!(vm, checkpoint = %cp.name, error = %e, "deleting an old checkpoint failed");
+        }
+    }
+}
+
+fn new_checkpoint_name() -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    format!(
+        "{CHECKPOINT_PREFIX}{}-{:08x}",
+        now.as_secs(),
+        now.subsec_nanos()
+    )
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// A private directory for the job's scratch images and socket, owned by the user that owns
+/// the VM's disk images (the QEMU user under libvirt), mode 0700: QEMU can create its files
+/// there and nobody else can reach the socket that exposes the disks.
+fn make_job_dir(work_dir: &Path, checkpoint: &str, dom: &DomainInfo) -> Result<PathBuf> {
+    let dir = work_dir.join(format!("job-{checkpoint}"));
+    let io = |what: &str, e: std::io::Error| {
+        Error::new(
+            ErrorKind::InvalidInput,
+            format!("{what} {}: {e}; check the work directory", dir.display()),
+        )
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| io("creating", e))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| io("setting permissions of", e))?;
+    let owner = dom
+        .disks
+        .iter()
+        .filter_map(|d| d.source.as_ref())
+        .find_map(|p| std::fs::metadata(p).ok());
+    if let Some(meta) = owner {
+        std::os::unix::fs::chown(&dir, Some(meta.uid()), Some(meta.gid()))
+            .map_err(|e| io("changing owner of", e))?;
+    }
+    Ok(dir)
+}

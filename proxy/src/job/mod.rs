@@ -1,0 +1,15 @@
+//! Jobs: the long-running operations of the proxy (backup now; restore later), with their
+//! progress counters and their error type.
+//!
+//! A job owns the order of steps and every guard it takes from the hypervisor; it does not
+//! own NBD bytes (`crate::nbd`), extent arithmetic (`crate::plan`) or repository files
+//! (`catalog`, reached through `crate::ingest`).
+
+pub mod backup;
+mod disk;
+mod error;
+mod progress;
+
+pub use backup::{run_backup, BackupOptions, BackupReport};
+pub use error::{Error, ErrorKind, Result};
+pub use progress::{Progress, ProgressSnapshot};

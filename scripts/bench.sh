@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# `make bench`: every benchmark, in release, each printing its figures and ratios against a
+# peer (or the machine's own ceiling) measured in the same run. Benchmarks never fail on a
+# slow machine; they fail only when they cannot run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release -q -p integration-tests --bins
+cargo build --release -q -p catalog --examples
+
+run() {
+  echo
+  echo "=== $* ==="
+  "$@"
+}
+
+run ./target/release/bench-nbd
+run ./target/release/examples/bench_ingest
+run ./target/release/examples/bench_efficiency
+for b in ./target/release/bench-backup ./target/release/bench-restore; do
+  if [[ -x "$b" ]]; then run "$b"; fi
+done
