@@ -255,6 +255,10 @@ async fn checkpoint_health_redefine_and_agent() -> Result<()> {
     );
 
     // libvirt loses the metadata; the saved XML brings it back.
+    // Size estimate: libvirt adds the changed bytes per disk since the checkpoint.
+    vm.write("vda", 4 * MIB, 128 * KIB, 0x77)?;
+    let sized = hv.checkpoint_xml(&vm.name, "cp1", true).await?;
+    assert!(sized.contains("size='131072'"), "{sized}");
     let saved = hv.list_checkpoints(&vm.name).await?[0]
         .xml
         .clone()
