@@ -65,7 +65,7 @@ pub fn encode(kind: BlobKind, digest: ChunkDigest, data: &[u8], level: i32) -> R
     let raw_len = checked_len(data.len())?;
     let mut out = Vec::with_capacity(BLOB_HEADER_LEN + data.len());
     out.resize(BLOB_HEADER_LEN, 0);
-    let compressed = zstd::bulk::compress(data, level)
+    let compressed = compress(data, level)
         .map_err(|e| Error::io(format!("zstd compression of chunk {digest}"), e))?;
     let flags = if compressed.len() < data.len() {
         out.extend_from_slice(&compressed);
@@ -87,6 +87,38 @@ pub fn encode(kind: BlobKind, digest: ChunkDigest, data: &[u8], level: i32) -> R
     };
     out[..BLOB_HEADER_LEN].copy_from_slice(&encode_header(&h));
     Ok(out)
+}
+
+thread_local! {
+    /// One zstd context per thread and level: creating one per chunk costs more than
+    /// compressing a 64 KiB chunk.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn compress(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.as_ref().is_none_or(|(l, _)| *l != level) {
+            *c = Some((level, zstd::bulk::Compressor::new(level)?));
+        }
+        let (_, z) = c.as_mut().expect("compressor just set");
+        z.compress(data)
+    })
+}
+
+fn decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new()?);
+        }
+        d.as_mut()
+            .expect("decompressor just set")
+            .decompress(data, capacity)
+    })
 }
 
 fn checked_len(len: usize) -> Result<u32> {
@@ -152,7 +184,7 @@ pub fn decode(b: &[u8], expect: ChunkDigest) -> Result<(BlobKind, Vec<u8>)> {
         return Err(ctx(Error::corrupt("stored bytes fail their checksum")));
     }
     let data = if h.flags & FLAG_ZSTD != 0 {
-        zstd::bulk::decompress(payload, h.raw_len as usize)
+        decompress(payload, h.raw_len as usize)
             .map_err(|e| ctx(Error::corrupt("zstd payload undecodable").with_source(e)))?
     } else {
         payload.to_vec()
