@@ -227,7 +227,8 @@ impl Repository {
     /// Load the full chunk-id list of a disk from its index blocks.
     pub fn load_index(&self, d: &DiskManifest) -> Result<Vec<ChunkDigest>> {
         let chunks = index::chunk_count(d.size, d.chunk_size);
-        let mut ids = Vec::with_capacity(chunks as usize);
+        // No pre-allocation from the manifest's size: ids grow only as blocks are read.
+        let mut ids = Vec::new();
         for (b, id) in d.index_blocks.iter().enumerate() {
             let n = index::ids_in_block(b as u64, chunks, d.index_block_len);
             ids.extend(self.load_index_block(id, n)?);

@@ -130,6 +130,7 @@ fn every_crash_point_reopens_consistent() {
     workload(&repo, &mut HashMap::new());
     let total = fault.syncs();
     assert!(total > 10, "workload too small: {total} syncs");
+    eprintln!("crash points tested: 0..={total} syncs");
     for n in 0..=total {
         let dir = tempfile::tempdir().unwrap();
         let base = base_repo(dir.path());

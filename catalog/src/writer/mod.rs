@@ -98,6 +98,10 @@ impl Repository {
             let (plan, ids) = self.plan_disk(d, parent.as_ref())?;
             let block_len = self.config().index_block_len as u64;
             let mut own = ids.clone();
+            let extra = (plan.chunks as usize).saturating_sub(own.len());
+            own.try_reserve_exact(extra).map_err(|_| {
+                Error::invalid(format!("disk {} index does not fit in memory", d.target))
+            })?;
             own.resize(plan.chunks as usize, ChunkDigest::ZERO);
             disks.push(DiskIndex {
                 dirty_blocks: vec![false; own.len().div_ceil(block_len as usize)],
