@@ -49,20 +49,7 @@ pub fn qemu_io(image: &Path, cmd: &str) -> Result<()> {
     .map(drop)
 }
 
-pub fn create_qcow2(path: &Path, size: u64) -> Result<()> {
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            &path.to_string_lossy(),
-            &size.to_string(),
-        ],
-    )
-    .map(drop)
-}
+pub use testbed::image::create_qcow2;
 
 /// A TCG domain that sits in SeaBIOS, with qcow2 disks `vda`, `vdb`, ... in a scratch dir.
 /// Dropping it removes the domain, its checkpoints and its files.
