@@ -96,7 +96,7 @@ impl Pipeline {
             workers.push(std::thread::spawn(move || worker_loop(&sh, &cat, &rx, &tx)));
         }
         let sh = shared.clone();
-        let store = std::thread::spawn(move || store_loop(&sh, disks, out_rx));
+        let store = std::thread::spawn(move || store_loop(sh, disks, out_rx));
         Ok(Pipeline {
             jobs: Some(job_tx),
             outcomes: Some(out_tx),
@@ -212,7 +212,17 @@ pub(crate) fn is_zero(d: &[u8]) -> bool {
     it.remainder().iter().all(|&b| b == 0)
 }
 
-fn store_loop(sh: &Shared, disks: Vec<DiskIndex>, rx: Receiver<Outcome>) -> StoreState {
+/// Receives outcomes; full packs go to a sealer thread (one pack queued at most) so that
+/// writing and syncing a pack overlaps with ingesting the next.
+fn store_loop(sh: Arc<Shared>, disks: Vec<DiskIndex>, rx: Receiver<Outcome>) -> StoreState {
+    let (seal_tx, seal_rx) = sync_channel::<PackBuilder>(1);
+    let sealer_sh = sh.clone();
+    let sealer = std::thread::spawn(move || -> Result<()> {
+        for p in seal_rx {
+            seal(&sealer_sh.repo, &sealer_sh.pending, p)?;
+        }
+        Ok(())
+    });
     let mut st = StoreState {
         disks,
         pack: PackBuilder::new(),
@@ -223,15 +233,36 @@ fn store_loop(sh: &Shared, disks: Vec<DiskIndex>, rx: Receiver<Outcome>) -> Stor
         if st.error.is_some() {
             continue;
         }
-        if let Err(e) = apply(sh, &mut st, o) {
-            *sh.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
-            st.error = Some(e);
+        if let Err(e) = apply(&sh, &mut st, o, &seal_tx) {
+            record_failure(&sh, &mut st, e);
         }
+    }
+    drop(seal_tx);
+    match sealer.join() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => record_failure(&sh, &mut st, e),
+        Err(_) => record_failure(
+            &sh,
+            &mut st,
+            Error::new(crate::ErrorKind::Io, "pack sealer panicked"),
+        ),
     }
     st
 }
 
-fn apply(sh: &Shared, st: &mut StoreState, o: Outcome) -> Result<()> {
+fn record_failure(sh: &Shared, st: &mut StoreState, e: Error) {
+    *sh.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+    if st.error.is_none() {
+        st.error = Some(e);
+    }
+}
+
+fn apply(
+    sh: &Shared,
+    st: &mut StoreState,
+    o: Outcome,
+    seal_tx: &SyncSender<PackBuilder>,
+) -> Result<()> {
     let (disk, index, digest, new_blob) = match o {
         Outcome::Failed(e) => return Err(e),
         Outcome::Set {
@@ -244,7 +275,7 @@ fn apply(sh: &Shared, st: &mut StoreState, o: Outcome) -> Result<()> {
     st.stats.chunks_written += 1;
     match new_blob {
         _ if digest.is_zero() => st.stats.chunks_zero += 1,
-        Some((b, raw)) => add_blob(sh, st, digest, b, raw)?,
+        Some((b, raw)) => add_blob(sh, st, digest, b, raw, seal_tx)?,
         None => st.stats.chunks_dedup += 1,
     }
     let d = &mut st.disks[disk];
@@ -259,6 +290,7 @@ fn add_blob(
     digest: ChunkDigest,
     b: Vec<u8>,
     raw: u64,
+    seal_tx: &SyncSender<PackBuilder>,
 ) -> Result<()> {
     if !sh
         .pending
@@ -275,7 +307,9 @@ fn add_blob(
     st.pack.add(digest, BlobKind::Chunk, &b);
     if st.pack.len() as u64 >= sh.repo.config().pack_target {
         let full = std::mem::take(&mut st.pack);
-        seal(&sh.repo, &sh.pending, full)?;
+        seal_tx
+            .send(full)
+            .map_err(|_| Error::new(crate::ErrorKind::Io, "pack sealer stopped"))?;
     }
     Ok(())
 }
