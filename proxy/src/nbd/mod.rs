@@ -22,6 +22,7 @@ use std::path::PathBuf;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
+pub use bytes::{Bytes, BytesMut};
 pub use client::{list_exports, list_meta_contexts, Client, ClientOptions, ExportInfo, Extent};
 pub use error::{Error, ErrorKind, Result};
 pub use export::{

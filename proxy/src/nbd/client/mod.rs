@@ -373,6 +373,7 @@ impl Client {
         offset: u64,
         length: u32,
         payload: Option<Bytes>,
+        buffer: BytesMut,
     ) -> Result<tokio::sync::oneshot::Receiver<Result<Reply>>> {
         let payload_len = match command {
             cmd::READ | cmd::WRITE => length as u64,
@@ -388,7 +389,7 @@ impl Client {
             offset,
             length,
         };
-        conn.submit(request, payload, permits)
+        conn.submit(request, payload, buffer, permits)
     }
 
     async fn wait(rx: tokio::sync::oneshot::Receiver<Result<Reply>>) -> Result<Reply> {
@@ -412,31 +413,46 @@ impl Client {
     /// Read `length` bytes at `offset`. Ranges longer than the server's maximum request are
     /// split into several requests sent back to back.
     pub async fn read(&self, offset: u64, length: u64) -> Result<Bytes> {
+        Ok(self
+            .read_into(offset, length, BytesMut::new())
+            .await?
+            .freeze())
+    }
+
+    /// Like [`Client::read`], into `buffer` (cleared first, grown as needed) which is returned
+    /// filled. Passing the same buffers again avoids page faults on fresh memory: with large
+    /// requests that is the difference between about 0.5 and 2+ GB/s.
+    pub async fn read_into(&self, offset: u64, length: u64, buffer: BytesMut) -> Result<BytesMut> {
         self.check_range("read", offset, length)?;
+        let mut buffer = buffer;
+        buffer.clear();
         if length == 0 {
-            return Ok(Bytes::new());
+            return Ok(buffer);
+        }
+        if length <= self.max_request() as u64 {
+            let rx = self
+                .send(cmd::READ, 0, offset, length as u32, None, buffer)
+                .await?;
+            return Self::data(offset, Self::wait(rx).await?);
         }
         let mut receivers = Vec::new();
         for (o, l) in self.pieces(offset, length) {
-            receivers.push(self.send(cmd::READ, 0, o, l, None).await?);
+            receivers.push(self.send(cmd::READ, 0, o, l, None, BytesMut::new()).await?);
         }
-        let mut parts = Vec::with_capacity(receivers.len());
+        buffer.reserve(length as usize);
         for rx in receivers {
-            match Self::wait(rx).await? {
-                Reply::Data(d) => parts.push(d),
-                other => {
-                    return Err(Error::protocol(format!(
-                        "reply to NBD_CMD_READ at offset {offset}: unexpected {other:?}"
-                    )))
-                }
-            }
+            buffer.extend_from_slice(&Self::data(offset, Self::wait(rx).await?)?);
         }
-        if parts.len() == 1 {
-            return Ok(parts.pop().unwrap_or_default());
+        Ok(buffer)
+    }
+
+    fn data(offset: u64, reply: Reply) -> Result<BytesMut> {
+        match reply {
+            Reply::Data(d) => Ok(d),
+            other => Err(Error::protocol(format!(
+                "reply to NBD_CMD_READ at offset {offset}: unexpected {other:?}"
+            ))),
         }
-        let mut all = BytesMut::with_capacity(length as usize);
-        parts.iter().for_each(|p| all.extend_from_slice(p));
-        Ok(all.freeze())
     }
 
     fn check_writable(&self, what: &str, flag: u16) -> Result<()> {
@@ -457,7 +473,9 @@ impl Client {
     }
 
     async fn acked(&self, command: u16, flags: u16, offset: u64, length: u32) -> Result<()> {
-        let rx = self.send(command, flags, offset, length, None).await?;
+        let rx = self
+            .send(command, flags, offset, length, None, BytesMut::new())
+            .await?;
         Self::wait(rx).await.map(|_| ())
     }
 
@@ -471,7 +489,10 @@ impl Client {
         for (o, l) in self.pieces(offset, data.len() as u64) {
             let start = (o - offset) as usize;
             let part = data.slice(start..start + l as usize);
-            receivers.push(self.send(cmd::WRITE, flags, o, l, Some(part)).await?);
+            receivers.push(
+                self.send(cmd::WRITE, flags, o, l, Some(part), BytesMut::new())
+                    .await?,
+            );
         }
         for rx in receivers {
             Self::wait(rx).await?;
@@ -510,7 +531,10 @@ impl Client {
         let mut o = offset;
         while o < end {
             let l = (end - o).min(step) as u32;
-            receivers.push(self.send(command, flags, o, l, None).await?);
+            receivers.push(
+                self.send(command, flags, o, l, None, BytesMut::new())
+                    .await?,
+            );
             o += l as u64;
         }
         for rx in receivers {
@@ -550,7 +574,7 @@ impl Client {
             ));
         }
         let rx = self
-            .send(cmd::BLOCK_STATUS, 0, offset, length, None)
+            .send(cmd::BLOCK_STATUS, 0, offset, length, None, BytesMut::new())
             .await?;
         let chunks = match Self::wait(rx).await? {
             Reply::Status(chunks) => chunks,

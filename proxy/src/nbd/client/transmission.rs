@@ -30,7 +30,7 @@ const READ_BUFFER: usize = 64 * 1024;
 #[derive(Debug)]
 pub(crate) enum Reply {
     /// Data of a read.
-    Data(Bytes),
+    Data(BytesMut),
     /// Block status chunks, one or more per context.
     Status(Vec<proto::BlockStatusChunk>),
     /// Success of a command without data.
@@ -144,16 +144,18 @@ impl Conn {
         }
     }
 
-    /// Queue `request` (its cookie is assigned here); the receiver yields the reply.
+    /// Queue `request` (its cookie is assigned here); the receiver yields the reply. A read
+    /// lands in `buffer` (cleared first; reusing buffers avoids page faults on fresh memory).
     pub(crate) fn submit(
         &self,
         mut request: Request,
         payload: Option<Bytes>,
+        buffer: BytesMut,
         permits: Vec<OwnedSemaphorePermit>,
     ) -> Result<oneshot::Receiver<Result<Reply>>> {
         let (tx, rx) = oneshot::channel();
         let body = match request.command {
-            cmd::READ => Body::Read(ReadBuf::new(request.length as usize)),
+            cmd::READ => Body::Read(ReadBuf::new(buffer, request.length as usize)),
             cmd::BLOCK_STATUS => Body::Status(Vec::new()),
             _ => Body::None,
         };
@@ -504,9 +506,11 @@ struct ReadBuf {
 }
 
 impl ReadBuf {
-    fn new(len: usize) -> Self {
+    fn new(mut buf: BytesMut, len: usize) -> Self {
+        buf.clear();
+        buf.reserve(len);
         ReadBuf {
-            buf: BytesMut::with_capacity(len),
+            buf,
             len,
             covered: Vec::new(),
             covered_bytes: 0,
@@ -574,13 +578,13 @@ impl ReadBuf {
         Ok(())
     }
 
-    fn finish(self, req: &Request) -> Result<Bytes> {
+    fn finish(self, req: &Request) -> Result<BytesMut> {
         if self.covered_bytes != self.len {
             return Err(Error::protocol(format!(
                 "reply to NBD_CMD_READ at offset {} length {}: chunks cover only {} bytes",
                 req.offset, req.length, self.covered_bytes
             )));
         }
-        Ok(self.buf.freeze())
+        Ok(self.buf)
     }
 }
