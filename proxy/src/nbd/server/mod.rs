@@ -12,7 +12,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use tokio::net::{TcpListener, UnixListener};
 
-use super::error::{io_error, Result};
+use super::error::{io_error, Error, ErrorKind, Result};
 use super::export::BlockExport;
 use super::tls::ServerTls;
 use super::BoxStream;
@@ -24,8 +24,11 @@ pub struct ServerOptions {
     pub tls: Option<ServerTls>,
     /// With `tls` set: refuse every option but `STARTTLS` until TLS is up.
     pub tls_required: bool,
-    /// Requests of one connection processed concurrently.
+    /// Requests of one connection processed concurrently (this also bounds the write
+    /// payloads held per connection).
     pub max_in_flight_requests: usize,
+    /// Time a client gets to finish the handshake before it is disconnected.
+    pub handshake_timeout: std::time::Duration,
 }
 
 impl Default for ServerOptions {
@@ -34,6 +37,7 @@ impl Default for ServerOptions {
             tls: None,
             tls_required: true,
             max_in_flight_requests: 16,
+            handshake_timeout: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -136,7 +140,15 @@ impl Server {
     /// Serve one connection: handshake, then requests until the client disconnects. Returns
     /// the error that closed the connection, if any.
     pub async fn serve_stream(&self, stream: BoxStream) -> Result<()> {
-        let Some(session) = handshake::negotiate(self, stream).await? else {
+        let limit = self.options.handshake_timeout;
+        let negotiated = tokio::time::timeout(limit, handshake::negotiate(self, stream)).await;
+        let Ok(negotiated) = negotiated else {
+            return Err(Error::new(
+                ErrorKind::Connection,
+                format!("nbd client did not finish the handshake within {limit:?}"),
+            ));
+        };
+        let Some(session) = negotiated? else {
             return Ok(());
         };
         let name = session.name.clone();

@@ -53,13 +53,14 @@ pub(crate) async fn run(session: Session, max_in_flight: usize) -> Result<()> {
     let limit = Arc::new(Semaphore::new(max_in_flight.max(1)));
     let mut tasks = JoinSet::new();
     let result = loop {
+        // Take the permit before reading: at most `max_in_flight` write payloads are held.
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            break Ok(());
+        };
         let (request, payload) = match read_request(&mut rd, &ctx).await {
             Ok(Some(r)) => r,
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),
-        };
-        let Ok(permit) = limit.clone().acquire_owned().await else {
-            break Ok(());
         };
         let ctx = ctx.clone();
         tasks.spawn(async move {
