@@ -25,7 +25,7 @@ use super::error::{Error, ErrorKind, Result};
 use super::progress::Progress;
 use crate::hypervisor::{
     BackupRequest, BackupSession, CheckpointHealth, DomainInfo, ExpectedDisk, FreezeGuard,
-    Hypervisor, VmState,
+    Hypervisor,
 };
 use crate::ingest::IngestSink;
 
@@ -110,12 +110,8 @@ pub async fn run_backup<H: Hypervisor>(
         .domain(vm)
         .await
         .map_err(|e| Error::hypervisor(format!("vm {vm}"), e))?;
-    if dom.state != VmState::Running && dom.state != VmState::Paused {
-        return Err(Error::new(
-            ErrorKind::InvalidInput,
-            format!("vm {vm} is not running; back up stopped vms with the offline path"),
-        ));
-    }
+    // A shut-off VM is not started: the adapter reads its images offline (`qemu-nbd -B`).
+    tracing::info!(vm, state = ?dom.state, "backup started");
     let domain_xml = hv
         .domain_xml(vm)
         .await
