@@ -9,3 +9,4 @@ pub mod ingest;
 pub mod job;
 pub mod nbd;
 pub mod plan;
+pub mod restore;
