@@ -87,7 +87,7 @@ impl Peer {
     fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
         let start = Instant::now();
         loop {
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+            if probe(&self.socket) {
                 return Ok(());
             }
             if let Some(status) = self.child.try_wait()? {
@@ -103,6 +103,32 @@ impl Peer {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Whether an NBD server answers on `socket`: read the greeting and end the session politely
+/// with `NBD_OPT_ABORT` (a bare connect-and-close makes servers log a broken pipe).
+fn probe(socket: &Path) -> bool {
+    use proxy::nbd::proto;
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut greeting = [0u8; proto::GREETING_LEN];
+    if s.read_exact(&mut greeting).is_err() {
+        return false;
+    }
+    let mut msg = proto::client_flags::FIXED_NEWSTYLE.to_be_bytes().to_vec();
+    let abort = proto::OptionHeader {
+        option: proto::opt::ABORT,
+        length: 0,
+    };
+    msg.extend_from_slice(&abort.encode());
+    if s.write_all(&msg).is_ok() {
+        let mut reply = [0u8; proto::OPTION_REPLY_HEADER_LEN];
+        let _ = s.read_exact(&mut reply);
+    }
+    true
 }
 
 fn strings(args: &[&str]) -> Vec<String> {

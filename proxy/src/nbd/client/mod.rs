@@ -196,9 +196,22 @@ pub async fn list_meta_contexts(
     Ok(list.into_iter().map(|c| c.name).collect())
 }
 
-/// Run the whole handshake on `stream` up to transmission.
+/// Run the whole handshake on `stream` up to transmission. When the server refuses
+/// something, end the session politely with `NBD_OPT_ABORT`.
 async fn negotiate(stream: BoxStream, options: &ClientOptions) -> Result<(BoxStream, ExportInfo)> {
     let mut h = handshake::start(stream, options.tls.as_ref()).await?;
+    match haggle(&mut h, options).await {
+        Ok(info) => Ok((h.stream, info)),
+        Err(e) => {
+            if e.kind() == ErrorKind::Refused {
+                h.abort().await;
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn haggle(h: &mut handshake::Haggle, options: &ClientOptions) -> Result<ExportInfo> {
     let structured = h.structured_replies().await?;
     let mut contexts = Vec::new();
     if !options.meta_contexts.is_empty() {
@@ -216,7 +229,7 @@ async fn negotiate(stream: BoxStream, options: &ClientOptions) -> Result<(BoxStr
     let mut info = h.go(&options.export).await?;
     info.structured_replies = structured;
     info.meta_contexts = contexts;
-    Ok((h.stream, info))
+    Ok(info)
 }
 
 fn check_contexts(
