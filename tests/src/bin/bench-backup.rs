@@ -50,7 +50,7 @@ fn main() -> Result<()> {
     )?;
     std::fs::remove_file(&raw)?;
     println!(
-        "disk: 4 GiB qcow2 with {:.2} GiB of data (1/3 text-like, 1/3 random, 1/3 zero-filled) made in {:.1} s",
+        "disk: 4 GiB qcow2, 1.5 GiB of mixed runs (text-like, random, zeros left as holes): {:.2} GiB written, made in {:.1} s",
         data as f64 / GIB as f64,
         t.elapsed().as_secs_f64()
     );
@@ -66,7 +66,8 @@ fn main() -> Result<()> {
     let hv = rt.block_on(LibvirtHypervisor::connect("qemu:///system"))?;
     let opts = BackupOptions::new(dir.path().join("work"));
     let full = timed(&rt, &hv, &repo, &name, &opts, "full backup")?;
-    // 1 % of the disk changed in scattered 64 KiB writes (one per 6.4 MiB).
+    // 1 % of the disk changed in scattered 64 KiB writes (one per 6.4 MiB, not aligned to
+    // the bitmap granularity, so most touch two 64 KiB granules).
     let t = Instant::now();
     let writes = (DISK / 100) / (64 * 1024);
     for i in 0..writes {
@@ -127,7 +128,7 @@ fn fill_mixed(path: &Path) -> Result<u64> {
         }
     }
     f.sync_all()?;
-    Ok(blocks * block.len() as u64)
+    Ok(blocks.div_ceil(3) * 2 * block.len() as u64)
 }
 
 fn text_like(buf: &mut [u8], seed: u64) {
