@@ -1,9 +1,15 @@
-//! `sluice`: the daemon and its CLI.
+//! `sluice`: the daemon (`sluice serve`) and, later, the CLI client of its API.
+
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "sluice", version, about = "Agentless backup proxy for KVM/QEMU")]
+#[command(
+    name = "sluice",
+    version,
+    about = "Agentless backup proxy for KVM/QEMU"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -11,6 +17,21 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the daemon: REST API and backup jobs.
+    Serve {
+        /// Configuration file (TOML); embedded defaults without it.
+        #[arg(long, short, env = "SLUICE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Override the data directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Override the listen address.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// Serve plain HTTP (loopback addresses only).
+        #[arg(long)]
+        insecure_http: bool,
+    },
     /// Print the version and exit.
     Version,
 }
@@ -18,7 +39,33 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Version => println!("sluice {}", env!("CARGO_PKG_VERSION")),
+        Command::Serve {
+            config,
+            data_dir,
+            listen,
+            insecure_http,
+        } => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .with_writer(std::io::stderr)
+                .init();
+            let mut cfg = api::config::Config::load(config.as_deref())?;
+            if let Some(d) = data_dir {
+                cfg.data_dir = d;
+            }
+            if let Some(l) = listen {
+                cfg.listen = l;
+            }
+            cfg.insecure_http |= insecure_http;
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(api::serve::serve(cfg))
+        }
+        Command::Version => {
+            println!("sluice {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
     }
-    Ok(())
 }

@@ -1,0 +1,76 @@
+//! The daemon's configuration: one TOML file, every key optional, embedded defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// `sluice serve` settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Tokens, TLS certificate, catalog, job scratch files.
+    pub data_dir: PathBuf,
+    /// Address the API listens on.
+    pub listen: SocketAddr,
+    /// Repository directory (default `<data_dir>/repo`).
+    pub repository: Option<PathBuf>,
+    /// Chunk size of a new repository, bytes.
+    pub chunk_size: u32,
+    /// The hypervisor of this cluster.
+    pub libvirt_uri: String,
+    /// Backup jobs running at once.
+    pub max_jobs: usize,
+    /// Serve plain HTTP (only allowed on a loopback address).
+    pub insecure_http: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("/var/lib/sluice"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            repository: None,
+            chunk_size: 64 << 10,
+            libvirt_uri: "qemu:///system".into(),
+            max_jobs: 2,
+            insecure_http: false,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`, or the defaults if `None`.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
+        let Some(path) = path else {
+            return Ok(Config::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
+    }
+
+    /// The repository directory.
+    pub fn repo_dir(&self) -> PathBuf {
+        self.repository
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("repo"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Config;
+
+    #[test]
+    fn example_file_parses_and_unknown_keys_are_named() {
+        let ex = include_str!("../../sluice.example.toml");
+        let c: Config = toml::from_str(ex).expect("example parses");
+        assert_eq!(c.libvirt_uri, "qemu:///system");
+        let err = toml::from_str::<Config>("listn = \"x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listn"), "{err}");
+        assert!(err.contains("line 1"), "{err}");
+    }
+}

@@ -1,0 +1,183 @@
+//! `sluice serve`: opens the repository and hypervisor, writes the first admin token,
+//! makes or loads the TLS certificate, serves the API, and on SIGTERM/SIGINT cancels running
+//! jobs and waits for them to release their resources before exiting.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use axum::Router;
+use catalog::{FsBackend, RepoConfig, RepoOptions, Repository};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use proxy::hypervisor::libvirt::LibvirtHypervisor;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::auth::{Role, TokenStore};
+use crate::config::Config;
+use crate::state::AppState;
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn serve(cfg: Config) -> anyhow::Result<()> {
+    if cfg.insecure_http && !cfg.listen.ip().is_loopback() {
+        bail!(
+            "plain HTTP is only allowed on a loopback address, not {}",
+            cfg.listen
+        );
+    }
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    let repo = open_repo(&cfg).await?;
+    let hv = LibvirtHypervisor::connect(&cfg.libvirt_uri)
+        .await
+        .with_context(|| format!("connecting to {}", cfg.libvirt_uri))?;
+    let tokens = TokenStore::open(&cfg.data_dir)?;
+    first_admin_token(&tokens, &cfg.data_dir)?;
+    let work = cfg.data_dir.join("work");
+    std::fs::create_dir_all(&work)?;
+    let state = Arc::new(AppState::new(
+        repo,
+        Arc::new(hv),
+        tokens,
+        work,
+        cfg.max_jobs,
+    ));
+    let app = crate::routes::app(state.clone());
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("listening on {}", cfg.listen))?;
+    let tls = if cfg.insecure_http {
+        None
+    } else {
+        Some(tls_acceptor(&cfg.data_dir)?)
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("sluice listening on {scheme}://{}", listener.local_addr()?);
+    tokio::select! {
+        r = accept_loop(listener, tls, app) => r?,
+        _ = shutdown_signal() => tracing::info!("shutting down: cancelling running jobs"),
+    }
+    state.jobs.shutdown().await;
+    tracing::info!("every job ended; exiting");
+    Ok(())
+}
+
+async fn open_repo(cfg: &Config) -> anyhow::Result<Repository> {
+    let dir = cfg.repo_dir();
+    let opts = RepoOptions::new(cfg.data_dir.join("catalog.sqlite"));
+    let chunk = cfg.chunk_size;
+    tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&dir)?;
+        let backend = Arc::new(FsBackend::open(&dir)?);
+        let exists = dir.join("config").exists();
+        let r = if exists {
+            Repository::open(backend, opts)
+        } else {
+            let config = RepoConfig {
+                chunk_size: chunk,
+                ..RepoConfig::default()
+            };
+            Repository::create(backend, config, opts)
+        };
+        r.with_context(|| format!("repository {}", dir.display()))
+    })
+    .await?
+}
+
+fn first_admin_token(tokens: &TokenStore, dir: &Path) -> anyhow::Result<()> {
+    if !tokens.is_empty() {
+        return Ok(());
+    }
+    let (_, secret) = tokens
+        .create("admin", Role::Admin, vec![])
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let path = dir.join("admin.token");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writeln!(f, "{secret}")?;
+    println!(
+        "first start: admin token written to {} (mode 0600)",
+        path.display()
+    );
+    Ok(())
+}
+
+fn tls_acceptor(dir: &Path) -> anyhow::Result<TlsAcceptor> {
+    let (cert_path, key_path) = (dir.join("tls-cert.pem"), dir.join("tls-key.pem"));
+    if !cert_path.exists() {
+        let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])?;
+        std::fs::write(&cert_path, ck.cert.pem())?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&key_path)?;
+        f.write_all(ck.signing_key.serialize_pem().as_bytes())?;
+    }
+    let certs: Vec<_> = rustls_pemfile::certs(&mut std::io::BufReader::new(std::fs::File::open(
+        &cert_path,
+    )?))
+    .collect::<Result<_, _>>()?;
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(std::fs::File::open(
+        &key_path,
+    )?))?
+    .context("no private key in tls-key.pem")?;
+    let first = certs.first().context("no certificate in tls-cert.pem")?;
+    println!(
+        "tls certificate sha256 fingerprint: {}",
+        hex::encode(Sha256::digest(first))
+    );
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    app: Router,
+) -> anyhow::Result<()> {
+    loop {
+        let (tcp, peer) = listener.accept().await?;
+        let (tls, app) = (tls.clone(), app.clone());
+        tokio::spawn(async move {
+            let svc = TowerToHyperService::new(app);
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let r = match tls {
+                Some(acc) => match acc.accept(tcp).await {
+                    Ok(s) => builder.serve_connection(TokioIo::new(s), svc).await,
+                    Err(e) => {
+                        tracing::debug!(%peer, "tls handshake failed: {e}");
+                        return;
+                    }
+                },
+                None => builder.serve_connection(TokioIo::new(tcp), svc).await,
+            };
+            if let Err(e) = r {
+                tracing::debug!(%peer, "connection ended: {e}");
+            }
+        });
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}

@@ -1,0 +1,77 @@
+//! The shared state of the daemon, and the one seam through which async handlers reach the
+//! synchronous repository (`AppState::repo`, on tokio's blocking pool, at most
+//! `REPO_SLOTS` at once).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use catalog::Repository;
+use tokio::sync::Semaphore;
+
+use crate::auth::TokenStore;
+use crate::error::{ApiError, ApiResult};
+use crate::hv::Hv;
+use crate::jobs::Jobs;
+
+/// Repository calls allowed to run at once.
+const REPO_SLOTS: usize = 4;
+
+/// Everything a handler can reach.
+pub struct AppState {
+    pub repo: Repository,
+    pub hv: Arc<dyn Hv>,
+    pub jobs: Arc<Jobs>,
+    pub tokens: TokenStore,
+    /// Scratch directory of backup jobs.
+    pub work_dir: PathBuf,
+    repo_slots: Semaphore,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("work_dir", &self.work_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The state as handlers share it.
+pub type SharedState = Arc<AppState>;
+
+impl AppState {
+    /// State over an opened repository and hypervisor.
+    pub fn new(
+        repo: Repository,
+        hv: Arc<dyn Hv>,
+        tokens: TokenStore,
+        work_dir: PathBuf,
+        concurrency: usize,
+    ) -> Self {
+        AppState {
+            repo,
+            hv,
+            jobs: Arc::new(Jobs::new(concurrency)),
+            tokens,
+            work_dir,
+            repo_slots: Semaphore::new(REPO_SLOTS),
+        }
+    }
+
+    /// Runs `f` against the repository on the blocking pool.
+    pub async fn repo<R, F>(&self, f: F) -> ApiResult<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Repository) -> catalog::Result<R> + Send + 'static,
+    {
+        let _slot = self
+            .repo_slots
+            .acquire()
+            .await
+            .map_err(|_| ApiError::unavailable("the server is shutting down"))?;
+        let repo = self.repo.clone();
+        tokio::task::spawn_blocking(move || f(&repo))
+            .await
+            .map_err(|e| ApiError::internal(format!("repository task failed: {e}")))?
+            .map_err(ApiError::from)
+    }
+}

@@ -1,0 +1,93 @@
+//! Shared set-up of the API tests: a real repository in a temp dir, libvirt's in-process
+//! `test:///default` driver as the hypervisor (domain `test`), and tokens of every role.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use api::auth::{Role, TokenStore};
+use api::{app, AppState, SharedState};
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use catalog::{FsBackend, RepoConfig, RepoOptions, Repository};
+use http_body_util::BodyExt;
+use proxy::hypervisor::libvirt::LibvirtHypervisor;
+use tower::ServiceExt;
+
+pub struct Api {
+    pub app: Router,
+    pub state: SharedState,
+    pub admin: String,
+    pub operator: String,
+    pub auditor: String,
+    /// Scoped to `test` (the test driver's running domain).
+    pub scoped_in: String,
+    /// Scoped to `other-*`.
+    pub scoped_out: String,
+    _dir: tempfile::TempDir,
+}
+
+pub async fn api() -> Api {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = Arc::new(FsBackend::open(dir.path().join("repo")).unwrap());
+    let repo = Repository::create(
+        backend,
+        RepoConfig::default(),
+        RepoOptions::new(dir.path().join("catalog.sqlite")),
+    )
+    .unwrap();
+    let hv = LibvirtHypervisor::connect("test:///default").await.unwrap();
+    let tokens = TokenStore::open(dir.path()).unwrap();
+    let mk = |role, vms: &[&str]| {
+        tokens
+            .create("t", role, vms.iter().map(|s| s.to_string()).collect())
+            .unwrap()
+            .1
+    };
+    let (admin, operator, auditor) = (
+        mk(Role::Admin, &[]),
+        mk(Role::Operator, &[]),
+        mk(Role::Auditor, &[]),
+    );
+    let (scoped_in, scoped_out) = (mk(Role::Scoped, &["te*"]), mk(Role::Scoped, &["other-*"]));
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let state = Arc::new(AppState::new(repo, Arc::new(hv), tokens, work, 2));
+    Api {
+        app: app(state.clone()),
+        state,
+        admin,
+        operator,
+        auditor,
+        scoped_in,
+        scoped_out,
+        _dir: dir,
+    }
+}
+
+/// Sends one request; returns status and body (as JSON when it parses).
+pub async fn call(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    token: Option<&str>,
+    body: Option<Vec<u8>>,
+) -> (StatusCode, serde_json::Value) {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    let req = req
+        .body(body.map(Body::from).unwrap_or_else(Body::empty))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into()));
+    (status, json)
+}
