@@ -1,4 +1,4 @@
-//! `sluice`: the daemon (`sluice serve`) and, later, the CLI client of its API.
+//! `sluice`: the daemon (`sluice serve`) and the CLI, a client of its API.
 
 use std::path::PathBuf;
 
@@ -11,6 +11,23 @@ use clap::{Parser, Subcommand};
     about = "Agentless backup proxy for KVM/QEMU"
 )]
 struct Cli {
+    /// Server URL (https://host:port, or http:// for a loopback plain-HTTP daemon).
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_URL",
+        default_value = "https://127.0.0.1:8443"
+    )]
+    url: String,
+    /// API token.
+    #[arg(long, global = true, env = "SLUICE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// SHA-256 fingerprint of the server certificate (printed by `sluice serve`).
+    #[arg(long, global = true, env = "SLUICE_FINGERPRINT")]
+    fingerprint: Option<String>,
+    /// Print the API's JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -34,6 +51,8 @@ enum Command {
     },
     /// Print the version and exit.
     Version,
+    #[command(flatten)]
+    Client(api::cli::Verb),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -62,6 +81,16 @@ fn main() -> anyhow::Result<()> {
             cfg.insecure_http |= insecure_http;
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(api::serve::serve(cfg))
+        }
+        Command::Client(verb) => {
+            let client = api::client::Client {
+                url: cli.url,
+                token: cli.token,
+                fingerprint: cli.fingerprint,
+            };
+            let rt = tokio::runtime::Runtime::new()?;
+            let code = rt.block_on(api::cli::run(&client, verb, cli.json));
+            std::process::exit(code);
         }
         Command::Version => {
             println!("sluice {}", env!("CARGO_PKG_VERSION"));

@@ -1,0 +1,335 @@
+//! The CLI verbs: each is one or a few API calls, printed as a table or, with `--json`, as
+//! the API's JSON. Exit codes: 0 ok, 1 error, 3 refused (401/403), 4 not found, 5 job failed.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Subcommand;
+use serde_json::{json, Value};
+
+use crate::client::{Client, ClientError};
+
+/// Client verbs.
+#[derive(Subcommand, Debug)]
+pub enum Verb {
+    /// VMs the hypervisor sees.
+    Vm {
+        #[command(subcommand)]
+        cmd: VmCmd,
+    },
+    /// Back up a VM (`backup VM [--full] [--wait]`), or `backup list [VM]` / `backup show ID`.
+    Backup {
+        /// VM name, or `list` / `show`.
+        target: String,
+        /// VM (for `list`) or backup id (for `show`).
+        arg: Option<String>,
+        /// Read every disk in full.
+        #[arg(long)]
+        full: bool,
+        /// Wait for the job to end, with a progress bar.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Verify the repository (or one backup).
+    Verify {
+        id: Option<String>,
+        /// Re-hash every chunk.
+        #[arg(long)]
+        full: bool,
+    },
+    /// Apply a retention policy.
+    Prune {
+        #[arg(long)]
+        vm: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        keep_last: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_daily: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_weekly: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_monthly: u32,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Reclaim the space of removed backups.
+    Gc {
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Jobs.
+    Job {
+        #[command(subcommand)]
+        cmd: JobCmd,
+    },
+    /// API tokens.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCmd {
+    /// List VMs with their last backup.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JobCmd {
+    List,
+    Show { id: u64 },
+    Cancel { id: u64 },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCmd {
+    /// Create a token (its secret is printed once).
+    Create {
+        name: String,
+        /// admin, operator, auditor or scoped.
+        #[arg(long)]
+        role: String,
+        /// For scoped tokens: VM names or globs.
+        #[arg(long = "vm")]
+        vms: Vec<String>,
+    },
+    List,
+    Revoke {
+        id: String,
+    },
+}
+
+/// Runs a verb; returns the process exit code.
+pub async fn run(c: &Client, verb: Verb, as_json: bool) -> i32 {
+    match dispatch(c, verb, as_json).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            match e.downcast_ref::<ClientError>() {
+                Some(ce) if ce.status == 401 || ce.status == 403 => 3,
+                Some(ce) if ce.status == 404 => 4,
+                _ => 1,
+            }
+        }
+    }
+}
+
+async fn dispatch(c: &Client, verb: Verb, as_json: bool) -> anyhow::Result<i32> {
+    let out = |v: &Value, table: &dyn Fn(&Value)| {
+        if as_json {
+            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        } else {
+            table(v)
+        }
+    };
+    match verb {
+        Verb::Vm { cmd: VmCmd::List } => out(&c.call("GET", "/vms", None).await?, &vm_table),
+        Verb::Backup {
+            target,
+            arg,
+            full,
+            wait,
+        } => match (target.as_str(), arg) {
+            ("list", vm) => {
+                let q = vm.map(|v| format!("?vm={v}")).unwrap_or_default();
+                out(
+                    &c.call("GET", &format!("/backups{q}"), None).await?,
+                    &backup_table,
+                )
+            }
+            ("show", Some(id)) => out(
+                &c.call("GET", &format!("/backups/{id}"), None).await?,
+                &pretty,
+            ),
+            ("show", None) => anyhow::bail!("usage: sluice backup show ID"),
+            (vm, _) => return backup(c, vm, full, wait, as_json).await,
+        },
+        Verb::Verify { id, full } => {
+            let body = json!({ "backups": id.into_iter().collect::<Vec<_>>(), "full": full });
+            let v = c.call("POST", "/verify", Some(body)).await?;
+            out(&v, &pretty);
+            if v["ok"] != true {
+                return Ok(5);
+            }
+        }
+        Verb::Prune {
+            vm,
+            keep_last,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            dry_run,
+        } => {
+            let body = json!({ "vm": vm, "keep_last": keep_last, "keep_daily": keep_daily,
+                "keep_weekly": keep_weekly, "keep_monthly": keep_monthly, "dry_run": dry_run });
+            out(&c.call("POST", "/prune", Some(body)).await?, &pretty)
+        }
+        Verb::Gc { dry_run } => out(
+            &c.call("POST", "/gc", Some(json!({ "dry_run": dry_run })))
+                .await?,
+            &pretty,
+        ),
+        Verb::Job { cmd } => match cmd {
+            JobCmd::List => out(&c.call("GET", "/jobs", None).await?, &job_table),
+            JobCmd::Show { id } => {
+                out(&c.call("GET", &format!("/jobs/{id}"), None).await?, &pretty)
+            }
+            JobCmd::Cancel { id } => out(
+                &c.call("POST", &format!("/jobs/{id}/cancel"), None).await?,
+                &pretty,
+            ),
+        },
+        Verb::Token { cmd } => match cmd {
+            TokenCmd::Create { name, role, vms } => {
+                let v = c
+                    .call(
+                        "POST",
+                        "/tokens",
+                        Some(json!({ "name": name, "role": role, "vms": vms })),
+                    )
+                    .await?;
+                out(&v, &|v| {
+                    println!(
+                        "{}\n(shown once: store it now; id {})",
+                        s(&v["token"]),
+                        s(&v["id"])
+                    )
+                })
+            }
+            TokenCmd::List => out(&c.call("GET", "/tokens", None).await?, &pretty),
+            TokenCmd::Revoke { id } => {
+                c.call("DELETE", &format!("/tokens/{id}"), None).await?;
+                println!("token {id} revoked");
+            }
+        },
+    }
+    Ok(0)
+}
+
+async fn backup(
+    c: &Client,
+    vm: &str,
+    full: bool,
+    wait: bool,
+    as_json: bool,
+) -> anyhow::Result<i32> {
+    let mode = if full { "full" } else { "auto" };
+    let job = c
+        .call(
+            "POST",
+            &format!("/vms/{vm}/backups"),
+            Some(json!({ "mode": mode })),
+        )
+        .await?;
+    let id = job["id"].as_u64().context("job id in the answer")?;
+    if !wait {
+        if as_json {
+            println!("{job}");
+        } else {
+            println!("job {id} queued: backup of {vm} ({mode})");
+        }
+        return Ok(0);
+    }
+    let bar = (!as_json).then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_message(format!("backup {vm}"));
+        b
+    });
+    let end = loop {
+        let j = c.call("GET", &format!("/jobs/{id}"), None).await?;
+        if let Some(b) = &bar {
+            b.set_length(j["progress"]["bytes_planned"].as_u64().unwrap_or(0));
+            b.set_position(j["progress"]["bytes_done"].as_u64().unwrap_or(0));
+        }
+        if matches!(
+            j["state"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        ) {
+            break j;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&end)?);
+    } else {
+        println!("job {id} {}: {}", s(&end["state"]), s(&end["message"]));
+    }
+    Ok(if end["state"] == "succeeded" { 0 } else { 5 })
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(x) => x.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn pretty(v: &Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn rows(v: &Value) -> &[Value] {
+    v.as_array().map_or(&[], |a| a.as_slice())
+}
+
+fn vm_table(v: &Value) {
+    println!(
+        "{:<24} {:<9} {:>5} {:<28}",
+        "NAME", "STATE", "DISKS", "LAST BACKUP"
+    );
+    for r in rows(v) {
+        let disks = r["disks"].as_array().map_or(0, |d| d.len());
+        println!(
+            "{:<24} {:<9} {:>5} {:<28}",
+            s(&r["name"]),
+            s(&r["state"]),
+            disks,
+            s(&r["last_backup"]["id"])
+        );
+    }
+}
+
+fn backup_table(v: &Value) {
+    println!(
+        "{:<28} {:<16} {:<13} {:>12} {:<9}",
+        "ID", "VM", "MODE", "STORED", "PROTECTED"
+    );
+    for r in rows(v) {
+        println!(
+            "{:<28} {:<16} {:<13} {:>12} {:<9}",
+            s(&r["id"]),
+            s(&r["vm"]),
+            s(&r["mode"]),
+            s(&r["bytes_stored"]),
+            s(&r["protected"])
+        );
+    }
+}
+
+fn job_table(v: &Value) {
+    println!(
+        "{:>5} {:<16} {:<10} {:<6} MESSAGE",
+        "ID", "VM", "STATE", "MODE"
+    );
+    for r in rows(v) {
+        println!(
+            "{:>5} {:<16} {:<10} {:<6} {}",
+            s(&r["id"]),
+            s(&r["vm"]),
+            s(&r["state"]),
+            s(&r["mode"]),
+            s(&r["message"])
+        );
+    }
+}
