@@ -192,3 +192,15 @@ fn committed_openapi_document_matches_the_code() {
         "docs/openapi.json is stale: rerun with SLUICE_BLESS=1 cargo test -p api --test api_input"
     );
 }
+
+#[test]
+fn docs_api_md_names_every_route() {
+    let md = include_str!("../../docs/api.md");
+    let doc: serde_json::Value = serde_json::from_str(&api::routes::openapi_json()).unwrap();
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for method in ops.as_object().unwrap().keys() {
+            let line = format!("`{} {path}`", method.to_uppercase());
+            assert!(md.contains(&line), "docs/api.md does not list {line}");
+        }
+    }
+}
