@@ -39,6 +39,10 @@ pub struct VmSpec {
     pub guest_agent: bool,
     /// Guest memory in MiB.
     pub memory_mib: u32,
+    /// Disks given as raw libvirt `<disk>` XML with their virtual sizes (e.g. an NBD network
+    /// disk). They take the first targets (vda, ...), before the qcow2 disks; each XML must
+    /// name its target.
+    pub raw_disks: Vec<(u64, String)>,
 }
 
 impl VmSpec {
@@ -49,12 +53,19 @@ impl VmSpec {
             disk_sizes: Vec::new(),
             guest_agent: false,
             memory_mib: 256,
+            raw_disks: Vec::new(),
         }
     }
 
     /// Adds a disk of `size` bytes (the next target: vda, vdb, ...).
     pub fn disk(mut self, size: u64) -> VmSpec {
         self.disk_sizes.push(size);
+        self
+    }
+
+    /// Adds a disk of `size` bytes given as raw `<disk>` XML (see [`VmSpec::raw_disks`]).
+    pub fn raw_disk(mut self, size: u64, xml: &str) -> VmSpec {
+        self.raw_disks.push((size, xml.to_string()));
         self
     }
 
@@ -72,12 +83,14 @@ impl VmSpec {
                 self.prefix
             );
         }
-        if self.disk_sizes.is_empty() || self.disk_sizes.len() > 20 {
+        let count = self.disk_sizes.len() + self.raw_disks.len();
+        if count == 0 || count > 20 {
             bail!("vm {} needs 1 to 20 disks", self.prefix);
         }
         if let Some(s) = self
             .disk_sizes
             .iter()
+            .chain(self.raw_disks.iter().map(|(s, _)| s))
             .find(|s| **s == 0 || !s.is_multiple_of(512))
         {
             bail!(
@@ -94,7 +107,7 @@ impl VmSpec {
 pub struct Disk {
     /// Guest target name: `vda`, `vdb`, ...
     pub target: String,
-    /// The qcow2 image on the host.
+    /// The qcow2 image on the host (empty for a disk given as raw XML).
     pub path: PathBuf,
     /// Virtual size in bytes.
     pub size: u64,
@@ -105,6 +118,7 @@ pub struct TestVm {
     name: String,
     disks: Vec<Disk>,
     guest_agent: bool,
+    raw_xml: Vec<String>,
     channel: Mutex<Option<Channel>>,
     // Dropped after `Drop::drop` has torn the domain down.
     scratch: ScratchDir,
@@ -127,10 +141,13 @@ impl TestVm {
             SEQ.fetch_add(1, Ordering::Relaxed)
         );
         let scratch = ScratchDir::create(&name)?;
+        let mut disks = raw_disks(&spec.raw_disks);
+        disks.extend(make_disks(scratch.path(), disks.len(), &spec.disk_sizes)?);
         let vm = TestVm {
-            disks: make_disks(scratch.path(), &spec.disk_sizes)?,
+            disks,
             name,
             guest_agent: spec.guest_agent,
+            raw_xml: spec.raw_disks.iter().map(|(_, x)| x.clone()).collect(),
             channel: Mutex::new(None),
             scratch,
         };
@@ -366,7 +383,10 @@ impl TestVm {
         x.push_str("  <features><acpi/></features>\n");
         x.push_str("  <on_poweroff>destroy</on_poweroff>\n  <on_reboot>destroy</on_reboot>\n");
         x.push_str("  <on_crash>destroy</on_crash>\n  <devices>\n");
-        for d in &self.disks {
+        for r in &self.raw_xml {
+            let _ = writeln!(x, "    {}", r.trim());
+        }
+        for d in &self.disks[self.raw_xml.len()..] {
             x.push_str(&disk_xml(d));
         }
         let _ = writeln!(
@@ -408,10 +428,26 @@ fn disk_xml(d: &Disk) -> String {
     )
 }
 
-fn make_disks(dir: &Path, sizes: &[u64]) -> Result<Vec<Disk>> {
+fn target_name(i: usize) -> String {
+    format!("vd{}", (b'a' + i as u8) as char)
+}
+
+/// The disks given as raw XML: targets from vda, no image path.
+fn raw_disks(raw: &[(u64, String)]) -> Vec<Disk> {
+    raw.iter()
+        .enumerate()
+        .map(|(i, (size, _))| Disk {
+            target: target_name(i),
+            path: PathBuf::new(),
+            size: *size,
+        })
+        .collect()
+}
+
+fn make_disks(dir: &Path, first: usize, sizes: &[u64]) -> Result<Vec<Disk>> {
     let mut disks = Vec::new();
     for (i, size) in sizes.iter().enumerate() {
-        let target = format!("vd{}", (b'a' + i as u8) as char);
+        let target = target_name(first + i);
         let path = dir.join(format!("{target}.qcow2"));
         create_qcow2(&path, *size)?;
         disks.push(Disk {

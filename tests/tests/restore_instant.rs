@@ -1,0 +1,130 @@
+//! Instant recovery: a second libvirt domain boots with a WRITABLE export of a backup of the
+//! first guest's vda as its own vda (a libvirt `protocol='nbd'` network disk on our unix
+//! socket). Inside it the guest reads exactly what the first guest had written before the
+//! backup; its writes land in the export's overlay, and the repository stays unchanged
+//! (full verify passes, a read-only export of the backup still holds the old data).
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+
+use anyhow::{ensure, Result};
+use catalog::{FsBackend, RepoConfig, RepoOptions, Repository, VerifyMode};
+use proxy::hypervisor::libvirt::LibvirtHypervisor;
+use proxy::job::{run_backup, BackupOptions, Progress};
+use proxy::nbd::{Server, ServerOptions};
+use proxy::restore::{ExportName, ExportOptions, RepoExport};
+use testbed::peers::ServerThread;
+use testbed::{pattern_sha256, read_nbd, TestVm, VmSpec};
+use tokio_util::sync::CancellationToken;
+
+const MIB: u64 = 1 << 20;
+const DISK: u64 = 32 * MIB;
+
+/// Ranges the source guest writes before the backup: (offset, len, seed).
+const WRITES: [(u64, u64, u64); 3] = [
+    (0, MIB, 11),
+    (8 * MIB + 4096, 64 << 10, 12),
+    (31 * MIB, MIB, 13),
+];
+
+/// The libvirt disk element of an NBD export on a unix socket, as vda.
+fn nbd_disk_xml(export: &str, socket: &str) -> String {
+    format!(
+        "<disk type='network' device='disk'><driver name='qemu' type='raw'/>\
+         <source protocol='nbd' name='{export}'><host transport='unix' socket='{socket}'/>\
+         </source><target dev='vda' bus='virtio'/></disk>"
+    )
+}
+
+#[test]
+fn guest_boots_from_a_writable_export_of_its_backup() -> Result<()> {
+    let src = TestVm::boot(VmSpec::new("ri-src").disk(DISK))?;
+    let dir = tempfile::tempdir()?;
+    let backend = Arc::new(FsBackend::open(dir.path().join("repo"))?);
+    let opts = RepoOptions::new(dir.path().join("catalog.db"));
+    let repo = Repository::create(backend, RepoConfig::default(), opts)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let hv = rt.block_on(LibvirtHypervisor::connect("qemu:///system"))?;
+
+    let mut sums = Vec::new();
+    for (offset, len, seed) in WRITES {
+        src.write_pattern("vda", offset, len, seed)?;
+        sums.push((offset, len, pattern_sha256(seed, offset, len as usize)));
+    }
+    sums.push((16 * MIB, MIB, src.checksum("vda", 16 * MIB, MIB)?));
+    src.sync()?;
+    for (offset, len, sum) in &sums {
+        ensure!(
+            src.checksum("vda", *offset, *len)? == *sum,
+            "source sum at {offset}"
+        );
+    }
+    let report = rt.block_on(run_backup(
+        &hv,
+        &repo,
+        src.name(),
+        &BackupOptions::new(src.scratch().join("work")),
+        Arc::new(Progress::default()),
+        CancellationToken::new(),
+    ))?;
+    src.shutdown()?;
+
+    // The export lives in the source VM's scratch directory, which libvirt-qemu can reach.
+    let socket = src.scratch().join("instant.sock");
+    let overlay_dir = src.scratch().join("overlay");
+    std::fs::create_dir(&overlay_dir)?;
+    let server = Server::new(ServerOptions::default());
+    let thread = ServerThread::start(server.clone(), &socket)?;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o777))?;
+    let name = ExportName::new(src.name(), "vda", &report.manifest.id)?;
+    let export = Arc::new(RepoExport::open_blocking(
+        &repo,
+        &name,
+        &ExportOptions::writable(&overlay_dir),
+    )?);
+    server.add_export(name.to_string(), export.clone());
+
+    let xml = nbd_disk_xml(&name.to_string(), &socket.display().to_string());
+    let vm = TestVm::boot(VmSpec::new("ri-inst").raw_disk(DISK, &xml))?;
+    for (offset, len, sum) in &sums {
+        let got = vm.checksum("vda", *offset, *len)?;
+        ensure!(
+            got == *sum,
+            "recovered guest sum at {offset}+{len}: {got} != {sum}"
+        );
+    }
+
+    // A write in the recovered guest lands in the overlay, not in the repository.
+    let (w_off, w_len) = (20 * MIB, 128 << 10);
+    vm.write_pattern("vda", w_off, w_len, 14)?;
+    vm.sync()?;
+    ensure!(vm.checksum("vda", w_off, w_len)? == pattern_sha256(14, w_off, w_len as usize));
+    ensure!(
+        export.overlay_bytes() >= w_len,
+        "overlay holds {} bytes after a {w_len}-byte guest write",
+        export.overlay_bytes()
+    );
+    drop(vm);
+
+    ensure!(
+        repo.verify(VerifyMode::Full, None)?.is_ok(),
+        "repository verify"
+    );
+    let ro_name = "ro";
+    let ro = RepoExport::open_blocking(&repo, &name, &ExportOptions::default())?;
+    server.add_export(ro_name.to_string(), Arc::new(ro));
+    let old = read_nbd(&socket, ro_name, w_off, w_len)?;
+    ensure!(
+        old.iter().all(|&b| b == 0),
+        "backup changed under the overlay"
+    );
+    for (offset, len, seed) in WRITES {
+        let data = read_nbd(&socket, ro_name, offset, len)?;
+        ensure!(testbed::sha256_hex(&data) == pattern_sha256(seed, offset, len as usize));
+    }
+    drop(thread);
+    Ok(())
+}
