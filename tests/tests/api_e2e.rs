@@ -1,0 +1,197 @@
+//! End to end through the daemon: starts the real `sluice serve` (TLS, self-signed
+//! certificate pinned by its fingerprint) against real libvirt and a booted test guest, and
+//! drives it only with the `sluice` CLI: vm list, full backup with --wait, guest writes, an
+//! incremental, verify, prune; then SIGTERM stops the daemon cleanly.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+use testbed::{TestVm, VmSpec};
+
+const MIB: u64 = 1 << 20;
+
+/// The `sluice` binary beside this test's executable (built by `cargo test --workspace`).
+fn sluice_bin() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .context("test executable path")?;
+    let bin = dir.join("sluice");
+    ensure!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p api` (or `make test`)",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+/// The daemon, killed when dropped.
+struct Daemon {
+    child: Child,
+    url: String,
+    token: String,
+    fingerprint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    fn start() -> Result<Daemon> {
+        let dir = tempfile::tempdir()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let cfg = dir.path().join("sluice.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "data_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\nlibvirt_uri = \"qemu:///system\"\n",
+                dir.path().join("data")
+            ),
+        )?;
+        let mut child = Command::new(sluice_bin()?)
+            .env("RUST_LOG", "warn")
+            .args(["serve", "-c"])
+            .arg(&cfg)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let out = child.stdout.take().context("daemon stdout")?;
+        let mut d = Daemon {
+            child,
+            url: String::new(),
+            token: String::new(),
+            fingerprint: String::new(),
+            _dir: dir,
+        };
+        for line in BufReader::new(out).lines() {
+            let line = line?;
+            if let Some(fp) = line.strip_prefix("tls certificate sha256 fingerprint: ") {
+                d.fingerprint = fp.trim().to_string();
+            }
+            if let Some(url) = line.strip_prefix("sluice listening on ") {
+                d.url = url.trim().to_string();
+                break;
+            }
+        }
+        ensure!(!d.url.is_empty(), "sluice serve exited before listening");
+        ensure!(
+            !d.fingerprint.is_empty(),
+            "sluice serve printed no fingerprint"
+        );
+        let tok = d._dir.path().join("data/admin.token");
+        d.token = std::fs::read_to_string(&tok)?.trim().to_string();
+        Ok(d)
+    }
+
+    /// Runs `sluice ARGS --json`; returns (exit code, parsed stdout).
+    fn cli(&self, args: &[&str]) -> Result<(i32, Value)> {
+        let out = Command::new(sluice_bin()?)
+            .args(args)
+            .arg("--json")
+            .env("SLUICE_URL", &self.url)
+            .env("SLUICE_TOKEN", &self.token)
+            .env("SLUICE_FINGERPRINT", &self.fingerprint)
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v = serde_json::from_str(&text).unwrap_or(Value::Null);
+        let code = out.status.code().unwrap_or(-1);
+        if code != 0 {
+            eprintln!(
+                "sluice {args:?} -> {code}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok((code, v))
+    }
+
+    fn ok(&self, args: &[&str]) -> Result<Value> {
+        let (code, v) = self.cli(args)?;
+        if code != 0 {
+            bail!("sluice {args:?} exited with {code}");
+        }
+        Ok(v)
+    }
+}
+
+#[test]
+fn the_cli_drives_full_incremental_verify_and_prune_through_the_daemon() -> Result<()> {
+    let vm = TestVm::boot(VmSpec::new("api-e2e").disk(64 * MIB))?;
+    let disk = vm.disks()[0].target.clone();
+    let d = Daemon::start()?;
+
+    let vms = d.ok(&["vm", "list"])?;
+    let listed = vms.as_array().context("vm list")?;
+    ensure!(
+        listed.iter().any(|v| v["name"] == vm.name()),
+        "vm list lacks {}: {vms}",
+        vm.name()
+    );
+
+    vm.write_pattern(&disk, 0, 4 * MIB, 1)?;
+    vm.sync()?;
+    let full = d.ok(&["backup", vm.name(), "--full", "--wait"])?;
+    ensure!(full["state"] == "succeeded", "full backup: {full}");
+    let full_id = full["backup_id"].as_str().context("backup id")?.to_string();
+
+    vm.write_pattern(&disk, 8 * MIB, MIB, 2)?;
+    vm.sync()?;
+    let inc = d.ok(&["backup", vm.name(), "--wait"])?;
+    ensure!(inc["state"] == "succeeded", "incremental: {inc}");
+    let inc_id = inc["backup_id"].as_str().context("backup id")?.to_string();
+    let shown = d.ok(&["backup", "show", &inc_id])?;
+    ensure!(shown["mode"] == "incremental", "second backup: {shown}");
+    ensure!(
+        inc["progress"]["bytes_read"].as_u64().unwrap_or(u64::MAX) <= 2 * MIB,
+        "incremental read too much: {inc}"
+    );
+
+    let list = d.ok(&["backup", "list", vm.name()])?;
+    ensure!(
+        list.as_array().map(|a| a.len()) == Some(2),
+        "backup list: {list}"
+    );
+    let verify = d.ok(&["verify", "--full"])?;
+    ensure!(
+        verify["ok"] == true && verify["backups"] == 2,
+        "verify: {verify}"
+    );
+
+    let prune = d.ok(&["prune", "--keep-last", "1"])?;
+    ensure!(
+        prune["removed"] == serde_json::json!([full_id]),
+        "prune: {prune}"
+    );
+    ensure!(
+        prune["kept"] == serde_json::json!([inc_id]),
+        "prune: {prune}"
+    );
+    d.ok(&["gc"])?;
+    let verify = d.ok(&["verify", "--full"])?;
+    ensure!(
+        verify["ok"] == true && verify["backups"] == 1,
+        "verify after gc: {verify}"
+    );
+
+    let (code, _) = d.cli(&["backup", "show", "20200101-nope"])?;
+    ensure!(code == 4, "unknown backup exit code {code}");
+
+    let mut d = d;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    let status = d.child.wait()?;
+    ensure!(status.success(), "daemon exit after SIGTERM: {status}");
+    Ok(())
+}
