@@ -35,7 +35,6 @@ struct Daemon {
     url: String,
     token: String,
     fingerprint: String,
-    _dir: tempfile::TempDir,
 }
 
 impl Drop for Daemon {
@@ -46,21 +45,24 @@ impl Drop for Daemon {
 }
 
 impl Daemon {
-    fn start() -> Result<Daemon> {
-        let dir = tempfile::tempdir()?;
+    /// Starts a daemon keeping its data under `dir` (reused across restarts).
+    fn start(dir: &std::path::Path) -> Result<Daemon> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let cfg = dir.path().join("sluice.toml");
+        let cfg = dir.join("sluice.toml");
         std::fs::write(
             &cfg,
             format!(
                 "data_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\nlibvirt_uri = \"qemu:///system\"\n",
-                dir.path().join("data")
+                dir.join("data")
             ),
         )?;
         let mut child = Command::new(sluice_bin()?)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("SLUICE_TEST_LOG").unwrap_or("warn".into()),
+            )
             .args(["serve", "-c"])
             .arg(&cfg)
             .stdout(Stdio::piped())
@@ -72,7 +74,6 @@ impl Daemon {
             url: String::new(),
             token: String::new(),
             fingerprint: String::new(),
-            _dir: dir,
         };
         for line in BufReader::new(out).lines() {
             let line = line?;
@@ -89,7 +90,7 @@ impl Daemon {
             !d.fingerprint.is_empty(),
             "sluice serve printed no fingerprint"
         );
-        let tok = d._dir.path().join("data/admin.token");
+        let tok = dir.join("data/admin.token");
         d.token = std::fs::read_to_string(&tok)?.trim().to_string();
         Ok(d)
     }
@@ -128,7 +129,8 @@ impl Daemon {
 fn the_cli_drives_full_incremental_verify_and_prune_through_the_daemon() -> Result<()> {
     let vm = TestVm::boot(VmSpec::new("api-e2e").disk(64 * MIB))?;
     let disk = vm.disks()[0].target.clone();
-    let d = Daemon::start()?;
+    let dir = tempfile::tempdir()?;
+    let d = Daemon::start(dir.path())?;
 
     let vms = d.ok(&["vm", "list"])?;
     let listed = vms.as_array().context("vm list")?;
@@ -193,5 +195,63 @@ fn the_cli_drives_full_incremental_verify_and_prune_through_the_daemon() -> Resu
     )?;
     let status = d.child.wait()?;
     ensure!(status.success(), "daemon exit after SIGTERM: {status}");
+    Ok(())
+}
+
+/// No libvirt job, no checkpoint beyond those of committed backups, no scratch file.
+fn assert_nothing_left(vm: &TestVm, data: &std::path::Path, committed: usize) -> Result<()> {
+    let job = vm.virsh(&["domjobinfo", vm.name()])?;
+    ensure!(job.contains("None"), "a libvirt job is left: {job}");
+    let cps = vm.virsh(&["checkpoint-list", vm.name(), "--name"])?;
+    let n = cps.lines().filter(|l| !l.trim().is_empty()).count();
+    ensure!(n <= committed, "checkpoints left behind: {cps}");
+    let work = data.join("work");
+    let left: Vec<_> = walk(&work)?;
+    ensure!(left.is_empty(), "scratch files left: {left:?}");
+    Ok(())
+}
+
+fn walk(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() {
+            out.extend(walk(&p)?);
+        } else {
+            out.push(p);
+        }
+    }
+    Ok(out)
+}
+
+#[test]
+fn sigterm_during_a_backup_leaves_nothing_and_the_next_backup_succeeds() -> Result<()> {
+    let vm = TestVm::boot(VmSpec::new("api-term").disk(256 * MIB))?;
+    let disk = vm.disks()[0].target.clone();
+    vm.write_pattern(&disk, 0, 64 * MIB, 7)?;
+    vm.sync()?;
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let mut d = Daemon::start(dir.path())?;
+    let job = d.ok(&["backup", vm.name(), "--full"])?;
+    ensure!(job["state"] == "queued", "{job}");
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(d.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    let status = d.child.wait()?;
+    ensure!(status.success(), "daemon exit after SIGTERM: {status}");
+    drop(d);
+
+    let d = Daemon::start(dir.path())?;
+    // The job was cancelled (nothing committed) unless it won the race and committed.
+    let committed = d.ok(&["backup", "list"])?.as_array().map_or(0, |a| a.len());
+    assert_nothing_left(&vm, &data, committed)?;
+    let next = d.ok(&["backup", vm.name(), "--wait"])?;
+    ensure!(next["state"] == "succeeded", "backup after SIGTERM: {next}");
+    let verify = d.ok(&["verify", "--full"])?;
+    ensure!(verify["ok"] == true, "verify: {verify}");
+    assert_nothing_left(&vm, &data, 1)?;
     Ok(())
 }
