@@ -62,6 +62,27 @@ pub struct BlobHeader {
 
 /// Encode `data` as a blob, compressing with zstd at `level` unless that does not help.
 pub fn encode(kind: BlobKind, digest: ChunkDigest, data: &[u8], level: i32) -> Result<Vec<u8>> {
+    encode_inner(kind, digest, data, level, false)
+}
+
+/// [`encode`] for a `digest` the caller computed as `blake3(data)`: a blob stored raw then
+/// reuses it as the payload checksum instead of hashing the same bytes twice.
+pub(crate) fn encode_hashed(
+    kind: BlobKind,
+    digest: ChunkDigest,
+    data: &[u8],
+    level: i32,
+) -> Result<Vec<u8>> {
+    encode_inner(kind, digest, data, level, true)
+}
+
+fn encode_inner(
+    kind: BlobKind,
+    digest: ChunkDigest,
+    data: &[u8],
+    level: i32,
+    digest_is_blake3: bool,
+) -> Result<Vec<u8>> {
     let raw_len = checked_len(data.len())?;
     let mut out = Vec::with_capacity(BLOB_HEADER_LEN + data.len());
     out.resize(BLOB_HEADER_LEN, 0);
@@ -75,7 +96,11 @@ pub fn encode(kind: BlobKind, digest: ChunkDigest, data: &[u8], level: i32) -> R
         0
     };
     let stored_len = (out.len() - BLOB_HEADER_LEN) as u32;
-    let checksum = *blake3::hash(&out[BLOB_HEADER_LEN..]).as_bytes();
+    let checksum = if flags == 0 && digest_is_blake3 {
+        digest.0
+    } else {
+        *blake3::hash(&out[BLOB_HEADER_LEN..]).as_bytes()
+    };
     let h = BlobHeader {
         kind,
         flags,

@@ -63,6 +63,13 @@ impl PackBuilder {
         }
     }
 
+    /// An empty pack whose buffer is reserved for `capacity` bytes (no regrowth copies).
+    pub fn with_capacity(capacity: usize) -> Self {
+        let mut b = Self::new();
+        b.buf.reserve(capacity.saturating_sub(b.buf.len()));
+        b
+    }
+
     /// Append an encoded blob.
     pub fn add(&mut self, digest: ChunkDigest, kind: BlobKind, blob: &[u8]) {
         self.entries.push(PackEntry {

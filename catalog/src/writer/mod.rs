@@ -17,7 +17,7 @@ use crate::format::manifest::{
 use crate::format::pack::PackBuilder;
 use crate::ids::{BackupId, ChunkDigest};
 use crate::repo::Repository;
-use pipeline::{DiskIndex, Job, Outcome, Pipeline, StoreState};
+use pipeline::{DiskIndex, Item, Job, Outcome, Pipeline, StoreState};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -237,40 +237,71 @@ impl BackupWriter {
     /// Store consecutive chunks from `start`, taking the buffer without copying. Its length
     /// must cover whole chunks (the disk's last chunk may be short).
     pub fn put_chunks_owned(&self, disk: usize, start: u64, data: Vec<u8>) -> Result<()> {
+        let cuts = self.batch_cuts(disk, start, data.len())?;
         let buf = Arc::new(data);
-        let (mut off, mut index) = (0usize, start);
-        while off < buf.len() {
-            let len = self.chunk_len(disk, index)?;
-            if buf.len() - off < len {
-                return Err(Error::invalid(format!(
-                    "buffer for chunk {index} of disk #{disk} holds {} bytes, need {len}",
-                    buf.len() - off
-                )));
-            }
+        let chunk_size = self.chunk_size() as usize;
+        let mut off = 0usize;
+        for (index, end) in cuts {
             let job = Job {
                 disk,
                 index,
                 buf: buf.clone(),
                 start: off,
-                len,
+                end,
+                chunk_size,
             };
             self.pipe()?.send_job(job)?;
-            off += len;
-            index += 1;
+            off = end;
         }
         Ok(())
     }
 
+    /// Check that `len` bytes hold whole chunks from `start` and cut them in batches:
+    /// `(first position, end offset)` of each.
+    fn batch_cuts(&self, disk: usize, start: u64, len: usize) -> Result<Vec<(u64, usize)>> {
+        let (mut off, mut index) = (0usize, start);
+        let mut cuts = Vec::new();
+        let mut first = start;
+        while off < len {
+            let n = self.chunk_len(disk, index)?;
+            if len - off < n {
+                return Err(Error::invalid(format!(
+                    "buffer for chunk {index} of disk #{disk} holds {} bytes, need {n}",
+                    len - off
+                )));
+            }
+            off += n;
+            index += 1;
+            if index - first == pipeline::BATCH_CHUNKS as u64 || off == len {
+                cuts.push((first, off));
+                first = index;
+            }
+        }
+        Ok(cuts)
+    }
+
     /// Record that the chunks in `range` are all zeros (nothing is stored).
     pub fn put_zeros(&self, disk: usize, range: Range<u64>) -> Result<()> {
+        if range.is_empty() {
+            return Ok(());
+        }
+        self.chunk_len(disk, range.start)?;
+        self.chunk_len(disk, range.end - 1)?;
+        let mut items = Vec::new();
         for index in range {
-            self.chunk_len(disk, index)?;
-            self.pipe()?.send_outcome(Outcome::Set {
-                disk,
+            items.push(Item {
                 index,
                 digest: ChunkDigest::ZERO,
                 new_blob: None,
-            })?;
+            });
+            if items.len() == 4096 {
+                let batch = std::mem::take(&mut items);
+                self.pipe()?
+                    .send_outcome(Outcome::Set { disk, items: batch })?;
+            }
+        }
+        if !items.is_empty() {
+            self.pipe()?.send_outcome(Outcome::Set { disk, items })?;
         }
         Ok(())
     }

@@ -17,23 +17,31 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-/// One chunk to ingest: `buf[start..start + len]` is position `index` of disk `disk`.
+/// Chunks handed over in one job or outcome: one channel hand-off (and wake-up) per batch
+/// rather than per chunk.
+pub(crate) const BATCH_CHUNKS: usize = 16;
+
+/// A run of chunks to ingest: `buf[start..end]` cut in `chunk_size` pieces (the last may be
+/// short) holds positions `index..` of disk `disk`.
 pub(crate) struct Job {
     pub disk: usize,
     pub index: u64,
     pub buf: Arc<Vec<u8>>,
     pub start: usize,
-    pub len: usize,
+    pub end: usize,
+    pub chunk_size: usize,
+}
+
+/// One position's result: its digest, and the encoded blob and raw length if it is new.
+pub(crate) struct Item {
+    pub index: u64,
+    pub digest: ChunkDigest,
+    pub new_blob: Option<(Vec<u8>, u64)>,
 }
 
 /// What a worker (or the caller, for zeros) tells the store thread.
 pub(crate) enum Outcome {
-    Set {
-        disk: usize,
-        index: u64,
-        digest: ChunkDigest,
-        new_blob: Option<(Vec<u8>, u64)>,
-    },
+    Set { disk: usize, items: Vec<Item> },
     Failed(Error),
 }
 
@@ -171,22 +179,32 @@ fn worker_loop(sh: &Shared, cat: &Catalog, rx: &Mutex<Receiver<Job>>, tx: &SyncS
 }
 
 fn process(sh: &Shared, cat: &Catalog, job: &Job) -> Result<Outcome> {
-    let data = &job.buf[job.start..job.start + job.len];
-    let set = |digest, new_blob| Outcome::Set {
+    let data = &job.buf[job.start..job.end];
+    let mut items = Vec::with_capacity(data.len().div_ceil(job.chunk_size));
+    for (i, c) in data.chunks(job.chunk_size).enumerate() {
+        items.push(process_one(sh, cat, job.disk, job.index + i as u64, c)?);
+    }
+    Ok(Outcome::Set {
         disk: job.disk,
-        index: job.index,
+        items,
+    })
+}
+
+fn process_one(sh: &Shared, cat: &Catalog, disk: usize, index: u64, data: &[u8]) -> Result<Item> {
+    let item = |digest, new_blob| Item {
+        index,
         digest,
         new_blob,
     };
     if is_zero(data) {
-        return Ok(set(ChunkDigest::ZERO, None));
+        return Ok(item(ChunkDigest::ZERO, None));
     }
     let digest = ChunkDigest::of(data);
-    if sh.parents[job.disk].get(job.index as usize) == Some(&digest) || known(sh, cat, &digest)? {
-        return Ok(set(digest, None));
+    if sh.parents[disk].get(index as usize) == Some(&digest) || known(sh, cat, &digest)? {
+        return Ok(item(digest, None));
     }
-    let b = blob::encode(BlobKind::Chunk, digest, data, sh.level)?;
-    Ok(set(digest, Some((b, data.len() as u64))))
+    let b = blob::encode_hashed(BlobKind::Chunk, digest, data, sh.level)?;
+    Ok(item(digest, Some((b, data.len() as u64))))
 }
 
 fn known(sh: &Shared, cat: &Catalog, d: &ChunkDigest) -> Result<bool> {
@@ -225,7 +243,7 @@ fn store_loop(sh: Arc<Shared>, disks: Vec<DiskIndex>, rx: Receiver<Outcome>) -> 
     });
     let mut st = StoreState {
         disks,
-        pack: PackBuilder::new(),
+        pack: new_pack(&sh),
         stats: BackupStats::default(),
         error: None,
     };
@@ -263,25 +281,28 @@ fn apply(
     o: Outcome,
     seal_tx: &SyncSender<PackBuilder>,
 ) -> Result<()> {
-    let (disk, index, digest, new_blob) = match o {
+    let (disk, items) = match o {
         Outcome::Failed(e) => return Err(e),
-        Outcome::Set {
-            disk,
-            index,
-            digest,
-            new_blob,
-        } => (disk, index, digest, new_blob),
+        Outcome::Set { disk, items } => (disk, items),
     };
-    st.stats.chunks_written += 1;
-    match new_blob {
-        _ if digest.is_zero() => st.stats.chunks_zero += 1,
-        Some((b, raw)) => add_blob(sh, st, digest, b, raw, seal_tx)?,
-        None => st.stats.chunks_dedup += 1,
+    for it in items {
+        st.stats.chunks_written += 1;
+        match it.new_blob {
+            _ if it.digest.is_zero() => st.stats.chunks_zero += 1,
+            Some((b, raw)) => add_blob(sh, st, it.digest, b, raw, seal_tx)?,
+            None => st.stats.chunks_dedup += 1,
+        }
+        let d = &mut st.disks[disk];
+        d.ids[it.index as usize] = it.digest;
+        d.dirty_blocks[(it.index / d.block_len) as usize] = true;
     }
-    let d = &mut st.disks[disk];
-    d.ids[index as usize] = digest;
-    d.dirty_blocks[(index / d.block_len) as usize] = true;
     Ok(())
+}
+
+/// An open pack reserved for a full pack plus one more blob, so it never regrows.
+fn new_pack(sh: &Shared) -> PackBuilder {
+    let c = sh.repo.config();
+    PackBuilder::with_capacity(c.pack_target as usize + c.chunk_size as usize + 4096)
 }
 
 fn add_blob(
@@ -306,7 +327,7 @@ fn add_blob(
     st.stats.bytes_stored += b.len() as u64;
     st.pack.add(digest, BlobKind::Chunk, &b);
     if st.pack.len() as u64 >= sh.repo.config().pack_target {
-        let full = std::mem::take(&mut st.pack);
+        let full = std::mem::replace(&mut st.pack, new_pack(sh));
         seal_tx
             .send(full)
             .map_err(|_| Error::new(crate::ErrorKind::Io, "pack sealer stopped"))?;
