@@ -11,6 +11,7 @@ pub mod state;
 
 pub use routes::app;
 pub use state::{AppState, SharedState};
+pub mod audit;
 pub mod cli;
 pub mod client;
 pub mod config;

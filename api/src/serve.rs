@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use crate::audit::AuditLog;
 use crate::auth::{Role, TokenStore};
 use crate::config::Config;
 use crate::state::AppState;

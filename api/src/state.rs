@@ -8,6 +8,7 @@ use std::sync::Arc;
 use catalog::Repository;
 use tokio::sync::Semaphore;
 
+use crate::audit::AuditLog;
 use crate::auth::TokenStore;
 use crate::error::{ApiError, ApiResult};
 use crate::hv::Hv;
@@ -24,6 +25,8 @@ pub struct AppState {
     pub tokens: TokenStore,
     /// Scratch directory of backup jobs.
     pub work_dir: PathBuf,
+    /// Audit log of mutating calls, if enabled.
+    pub audit: Option<AuditLog>,
     repo_slots: Semaphore,
 }
 
@@ -53,8 +56,15 @@ impl AppState {
             jobs: Arc::new(Jobs::new(concurrency)),
             tokens,
             work_dir,
+            audit: None,
             repo_slots: Semaphore::new(REPO_SLOTS),
         }
+    }
+
+    /// Records mutating calls in `log`.
+    pub fn with_audit(mut self, log: AuditLog) -> Self {
+        self.audit = Some(log);
+        self
     }
 
     /// Runs `f` against the repository on the blocking pool.

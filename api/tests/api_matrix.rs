@@ -194,3 +194,43 @@ async fn wait_job(a: &common::Api, id: u64) {
     }
     panic!("job {id} did not end");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutating_calls_are_audited_with_who_and_result() {
+    let a = api().await;
+    call(
+        &a.app,
+        "POST",
+        "/api/v1/gc",
+        Some(&a.auditor),
+        Some(b"{}".to_vec()),
+    )
+    .await;
+    call(
+        &a.app,
+        "POST",
+        "/api/v1/gc",
+        Some("sluice_abcdef_00"),
+        Some(b"{}".to_vec()),
+    )
+    .await;
+    call(&a.app, "GET", "/api/v1/jobs", Some(&a.admin), None).await;
+    let text = std::fs::read_to_string(a.dir.path().join("audit.log")).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "reads are not audited: {text}");
+    let auditor_id = a.auditor.split('_').nth(1).unwrap();
+    assert_eq!(lines[0]["token"], auditor_id);
+    assert_eq!(
+        (lines[0]["method"].as_str(), lines[0]["status"].as_u64()),
+        (Some("POST"), Some(403))
+    );
+    assert_eq!(lines[0]["path"], "/api/v1/gc");
+    assert!(
+        lines[1]["token"].is_null(),
+        "an invalid token is not named: {text}"
+    );
+    assert_eq!(lines[1]["status"], 401);
+}

@@ -123,6 +123,10 @@ pub fn app(state: SharedState) -> Router {
     Router::new()
         .nest("/api/v1", v1)
         .fallback(fallback)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::audit::record,
+        ))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }

@@ -25,7 +25,7 @@ pub struct Api {
     pub scoped_in: String,
     /// Scoped to `other-*`.
     pub scoped_out: String,
-    _dir: tempfile::TempDir,
+    pub dir: tempfile::TempDir,
 }
 
 pub async fn api() -> Api {
@@ -53,7 +53,8 @@ pub async fn api() -> Api {
     let (scoped_in, scoped_out) = (mk(Role::Scoped, &["te*"]), mk(Role::Scoped, &["other-*"]));
     let work = dir.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
-    let state = Arc::new(AppState::new(repo, Arc::new(hv), tokens, work, 2));
+    let audit = api::audit::AuditLog::open(&dir.path().join("audit.log")).unwrap();
+    let state = Arc::new(AppState::new(repo, Arc::new(hv), tokens, work, 2).with_audit(audit));
     Api {
         app: app(state.clone()),
         state,
@@ -62,7 +63,7 @@ pub async fn api() -> Api {
         auditor,
         scoped_in,
         scoped_out,
-        _dir: dir,
+        dir,
     }
 }
 
