@@ -40,13 +40,9 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     first_admin_token(&tokens, &cfg.data_dir)?;
     let work = cfg.data_dir.join("work");
     std::fs::create_dir_all(&work)?;
-    let state = Arc::new(AppState::new(
-        repo,
-        Arc::new(hv),
-        tokens,
-        work,
-        cfg.max_jobs,
-    ));
+    let audit = AuditLog::open(&cfg.data_dir.join("audit.log")).context("opening audit.log")?;
+    let state = AppState::new(repo, Arc::new(hv), tokens, work, cfg.max_jobs).with_audit(audit);
+    let state = Arc::new(state);
     let app = crate::routes::app(state.clone());
     let listener = TcpListener::bind(cfg.listen)
         .await
