@@ -45,6 +45,8 @@ pub enum Action {
     ReadJob,
     /// Cancel a job.
     Cancel,
+    /// Open or close NBD exports of backups.
+    Export,
     /// Verify the repository.
     Verify,
     /// Delete or protect backups, prune, gc.

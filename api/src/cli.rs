@@ -57,6 +57,15 @@ pub enum Verb {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Serve a backup over NBD (`export ID [--disk D]`), or `export list` / `export close N`.
+    Export {
+        /// Backup id, or `list` / `close`.
+        target: String,
+        /// Export number (for `close`).
+        arg: Option<String>,
+        #[arg(long)]
+        disk: Option<String>,
+    },
     /// Jobs.
     Job {
         #[command(subcommand)]
@@ -170,6 +179,21 @@ async fn dispatch(c: &Client, verb: Verb, as_json: bool) -> anyhow::Result<i32> 
                 .await?,
             &pretty,
         ),
+        Verb::Export { target, arg, disk } => match (target.as_str(), arg) {
+            ("list", _) => out(&c.call("GET", "/exports", None).await?, &pretty),
+            ("close", Some(n)) => {
+                c.call("DELETE", &format!("/exports/{n}"), None).await?;
+                println!("export {n} closed");
+            }
+            ("close", None) => anyhow::bail!("usage: sluice export close N"),
+            (id, _) => {
+                let body = json!({ "backup": id, "disk": disk });
+                let v = c.call("POST", "/exports", Some(body)).await?;
+                out(&v, &|v| {
+                    println!("export {}: {}", s(&v["id"]), s(&v["uri"]))
+                })
+            }
+        },
         Verb::Job { cmd } => match cmd {
             JobCmd::List => out(&c.call("GET", "/jobs", None).await?, &job_table),
             JobCmd::Show { id } => {

@@ -21,6 +21,8 @@ pub struct Config {
     pub libvirt_uri: String,
     /// Backup jobs running at once.
     pub max_jobs: usize,
+    /// NBD server for exports of backups (plain NBD: loopback addresses only for now).
+    pub nbd_listen: Option<SocketAddr>,
     /// Serve plain HTTP (only allowed on a loopback address).
     pub insecure_http: bool,
 }
@@ -34,6 +36,7 @@ impl Default for Config {
             chunk_size: 64 << 10,
             libvirt_uri: "qemu:///system".into(),
             max_jobs: 2,
+            nbd_listen: Some(SocketAddr::from(([127, 0, 0, 1], 10809))),
             insecure_http: false,
         }
     }

@@ -20,7 +20,9 @@ use tokio_rustls::TlsAcceptor;
 use crate::audit::AuditLog;
 use crate::auth::{Role, TokenStore};
 use crate::config::Config;
+use crate::routes::exports::Exports;
 use crate::state::AppState;
+use proxy::nbd::{Server, ServerOptions};
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
@@ -42,6 +44,10 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&work)?;
     let audit = AuditLog::open(&cfg.data_dir.join("audit.log")).context("opening audit.log")?;
     let state = AppState::new(repo, Arc::new(hv), tokens, work, cfg.max_jobs).with_audit(audit);
+    let state = match cfg.nbd_listen {
+        Some(addr) => state.with_exports(start_nbd(addr).await?),
+        None => state,
+    };
     let state = Arc::new(state);
     let app = crate::routes::app(state.clone());
     let listener = TcpListener::bind(cfg.listen)
@@ -61,6 +67,28 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     state.jobs.shutdown().await;
     tracing::info!("every job ended; exiting");
     Ok(())
+}
+
+async fn start_nbd(addr: std::net::SocketAddr) -> anyhow::Result<Exports> {
+    if !addr.ip().is_loopback() {
+        bail!("nbd_listen {addr}: NBD exports are plain (no TLS) for now, so only loopback addresses are allowed");
+    }
+    let server = Server::new(ServerOptions {
+        tls_required: false,
+        ..ServerOptions::default()
+    });
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("nbd listening on {addr}"))?;
+    let bound = listener.local_addr()?;
+    let srv = server.clone();
+    tokio::spawn(async move {
+        if let Err(e) = srv.serve_tcp(listener).await {
+            tracing::error!("nbd server stopped: {e}");
+        }
+    });
+    println!("nbd exports on nbd://{bound}");
+    Ok(Exports::new(server, format!("nbd://{bound}")))
 }
 
 async fn open_repo(cfg: &Config) -> anyhow::Result<Repository> {

@@ -13,6 +13,7 @@ use crate::auth::TokenStore;
 use crate::error::{ApiError, ApiResult};
 use crate::hv::Hv;
 use crate::jobs::Jobs;
+use crate::routes::exports::Exports;
 
 /// Repository calls allowed to run at once.
 const REPO_SLOTS: usize = 4;
@@ -27,6 +28,8 @@ pub struct AppState {
     pub work_dir: PathBuf,
     /// Audit log of mutating calls, if enabled.
     pub audit: Option<AuditLog>,
+    /// NBD exports of backups, if enabled.
+    pub exports: Option<Exports>,
     repo_slots: Semaphore,
 }
 
@@ -57,6 +60,7 @@ impl AppState {
             tokens,
             work_dir,
             audit: None,
+            exports: None,
             repo_slots: Semaphore::new(REPO_SLOTS),
         }
     }
@@ -64,6 +68,12 @@ impl AppState {
     /// Records mutating calls in `log`.
     pub fn with_audit(mut self, log: AuditLog) -> Self {
         self.audit = Some(log);
+        self
+    }
+
+    /// Serves NBD exports through `exports`.
+    pub fn with_exports(mut self, exports: Exports) -> Self {
+        self.exports = Some(exports);
         self
     }
 

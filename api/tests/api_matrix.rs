@@ -58,6 +58,19 @@ fn routes(missing_backup: &str) -> Vec<(&'static str, String, Option<&'static st
             None,
             [NF, NF, FB, FB, FB],
         ),
+        ("GET", "/api/v1/exports".into(), None, [OK, OK, OK, FB, FB]),
+        (
+            "POST",
+            "/api/v1/exports".into(),
+            Some(r#"{"backup":"20200101-missing"}"#),
+            [NF, NF, FB, FB, FB],
+        ),
+        (
+            "DELETE",
+            "/api/v1/exports/9".into(),
+            None,
+            [NF, NF, FB, FB, FB],
+        ),
         (
             "GET",
             "/api/v1/repository".into(),

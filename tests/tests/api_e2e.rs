@@ -50,11 +50,14 @@ impl Daemon {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
+        let nbd = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let cfg = dir.join("sluice.toml");
         std::fs::write(
             &cfg,
             format!(
-                "data_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\nlibvirt_uri = \"qemu:///system\"\n",
+                "data_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\nnbd_listen = \"127.0.0.1:{nbd}\"\nlibvirt_uri = \"qemu:///system\"\n",
                 dir.join("data")
             ),
         )?;
@@ -146,6 +149,9 @@ fn the_cli_drives_full_incremental_verify_and_prune_through_the_daemon() -> Resu
     ensure!(full["state"] == "succeeded", "full backup: {full}");
     let full_id = full["backup_id"].as_str().context("backup id")?.to_string();
 
+    // Retention orders backups by their start second and does not break ties within one
+    // second (catalog), so the incremental must start in a later second than the full.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     vm.write_pattern(&disk, 8 * MIB, MIB, 2)?;
     vm.sync()?;
     let inc = d.ok(&["backup", vm.name(), "--wait"])?;
@@ -156,6 +162,25 @@ fn the_cli_drives_full_incremental_verify_and_prune_through_the_daemon() -> Resu
     ensure!(
         inc["progress"]["bytes_read"].as_u64().unwrap_or(u64::MAX) <= 2 * MIB,
         "incremental read too much: {inc}"
+    );
+
+    let export = d.ok(&["export", &inc_id])?;
+    let uri = export["uri"].as_str().context("export uri")?.to_string();
+    let info = Command::new("nbdinfo")
+        .args(["--size", &uri])
+        .output()
+        .context("running nbdinfo (install libnbd-bin: make deps)")?;
+    let size = String::from_utf8_lossy(&info.stdout).trim().to_string();
+    ensure!(
+        size == (64 * MIB).to_string(),
+        "nbdinfo --size {uri}: {size:?} {}",
+        String::from_utf8_lossy(&info.stderr)
+    );
+    let n = export["id"].to_string();
+    d.ok(&["export", "close", &n])?;
+    ensure!(
+        d.ok(&["export", "list"])? == serde_json::json!([]),
+        "export still listed"
     );
 
     let list = d.ok(&["backup", "list", vm.name()])?;

@@ -4,6 +4,7 @@
 //! [`Caller::allow`] before doing anything.
 
 pub mod backups;
+pub mod exports;
 pub mod jobs;
 pub mod repo;
 pub mod tokens;
@@ -74,6 +75,7 @@ impl Modify for Bearer {
         vms::list, vms::show, vms::trigger,
         backups::list, backups::show, backups::delete, backups::protect,
         jobs::list, jobs::show, jobs::cancel,
+        exports::list, exports::open, exports::close,
         repo::stats, repo::verify, repo::prune, repo::gc,
         tokens::create, tokens::list, tokens::revoke,
     ),
@@ -113,6 +115,8 @@ pub fn app(state: SharedState) -> Router {
         .route("/jobs", get(jobs::list))
         .route("/jobs/{id}", get(jobs::show))
         .route("/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/exports", get(exports::list).post(exports::open))
+        .route("/exports/{id}", delete(exports::close))
         .route("/repository", get(repo::stats))
         .route("/verify", post(repo::verify))
         .route("/prune", post(repo::prune))

@@ -54,7 +54,14 @@ pub async fn api() -> Api {
     let work = dir.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
     let audit = api::audit::AuditLog::open(&dir.path().join("audit.log")).unwrap();
-    let state = Arc::new(AppState::new(repo, Arc::new(hv), tokens, work, 2).with_audit(audit));
+    let state = Arc::new(
+        AppState::new(repo, Arc::new(hv), tokens, work, 2)
+            .with_audit(audit)
+            .with_exports(api::routes::exports::Exports::new(
+                proxy::nbd::Server::new(proxy::nbd::ServerOptions::default()),
+                "nbd://127.0.0.1:1".into(),
+            )),
+    );
     Api {
         app: app(state.clone()),
         state,
