@@ -83,6 +83,10 @@ impl Bed {
         })
     }
 
+    fn repo_dir(&self) -> &std::path::Path {
+        self._repo_dir.path()
+    }
+
     fn options(&self) -> BackupOptions {
         BackupOptions::new(self.vm.scratch().join("work"))
     }
@@ -486,5 +490,59 @@ fn partly_dirty_large_chunks_read_only_the_dirty_bytes() -> Result<()> {
             .into(),
         },
     )?;
+    Ok(())
+}
+
+#[test]
+fn proxy_killed_mid_backup_then_the_next_backup_is_correct() -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let bed = Bed::new("bk-kill9", &[16 * MIB])?;
+    let vm = bed.vm.clone();
+    let mut model = Model::new(&vm);
+    model.write(&vm, "vda", 0, MIB, 1)?;
+    let full = bed.backup()?;
+    bed.check(&full.manifest, &model)?;
+    model.write(&vm, "vda", 2 * MIB, 64 * KIB, 2)?;
+    vm.sync()?;
+
+    let work = vm.scratch().join("work");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_backup-child"))
+        .args([
+            vm.name(),
+            &bed.repo_dir().to_string_lossy(),
+            &work.to_string_lossy(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    ensure!(line.trim() == "point-in-time", "child said {line:?}");
+    child.kill()?; // SIGKILL: no destructor, no abort of the libvirt job
+    child.wait()?;
+    let jobs = vm.virsh(&["domjobinfo", vm.name()])?;
+    ensure!(
+        !jobs.contains("None"),
+        "the killed proxy's job should still be there: {jobs}"
+    );
+
+    model.write(&vm, "vda", 5 * MIB, 64 * KIB, 3)?;
+    let next = bed.backup()?;
+    assert_eq!(next.manifest.mode, BackupMode::Incremental);
+    assert_eq!(
+        next.bytes_dirty,
+        128 * KIB,
+        "the killed backup's changes are covered"
+    );
+    bed.check(&next.manifest, &model)?;
+    assert_eq!(
+        bed.repo.backups(None)?.len(),
+        2,
+        "the killed backup committed nothing"
+    );
+    let jobs = vm.virsh(&["domjobinfo", vm.name()])?;
+    assert!(jobs.contains("None"), "a libvirt job is left: {jobs}");
+    assert_eq!(bed.checkpoints()?.len(), 1, "stale checkpoints are dropped");
+    let left: Vec<_> = std::fs::read_dir(&work)?.collect();
+    assert!(left.is_empty(), "job directories left: {left:?}");
     Ok(())
 }

@@ -211,6 +211,15 @@ pub trait Hypervisor: Send + Sync {
         disks: &[ExpectedDisk],
     ) -> impl Future<Output = Result<CheckpointHealth>> + Send;
 
+    /// Ends a backup job that an earlier run left behind (the proxy was killed mid-backup),
+    /// but only one whose NBD socket path contains `marker` (Sluice's job directories), so
+    /// another tool's job is never touched. Returns the aborted job's socket path.
+    fn abort_stale_backup(
+        &self,
+        vm: &str,
+        marker: &str,
+    ) -> impl Future<Output = Result<Option<PathBuf>>> + Send;
+
     /// Whether the guest agent answers right now.
     fn agent_responds(&self, vm: &str) -> impl Future<Output = bool> + Send;
 

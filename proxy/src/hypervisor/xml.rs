@@ -336,3 +336,26 @@ mod tests {
         }
     }
 }
+
+/// The unix socket of a pull-mode backup's NBD server, from `virDomainBackupGetXMLDesc`.
+pub fn backup_socket(backup_xml: &str) -> Option<std::path::PathBuf> {
+    let doc = roxmltree::Document::parse(backup_xml).ok()?;
+    doc.descendants()
+        .find(|n| n.has_tag_name("server") && n.attribute("transport") == Some("unix"))
+        .and_then(|n| n.attribute("socket"))
+        .map(std::path::PathBuf::from)
+}
+
+#[cfg(test)]
+mod backup_socket_tests {
+    #[test]
+    fn finds_the_unix_socket_of_a_pull_backup() {
+        let x = "<domainbackup mode='pull'><server transport='unix' socket='/w/job-sluice-1/nbd.sock'/><disks/></domainbackup>";
+        assert_eq!(
+            super::backup_socket(x),
+            Some("/w/job-sluice-1/nbd.sock".into())
+        );
+        assert_eq!(super::backup_socket("<domainbackup mode='push'/>"), None);
+        assert_eq!(super::backup_socket("not xml"), None);
+    }
+}

@@ -116,6 +116,7 @@ pub async fn run_backup<H: Hypervisor>(
         .domain_xml(vm)
         .await
         .map_err(|e| Error::hypervisor(format!("definition of vm {vm}"), e))?;
+    end_stale_job(hv, vm, &opts.work_dir).await?;
     let parent = last_backup(repo, &dom.uuid).await?;
     let mode = decide_mode(hv, &dom, parent.as_ref(), opts.force_full).await?;
     let checkpoint = new_checkpoint_name();
@@ -136,6 +137,27 @@ pub async fn run_backup<H: Hypervisor>(
     .await;
     let _ = std::fs::remove_dir_all(&job_dir);
     result
+}
+
+/// Marker of Sluice's job directories (`WORK_DIR/job-sluice-…`).
+const JOB_DIR_PREFIX: &str = "job-";
+
+/// A proxy killed mid-backup leaves libvirt's backup job (and its export) running, which
+/// would refuse the next backup: end it, and remove its job directory. Its new checkpoint
+/// stays until the next successful backup drops it; the chain still starts at the last good
+/// backup, whose checkpoint libvirt merges forward.
+async fn end_stale_job<H: Hypervisor>(hv: &H, vm: &str, work_dir: &Path) -> Result<()> {
+    let marker = format!("/{JOB_DIR_PREFIX}{CHECKPOINT_PREFIX}");
+    let socket = hv
+        .abort_stale_backup(vm, &marker)
+        .await
+        .map_err(|e| Error::hypervisor(format!("stale backup job of vm {vm}"), e))?;
+    if let Some(dir) = socket.as_deref().and_then(Path::parent) {
+        if dir.starts_with(work_dir) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+    Ok(())
 }
 
 /// Everything after the mode is decided; `job_dir` is removed by the caller on every path.
@@ -446,7 +468,7 @@ fn unix_now() -> i64 {
 /// the VM's disk images (the QEMU user under libvirt), mode 0700: QEMU can create its files
 /// there and nobody else can reach the socket that exposes the disks.
 fn make_job_dir(work_dir: &Path, checkpoint: &str, dom: &DomainInfo) -> Result<PathBuf> {
-    let dir = work_dir.join(format!("job-{checkpoint}"));
+    let dir = work_dir.join(format!("{JOB_DIR_PREFIX}{checkpoint}"));
     let io = |what: &str, e: std::io::Error| {
         Error::new(
             ErrorKind::InvalidInput,

@@ -591,6 +591,29 @@ impl LibvirtHypervisor {
 }
 
 impl Hypervisor for LibvirtHypervisor {
+    async fn abort_stale_backup(&self, vm: &str, marker: &str) -> Result<Option<PathBuf>> {
+        let (vm, marker) = (vm.to_string(), marker.to_string());
+        self.worker
+            .call(move |c| {
+                let dom = lookup(c, &vm)?;
+                // No backup job: libvirt refuses the description.
+                let Ok(desc) = ffi::backup_xml_desc(&dom) else {
+                    return Ok(None);
+                };
+                let Some(socket) = xml::backup_socket(&desc) else {
+                    return Ok(None);
+                };
+                if !socket.to_string_lossy().contains(&marker) {
+                    return Ok(None);
+                }
+                ffi::abort_job(&dom)
+                    .map_err(virt_err(format!("aborting a stale backup job of vm {vm}")))?;
+                tracing::warn!(vm = %vm, socket = %socket.display(), "aborted a backup job left by an earlier run");
+                Ok(Some(socket))
+            })
+            .await
+    }
+
     async fn domain_xml(&self, vm: &str) -> Result<String> {
         LibvirtHypervisor::domain_xml(self, vm).await
     }
