@@ -64,7 +64,10 @@ impl<'de> Deserialize<'de> for ChunkDigest {
     }
 }
 
-/// A backup's id: `YYYYMMDDTHHMMSSZ-` plus 8 hex digits, sortable by time.
+/// A backup's id: `YYYYMMDDTHHMMSSZ-` plus 8 hex digits, sortable by time. The hex digits
+/// are the millisecond (10 bits), a per-process sequence (12 bits) and randomness (10 bits),
+/// so ids of one process sort in creation order even within one second (retention relies
+/// on it).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct BackupId(String);
@@ -74,7 +77,12 @@ impl BackupId {
     pub fn generate(unix_secs: i64) -> Self {
         let (y, mo, d) = crate::retention::civil_from_days(unix_secs.div_euclid(86400));
         let s = unix_secs.rem_euclid(86400);
-        let rand: u32 = random_u32();
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_millis());
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed) & 0xfff;
+        let rand: u32 = (ms << 22) | (seq << 10) | (random_u32() & 0x3ff);
         BackupId(format!(
             "{y:04}{mo:02}{d:02}T{:02}{:02}{:02}Z-{rand:08x}",
             s / 3600,
@@ -188,5 +196,19 @@ mod tests {
         assert_eq!(ChunkDigest::from_hex(&d.to_hex()).unwrap(), d);
         assert!(ChunkDigest::from_hex("zz").is_err());
         assert!(!d.is_zero());
+    }
+}
+
+#[cfg(test)]
+mod backup_id_order_tests {
+    use super::BackupId;
+
+    #[test]
+    fn ids_of_one_second_sort_in_creation_order() {
+        let ids: Vec<BackupId> = (0..50).map(|_| BackupId::generate(1_700_000_000)).collect();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(ids, sorted);
+        assert!(ids.iter().all(|i| BackupId::parse(i.as_str()).is_ok()));
     }
 }
