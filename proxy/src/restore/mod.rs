@@ -5,11 +5,13 @@
 //!   through the repository, block status from the index, the restore-point diff context,
 //!   and an optional copy-on-write overlay (`overlay`) that makes it writable.
 //! - [`file`]: restore a disk to a raw or qcow2 file, sparse.
+//! - [`domain`]: a backup's saved domain definition rewritten for a new domain.
 //!
 //! The repository is synchronous; everything here reaches it on tokio's blocking pool.
 
 mod bits;
 pub mod diff;
+pub mod domain;
 mod error;
 pub mod export;
 pub mod file;
@@ -17,6 +19,7 @@ pub mod name;
 mod overlay;
 
 pub use diff::{changed_since_context, CHANGED_SINCE_PREFIX, STATE_CHANGED};
+pub use domain::{restore_as_domain, RestoredDisk};
 pub use error::{Error, ErrorKind, Result};
 pub use export::{ExportOptions, RepoExport};
 pub use file::{restore_disk, restore_to_file, ImageFormat, RestoreReport};
