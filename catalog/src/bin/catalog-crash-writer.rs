@@ -95,6 +95,7 @@ fn one_backup(repo: &Repository, rng: &mut u64, round: i64) -> catalog::Result<(
     } else {
         CHUNKS as u64
     };
+    let mut changed = std::collections::BTreeSet::new();
     for k in 0..changes {
         let i = if parent.is_some() {
             (next(rng) % CHUNKS as u64) as usize
@@ -112,7 +113,11 @@ fn one_backup(repo: &Repository, rng: &mut u64, round: i64) -> catalog::Result<(
                 .chunks_mut(8)
                 .for_each(|b| b.copy_from_slice(&next(rng).to_le_bytes())),
         }
-        w.put_chunk(0, i as u64, c)?;
+        changed.insert(i);
+    }
+    // Each position is put once per backup (the writer's contract).
+    for &i in &changed {
+        w.put_chunk(0, i as u64, &disk[i * CS..(i + 1) * CS])?;
     }
     let info = CommitInfo {
         domain_xml: blake3::hash(&disk).to_hex().to_string(),

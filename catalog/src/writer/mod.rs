@@ -224,7 +224,9 @@ impl BackupWriter {
         Ok((p.spec.size - index * cs).min(cs) as usize)
     }
 
-    /// Store the chunk at position `index` (copies `data`).
+    /// Store the chunk at position `index` (copies `data`). Each position may be put at
+    /// most once per backup: chunks are hashed on several threads, so of two puts of one
+    /// position either may win.
     pub fn put_chunk(&self, disk: usize, index: u64, data: &[u8]) -> Result<()> {
         self.put_chunks_owned(disk, index, data.to_vec())
     }
