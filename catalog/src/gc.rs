@@ -159,11 +159,15 @@ impl Repository {
         let entries = self.pack_entries(pack)?;
         let total = self.inner.backend.len(&pack.key())?;
         let keep: Vec<PackEntry> = entries
-            .into_iter()
+            .iter()
+            .cloned()
             .filter(|e| live.contains(&e.digest) && self.located_here(e, pack))
             .collect();
         let live_bytes: u64 = keep.iter().map(|e| e.length as u64).sum();
-        let dead = 1.0 - live_bytes as f64 / total.max(1) as f64;
+        // Dead share of the blobs, not of the file: a small pack's header and trailer are not
+        // garbage, and counting them made a one-blob pack "mostly dead" forever.
+        let blob_bytes: u64 = entries.iter().map(|e| e.length as u64).sum();
+        let dead = 1.0 - live_bytes as f64 / blob_bytes.max(1) as f64;
         if !keep.is_empty() && dead < opts.repack_threshold {
             return Ok(());
         }
@@ -174,7 +178,12 @@ impl Repository {
             rep.packs_deleted += 1;
         } else {
             rep.packs_repacked += 1;
-            self.move_blobs(pack, &keep, out)?;
+            let sealed = self.move_blobs(pack, &keep, out)?;
+            // Packs are named by their content: a repack that wrote exactly this pack again
+            // produced the same id, and deleting "the old pack" would delete the new one.
+            if sealed.contains(&pack) {
+                return Ok(());
+            }
         }
         rep.bytes_freed += total - live_bytes;
         self.catalog().remove_pack(pack)?;
@@ -191,7 +200,13 @@ impl Repository {
 
     /// Copy live blobs (checked) into `out`, sealing it when full. Sealed copies are durable
     /// and relocated before the old pack goes.
-    fn move_blobs(&self, pack: PackId, keep: &[PackEntry], out: &mut PackBuilder) -> Result<()> {
+    fn move_blobs(
+        &self,
+        pack: PackId,
+        keep: &[PackEntry],
+        out: &mut PackBuilder,
+    ) -> Result<Vec<PackId>> {
+        let mut sealed = Vec::new();
         for e in keep {
             let b = self
                 .inner
@@ -202,16 +217,17 @@ impl Repository {
             })?;
             out.add(e.digest, e.kind, &b);
             if out.len() as u64 >= self.config().pack_target {
-                self.seal_moved(std::mem::take(out))?;
+                sealed.extend(self.seal_moved(std::mem::take(out))?);
             }
         }
         // Everything still in `out` must be durable before the old pack is deleted.
-        self.seal_moved(std::mem::take(out))
+        sealed.extend(self.seal_moved(std::mem::take(out))?);
+        Ok(sealed)
     }
 
-    fn seal_moved(&self, out: PackBuilder) -> Result<()> {
+    fn seal_moved(&self, out: PackBuilder) -> Result<Option<PackId>> {
         if out.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let (id, entries) = self.seal_pack(out)?;
         let cat = self.catalog();
@@ -223,6 +239,6 @@ impl Repository {
             };
             cat.relocate(&e.digest, loc, e.kind)?;
         }
-        Ok(())
+        Ok(Some(id))
     }
 }
