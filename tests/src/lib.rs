@@ -8,15 +8,21 @@
 //! - [`read_image`]: a disk image's bytes read from outside QEMU.
 //! - [`ensure_libvirt`], [`virsh`]: the daemons and the CLI.
 //! - [`peers`]: NBD peers (qemu-nbd, qemu-storage-daemon, nbdkit).
+//! - [`Bed`], [`TempRepo`], [`Model`], [`check_disk`]: a throwaway repository with the runtime
+//!   and libvirt connection that back a [`TestVm`] up, and byte-for-byte checks of backups.
+//! - [`inspect`]: what `nbdinfo --map` and `qemu-img compare` see of exports and images.
 
+pub mod bed;
 pub mod channel;
 pub mod image;
+pub mod inspect;
 pub mod libvirt;
 pub mod pattern;
 pub mod peers;
 pub mod scratch;
 pub mod vm;
 
+pub use bed::{check_disk, runtime, Bed, Model, TempRepo};
 pub use image::{guest_image, read_image, read_nbd, GuestImage};
 pub use libvirt::{domain_names, ensure_libvirt, qemu_pids_of, virsh};
 pub use pattern::{pattern, pattern_sha256, sha256_hex};

@@ -176,7 +176,12 @@ fn proc_pids() -> Vec<i32> {
 
 /// Names of all domains (running or not) known to libvirt.
 pub fn domain_names() -> Result<Vec<String>> {
-    let out = virsh(&["list", "--all", "--name"])?;
+    virsh_lines(&["list", "--all", "--name"])
+}
+
+/// The non-empty lines of `virsh ARGS...`' output, trimmed (the `--name` lists).
+pub fn virsh_lines<S: AsRef<str>>(args: &[S]) -> Result<Vec<String>> {
+    let out = virsh(args)?;
     Ok(out
         .lines()
         .map(str::trim)

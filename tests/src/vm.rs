@@ -9,7 +9,7 @@
 
 use crate::channel::Channel;
 use crate::image::{create_qcow2, guest_image, read_image};
-use crate::libvirt::{domain_names, ensure_libvirt, qemu_pids_of, virsh};
+use crate::libvirt::{domain_names, ensure_libvirt, qemu_pids_of, virsh, virsh_lines};
 use crate::scratch::{scratch_entries, ScratchDir, SCRATCH_ROOT};
 use anyhow::{bail, Context, Result};
 use std::fmt::Write as _;
@@ -206,6 +206,11 @@ impl TestVm {
     /// Runs `virsh ARGS...` (against `qemu:///system`) and returns its stdout.
     pub fn virsh<S: AsRef<str>>(&self, args: &[S]) -> Result<String> {
         virsh(args)
+    }
+
+    /// The names of the domain's libvirt checkpoints (`virsh checkpoint-list --name`).
+    pub fn checkpoints(&self) -> Result<Vec<String>> {
+        virsh_lines(&["checkpoint-list", "--name", &self.name])
     }
 
     /// libvirt's state of the domain: "running", "shut off", ...
