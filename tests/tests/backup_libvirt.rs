@@ -4,147 +4,15 @@
 //! next one; reads stay within 1.1 × the dirty bytes; a cancelled backup never advances the
 //! chain; broken change tracking falls back to a full read with the reason recorded.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use anyhow::{ensure, Context, Result};
-use catalog::{BackupMode, FsBackend, Manifest, RepoConfig, RepoOptions, Repository};
-use proxy::hypervisor::libvirt::LibvirtHypervisor;
-use proxy::job::{run_backup, BackupOptions, BackupReport, Progress};
-use testbed::{pattern, TestVm, VmSpec};
+use catalog::{BackupMode, RepoConfig};
+use testbed::{pattern, Bed, Model, TestVm, VmSpec};
 use tokio_util::sync::CancellationToken;
 
 const MIB: u64 = 1 << 20;
 const KIB: u64 = 1 << 10;
-
-/// What the guest's disks hold, as the host expects it.
-#[derive(Clone, Default)]
-struct Model {
-    disks: BTreeMap<String, Vec<u8>>,
-}
-
-impl Model {
-    fn new(vm: &TestVm) -> Model {
-        let disks = vm
-            .disks()
-            .iter()
-            .map(|d| (d.target.clone(), vec![0u8; d.size as usize]))
-            .collect();
-        Model { disks }
-    }
-
-    /// Writes in the guest and in the model.
-    fn write(&mut self, vm: &TestVm, disk: &str, offset: u64, len: u64, seed: u64) -> Result<()> {
-        vm.write_pattern(disk, offset, len, seed)?;
-        let d = self.disks.get_mut(disk).context("no such disk")?;
-        d[offset as usize..(offset + len) as usize].copy_from_slice(&pattern(
-            seed,
-            offset,
-            len as usize,
-        ));
-        Ok(())
-    }
-}
-
-struct Bed {
-    vm: Arc<TestVm>,
-    repo: Repository,
-    _repo_dir: tempfile::TempDir,
-    hv: LibvirtHypervisor,
-    rt: tokio::runtime::Runtime,
-}
-
-impl Bed {
-    fn new(prefix: &str, sizes: &[u64]) -> Result<Bed> {
-        let spec = sizes.iter().fold(VmSpec::new(prefix), |s, &z| s.disk(z));
-        Bed::with_vm(Arc::new(TestVm::boot(spec)?))
-    }
-
-    fn with_vm(vm: Arc<TestVm>) -> Result<Bed> {
-        Bed::with_config(vm, RepoConfig::default())
-    }
-
-    fn with_config(vm: Arc<TestVm>, config: RepoConfig) -> Result<Bed> {
-        let repo_dir = tempfile::tempdir()?;
-        let backend = Arc::new(FsBackend::open(repo_dir.path().join("repo"))?);
-        let opts = RepoOptions::new(repo_dir.path().join("catalog.db"));
-        let repo = Repository::create(backend, config, opts)?;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
-        let hv = rt.block_on(LibvirtHypervisor::connect("qemu:///system"))?;
-        Ok(Bed {
-            vm,
-            repo,
-            _repo_dir: repo_dir,
-            hv,
-            rt,
-        })
-    }
-
-    fn repo_dir(&self) -> &std::path::Path {
-        self._repo_dir.path()
-    }
-
-    fn options(&self) -> BackupOptions {
-        BackupOptions::new(self.vm.scratch().join("work"))
-    }
-
-    fn backup_with(&self, opts: &BackupOptions, cancel: CancellationToken) -> Result<BackupReport> {
-        self.vm.sync()?;
-        let progress = Arc::new(Progress::default());
-        let r = self.rt.block_on(run_backup(
-            &self.hv,
-            &self.repo,
-            self.vm.name(),
-            opts,
-            progress.clone(),
-            cancel,
-        ))?;
-        let p = progress.snapshot();
-        ensure!(
-            p.bytes_read == r.bytes_read,
-            "progress read {} vs report {}",
-            p.bytes_read,
-            r.bytes_read
-        );
-        Ok(r)
-    }
-
-    fn backup(&self) -> Result<BackupReport> {
-        self.backup_with(&self.options(), CancellationToken::new())
-    }
-
-    /// Every disk of backup `m` equals the model, byte for byte.
-    fn check(&self, m: &Manifest, model: &Model) -> Result<()> {
-        for (target, want) in &model.disks {
-            let reader = self.repo.open_disk(&m.id, target)?;
-            ensure!(reader.size() == want.len() as u64, "size of {target}");
-            let mut got = vec![0u8; want.len()];
-            reader.read_at(0, &mut got)?;
-            if let Some(at) = got.iter().zip(want).position(|(a, b)| a != b) {
-                anyhow::bail!(
-                    "backup {} disk {target} differs from the guest at byte {at}",
-                    m.id
-                );
-            }
-        }
-        Ok(())
-    }
-
-    fn checkpoints(&self) -> Result<Vec<String>> {
-        let out = self
-            .vm
-            .virsh(&["checkpoint-list", "--name", self.vm.name()])?;
-        Ok(out
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(String::from)
-            .collect())
-    }
-}
 
 fn rounded_to(granularity: u64, writes: &[(u64, u64)]) -> u64 {
     let mut chunks: Vec<u64> = writes
@@ -158,7 +26,7 @@ fn rounded_to(granularity: u64, writes: &[(u64, u64)]) -> u64 {
 
 #[test]
 fn full_and_three_incrementals_restore_exactly() -> Result<()> {
-    let bed = Bed::new("bk-chain", &[48 * MIB, 24 * MIB])?;
+    let bed = Bed::boot("bk-chain", &[48 * MIB, 24 * MIB])?;
     let vm = &bed.vm;
     let mut model = Model::new(vm);
     model.write(vm, "vda", 0, 4 * MIB, 1)?;
@@ -224,7 +92,7 @@ fn full_and_three_incrementals_restore_exactly() -> Result<()> {
 
 #[test]
 fn writes_during_a_backup_land_in_the_next_one() -> Result<()> {
-    let bed = Bed::new("bk-during", &[16 * MIB])?;
+    let bed = Bed::boot("bk-during", &[16 * MIB])?;
     let vm = bed.vm.clone();
     let mut model = Model::new(&vm);
     model.write(&vm, "vda", 0, MIB, 7)?;
@@ -245,8 +113,7 @@ fn writes_during_a_backup_land_in_the_next_one() -> Result<()> {
     }));
     let first = bed.backup_with(&opts, CancellationToken::new())?;
     bed.check(&first.manifest, &before)?;
-    model.disks.get_mut("vda").unwrap()[8 * MIB as usize..(8 * MIB + 256 * KIB) as usize]
-        .copy_from_slice(&pattern(8, 8 * MIB, 256 * KIB as usize));
+    model.put("vda", 8 * MIB, 256 * KIB, 8)?;
     let second = bed.backup()?;
     assert_eq!(second.manifest.mode, BackupMode::Incremental);
     assert_eq!(second.bytes_dirty, 256 * KIB);
@@ -256,7 +123,7 @@ fn writes_during_a_backup_land_in_the_next_one() -> Result<()> {
 
 #[test]
 fn cancelled_backup_leaves_no_trace_and_the_next_covers_everything() -> Result<()> {
-    let bed = Bed::new("bk-cancel", &[16 * MIB])?;
+    let bed = Bed::boot("bk-cancel", &[16 * MIB])?;
     let vm = bed.vm.clone();
     let mut model = Model::new(&vm);
     model.write(&vm, "vda", 0, 2 * MIB, 1)?;
@@ -300,7 +167,7 @@ fn cancelled_backup_leaves_no_trace_and_the_next_covers_everything() -> Result<(
 
 #[test]
 fn broken_change_tracking_falls_back_to_a_full_read_with_the_reason() -> Result<()> {
-    let bed = Bed::new("bk-heal", &[16 * MIB])?;
+    let bed = Bed::boot("bk-heal", &[16 * MIB])?;
     let vm = bed.vm.clone();
     let mut model = Model::new(&vm);
     model.write(&vm, "vda", 0, MIB, 1)?;
@@ -334,7 +201,7 @@ fn broken_change_tracking_falls_back_to_a_full_read_with_the_reason() -> Result<
 
 #[test]
 fn unclean_guest_kill_leaves_an_inconsistent_bitmap_and_forces_a_full_read() -> Result<()> {
-    let bed = Bed::new("bk-kill", &[16 * MIB])?;
+    let bed = Bed::boot("bk-kill", &[16 * MIB])?;
     let vm = bed.vm.clone();
     let mut model = Model::new(&vm);
     model.write(&vm, "vda", 0, MIB, 1)?;
@@ -376,17 +243,13 @@ fn unclean_guest_kill_leaves_an_inconsistent_bitmap_and_forces_a_full_read() -> 
 
 #[test]
 fn resized_disk_forces_a_full_read() -> Result<()> {
-    let bed = Bed::new("bk-resize", &[16 * MIB])?;
+    let bed = Bed::boot("bk-resize", &[16 * MIB])?;
     let vm = bed.vm.clone();
     let mut model = Model::new(&vm);
     model.write(&vm, "vda", MIB, MIB, 1)?;
     bed.backup()?;
     vm.virsh(&["blockresize", vm.name(), "vda", "24M"])?;
-    model
-        .disks
-        .get_mut("vda")
-        .unwrap()
-        .resize(24 * MIB as usize, 0);
+    model.disk_mut("vda")?.resize(24 * MIB as usize, 0);
     model.write(&vm, "vda", 3 * MIB, 64 * KIB, 2)?;
     let r = bed.backup()?;
     match &r.manifest.mode {
@@ -425,7 +288,7 @@ fn guest_agent_makes_the_backup_application_consistent() -> Result<()> {
 
 #[test]
 fn a_large_sparse_disk_reads_only_its_data() -> Result<()> {
-    let bed = Bed::new("bk-sparse", &[10 << 30])?;
+    let bed = Bed::boot("bk-sparse", &[10 << 30])?;
     let vm = &bed.vm;
     let mut written = Vec::new();
     for i in 0..10u64 {
@@ -496,7 +359,7 @@ fn partly_dirty_large_chunks_read_only_the_dirty_bytes() -> Result<()> {
 #[test]
 fn proxy_killed_mid_backup_then_the_next_backup_is_correct() -> Result<()> {
     use std::io::{BufRead, BufReader};
-    let bed = Bed::new("bk-kill9", &[16 * MIB])?;
+    let bed = Bed::boot("bk-kill9", &[16 * MIB])?;
     let vm = bed.vm.clone();
     let mut model = Model::new(&vm);
     model.write(&vm, "vda", 0, MIB, 1)?;
@@ -509,7 +372,7 @@ fn proxy_killed_mid_backup_then_the_next_backup_is_correct() -> Result<()> {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_backup-child"))
         .args([
             vm.name(),
-            &bed.repo_dir().to_string_lossy(),
+            &bed.repo.dir().to_string_lossy(),
             &work.to_string_lossy(),
         ])
         .stdout(std::process::Stdio::piped())
