@@ -8,14 +8,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
 use anyhow::{ensure, Result};
-use catalog::{FsBackend, RepoConfig, RepoOptions, Repository, VerifyMode};
-use proxy::hypervisor::libvirt::LibvirtHypervisor;
-use proxy::job::{run_backup, BackupOptions, Progress};
+use catalog::VerifyMode;
 use proxy::nbd::{Server, ServerOptions};
 use proxy::restore::{ExportName, ExportOptions, RepoExport};
 use testbed::peers::ServerThread;
-use testbed::{pattern_sha256, read_nbd, TestVm, VmSpec};
-use tokio_util::sync::CancellationToken;
+use testbed::{pattern_sha256, read_nbd, Bed, TestVm, VmSpec};
 
 const MIB: u64 = 1 << 20;
 const DISK: u64 = 32 * MIB;
@@ -38,16 +35,8 @@ fn nbd_disk_xml(export: &str, socket: &str) -> String {
 
 #[test]
 fn guest_boots_from_a_writable_export_of_its_backup() -> Result<()> {
-    let src = TestVm::boot(VmSpec::new("ri-src").disk(DISK))?;
-    let dir = tempfile::tempdir()?;
-    let backend = Arc::new(FsBackend::open(dir.path().join("repo"))?);
-    let opts = RepoOptions::new(dir.path().join("catalog.db"));
-    let repo = Repository::create(backend, RepoConfig::default(), opts)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let hv = rt.block_on(LibvirtHypervisor::connect("qemu:///system"))?;
+    let bed = Bed::boot("ri-src", &[DISK])?;
+    let (src, repo) = (&bed.vm, &bed.repo);
 
     let mut sums = Vec::new();
     for (offset, len, seed) in WRITES {
@@ -62,14 +51,7 @@ fn guest_boots_from_a_writable_export_of_its_backup() -> Result<()> {
             "source sum at {offset}"
         );
     }
-    let report = rt.block_on(run_backup(
-        &hv,
-        &repo,
-        src.name(),
-        &BackupOptions::new(src.scratch().join("work")),
-        Arc::new(Progress::default()),
-        CancellationToken::new(),
-    ))?;
+    let report = bed.backup()?;
     src.shutdown()?;
 
     // The export lives in the source VM's scratch directory, which libvirt-qemu can reach.
@@ -81,7 +63,7 @@ fn guest_boots_from_a_writable_export_of_its_backup() -> Result<()> {
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o777))?;
     let name = ExportName::new(src.name(), "vda", &report.manifest.id)?;
     let export = Arc::new(RepoExport::open_blocking(
-        &repo,
+        repo,
         &name,
         &ExportOptions::writable(&overlay_dir),
     )?);
@@ -114,7 +96,7 @@ fn guest_boots_from_a_writable_export_of_its_backup() -> Result<()> {
         "repository verify"
     );
     let ro_name = "ro";
-    let ro = RepoExport::open_blocking(&repo, &name, &ExportOptions::default())?;
+    let ro = RepoExport::open_blocking(repo, &name, &ExportOptions::default())?;
     server.add_export(ro_name.to_string(), Arc::new(ro));
     let old = read_nbd(&socket, ro_name, w_off, w_len)?;
     ensure!(
