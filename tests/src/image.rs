@@ -48,6 +48,23 @@ pub fn create_qcow2(path: &Path, size: u64) -> Result<()> {
     ])
 }
 
+/// Runs the `qemu-io` command `cmd` (e.g. `write -P 0xaa 0 1M`) on the qcow2 image at `path`.
+pub fn qemu_io(path: &Path, cmd: &str) -> Result<()> {
+    let out = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", cmd])
+        .arg(path)
+        .output()
+        .context("cannot run qemu-io (install it with `make deps`)")?;
+    if !out.status.success() {
+        bail!(
+            "qemu-io {cmd:?} on {} failed: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// Reads `len` bytes at `offset` of the guest-visible contents of the image at `path`
 /// (format `format`: "qcow2" or "raw"), without starting a VM and while one may run.
 pub fn read_image(path: &Path, format: &str, offset: u64, len: u64) -> Result<Vec<u8>> {

@@ -10,6 +10,7 @@
 //! - [`peers`]: NBD peers (qemu-nbd, qemu-storage-daemon, nbdkit).
 //! - [`Bed`], [`TempRepo`], [`Model`], [`check_disk`]: a throwaway repository with the runtime
 //!   and libvirt connection that back a [`TestVm`] up, and byte-for-byte checks of backups.
+//! - [`qmp`]: plain QEMU and qemu-storage-daemon with QMP monitors, for the QMP adapter.
 //! - [`inspect`]: what `nbdinfo --map` and `qemu-img compare` see of exports and images.
 
 pub mod bed;
@@ -19,6 +20,7 @@ pub mod inspect;
 pub mod libvirt;
 pub mod pattern;
 pub mod peers;
+pub mod qmp;
 pub mod scratch;
 pub mod vm;
 

@@ -13,15 +13,16 @@ use std::sync::Arc;
 
 use anyhow::{ensure, Context, Result};
 use catalog::{
-    BackupMode, BackupSpec, CommitInfo, Consistency, DiskSpec, FsBackend, Manifest, RepoConfig,
-    RepoOptions, Repository, VerifyMode, VmIdentity,
+    BackupMode, BackupSpec, CommitInfo, Consistency, DiskSpec, Manifest, Repository, VerifyMode,
+    VmIdentity,
 };
 use proxy::nbd::{Server, ServerOptions};
 use proxy::restore::{
     changed_since_context, restore_disk, ExportName, ExportOptions, ImageFormat, RepoExport,
 };
-use testbed::pattern;
+use testbed::inspect::{chunks_with, compare_images, data_chunks, nbd_map};
 use testbed::peers::{require, run, ServerThread};
+use testbed::{pattern, TempRepo};
 
 const CS: u64 = 64 << 10;
 const SIZE: u64 = 16 << 20;
@@ -40,17 +41,8 @@ fn original() -> Vec<u8> {
     d
 }
 
-fn data_chunks(d: &[u8]) -> Vec<u64> {
-    d.chunks(CS as usize)
-        .enumerate()
-        .filter(|(_, c)| c.iter().any(|&b| b != 0))
-        .map(|(i, _)| i as u64)
-        .collect()
-}
-
 struct Fixture {
-    dir: tempfile::TempDir,
-    repo: Repository,
+    repo: TempRepo,
     full: Manifest,
     data: Vec<u8>,
     server: Arc<Server>,
@@ -104,19 +96,12 @@ fn start() -> Result<Fixture> {
     for tool in ["nbdinfo", "nbdcopy", "qemu-img", "qemu-io"] {
         require(tool)?;
     }
-    let dir = tempfile::tempdir()?;
-    let backend = Arc::new(FsBackend::open(dir.path().join("repo"))?);
-    let repo = Repository::create(
-        backend,
-        RepoConfig::default(),
-        RepoOptions::new(dir.path().join("catalog.db")),
-    )?;
+    let repo = TempRepo::create()?;
     let data = original();
     let full = write_backup(&repo, &data, None, None, 1_700_000_000)?;
     let server = Server::new(ServerOptions::default());
-    let thread = ServerThread::start(server.clone(), &dir.path().join("nbd.sock"))?;
+    let thread = ServerThread::start(server.clone(), &repo.dir().join("nbd.sock"))?;
     Ok(Fixture {
-        dir,
         repo,
         full,
         data,
@@ -139,35 +124,10 @@ impl Fixture {
     }
 
     fn file(&self, name: &str, bytes: &[u8]) -> Result<std::path::PathBuf> {
-        let p = self.dir.path().join(name);
+        let p = self.repo.dir().join(name);
         std::fs::write(&p, bytes)?;
         Ok(p)
     }
-}
-
-/// `nbdinfo --map[=context]` as (offset, length, flags).
-fn map(uri: &str, context: Option<&str>) -> Result<Vec<(u64, u64, u32)>> {
-    let arg = match context {
-        Some(c) => format!("--map={c}"),
-        None => "--map".to_string(),
-    };
-    let out = run("nbdinfo", &[&arg, uri])?;
-    out.lines()
-        .map(|l| {
-            let v: Vec<&str> = l.split_whitespace().collect();
-            ensure!(v.len() >= 3, "nbdinfo line {l:?}");
-            Ok((v[0].parse()?, v[1].parse()?, v[2].parse()?))
-        })
-        .collect()
-}
-
-/// Chunks covered by extents whose flags equal `flags`.
-fn chunks_with(extents: &[(u64, u64, u32)], flags: u32) -> Vec<u64> {
-    extents
-        .iter()
-        .filter(|e| e.2 == flags)
-        .flat_map(|&(o, l, _)| (o / CS)..(o + l).div_ceil(CS))
-        .collect()
 }
 
 #[test]
@@ -177,36 +137,25 @@ fn export_maps_compares_and_copies_exactly() -> Result<()> {
     ensure!(name == format!("{VM}/vda@{}", f.full.id), "name {name}");
     let uri = f.thread.uri(&name);
 
-    let extents = map(&uri, None)?;
+    let extents = nbd_map(&uri, None)?;
     ensure!(
         extents.iter().map(|e| e.1).sum::<u64>() == SIZE,
         "{extents:?}"
     );
-    let want_data = data_chunks(&f.data);
+    let want_data = data_chunks(&f.data, CS);
     ensure!(
-        chunks_with(&extents, 0) == want_data,
+        chunks_with(&extents, 0, CS) == want_data,
         "data extents {extents:?}"
     );
-    let holes = chunks_with(&extents, 3);
+    let holes = chunks_with(&extents, 3, CS);
     ensure!(
         holes.len() as u64 + want_data.len() as u64 == SIZE / CS,
         "hole extents {extents:?}"
     );
 
     let expected = f.file("expected.raw", &f.data)?;
-    run(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            expected.to_str().unwrap(),
-            &uri,
-        ],
-    )?;
-    let copy = f.dir.path().join("copy.raw");
+    compare_images(expected.to_str().unwrap(), "raw", &uri, "raw")?;
+    let copy = f.repo.dir().join("copy.raw");
     run("nbdcopy", &[&uri, copy.to_str().unwrap()])?;
     ensure!(std::fs::read(&copy)? == f.data, "nbdcopy output differs");
 
@@ -235,9 +184,9 @@ fn changed_since_context_lists_exactly_the_changed_chunks() -> Result<()> {
     let (name, e) = f.serve(&inc, opts)?;
     ensure!(e.changed_chunks(&f.full.id) == Some(changed.to_vec()));
     let ctx = changed_since_context(&f.full.id);
-    let extents = map(&f.thread.uri(&name), Some(&ctx))?;
+    let extents = nbd_map(&f.thread.uri(&name), Some(&ctx))?;
     ensure!(
-        chunks_with(&extents, 1) == changed.to_vec(),
+        chunks_with(&extents, 1, CS) == changed.to_vec(),
         "{ctx}: {extents:?}"
     );
     ensure!(extents.iter().map(|e| e.1).sum::<u64>() == SIZE);
@@ -254,7 +203,7 @@ fn changed_since_context_lists_exactly_the_changed_chunks() -> Result<()> {
 #[test]
 fn writable_export_takes_qemu_io_writes_and_leaves_the_repository_alone() -> Result<()> {
     let f = start()?;
-    let overlays = f.dir.path().join("overlays");
+    let overlays = f.repo.dir().join("overlays");
     std::fs::create_dir(&overlays)?;
     let (name, e) = f.serve(&f.full, ExportOptions::writable(&overlays))?;
     let overlay = e.overlay_path().context("no overlay")?.to_path_buf();
@@ -284,15 +233,15 @@ fn writable_export_takes_qemu_io_writes_and_leaves_the_repository_alone() -> Res
     want[1310720..1310720 + 131072].fill(0xcd);
     want[65536..131072].fill(0);
     want[16777000..].fill(0x11);
-    let copy = f.dir.path().join("written.raw");
+    let copy = f.repo.dir().join("written.raw");
     run("nbdcopy", &[&uri, copy.to_str().unwrap()])?;
     ensure!(
         std::fs::read(&copy)? == want,
         "export does not read back its writes"
     );
-    let extents = map(&uri, None)?;
+    let extents = nbd_map(&uri, None)?;
     ensure!(
-        chunks_with(&extents, 0).contains(&20) && chunks_with(&extents, 3).contains(&1),
+        chunks_with(&extents, 0, CS).contains(&20) && chunks_with(&extents, 3, CS).contains(&1),
         "{extents:?}"
     );
 
@@ -324,7 +273,7 @@ fn corrupt_chunk_fails_its_range_with_eio_and_the_export_keeps_serving() -> Resu
         .repo
         .with_catalog(|c| c.lookup(&victim))?
         .context("victim not stored")?;
-    let pack = f.dir.path().join("repo").join(loc.pack.key());
+    let pack = f.repo.files().join(loc.pack.key());
     let mut bytes = std::fs::read(&pack)?;
     bytes[loc.offset as usize + loc.length as usize / 2] ^= 0x40;
     std::fs::write(&pack, bytes)?;
@@ -352,7 +301,7 @@ fn corrupt_chunk_fails_its_range_with_eio_and_the_export_keeps_serving() -> Resu
         "other ranges did not read:\n{out}"
     );
     // A whole-disk copy fails rather than producing wrong data.
-    let bad = f.dir.path().join("bad.raw");
+    let bad = f.repo.dir().join("bad.raw");
     let st = std::process::Command::new("nbdcopy")
         .args([&uri, bad.to_str().unwrap()])
         .output()?;
@@ -405,27 +354,21 @@ fn restore_to_raw_and_qcow2_equals_the_original_with_holes_unallocated() -> Resu
         .build()?;
     let expected = f.file("expected.raw", &f.data)?;
     for (fmt, format) in [("raw", ImageFormat::Raw), ("qcow2", ImageFormat::Qcow2)] {
-        let out = f.dir.path().join(format!("restored.{fmt}"));
+        let out = f.repo.dir().join(format!("restored.{fmt}"));
         let rep = rt.block_on(restore_disk(&f.repo, &f.name(&f.full), out.clone(), format))?;
         ensure!(
-            rep.size == SIZE && rep.data_bytes == data_chunks(&f.data).len() as u64 * CS,
+            rep.size == SIZE && rep.data_bytes == data_chunks(&f.data, CS).len() as u64 * CS,
             "{rep:?}"
         );
-        run(
-            "qemu-img",
-            &[
-                "compare",
-                "-f",
-                fmt,
-                "-F",
-                "raw",
-                out.to_str().unwrap(),
-                expected.to_str().unwrap(),
-            ],
+        compare_images(
+            out.to_str().unwrap(),
+            fmt,
+            expected.to_str().unwrap(),
+            "raw",
         )?;
         let alloc = allocated_chunks(&out, fmt)?;
         ensure!(
-            alloc == data_chunks(&f.data),
+            alloc == data_chunks(&f.data, CS),
             "{fmt}: allocated chunks {alloc:?}"
         );
         // Never clobbers.
