@@ -20,7 +20,7 @@ const BITMAP: &str = "bm0";
 /// A qcow2 image: pattern data at [0, 4M) and [12M, 13M), holes elsewhere; then bitmap `bm0`
 /// added and two writes made with qemu-io (4 KiB at 1 MiB, 128 KiB at 20 MiB).
 struct Image {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     qcow2: PathBuf,
     raw: PathBuf,
     contents: Vec<u8>,
@@ -62,7 +62,7 @@ fn make_image() -> Result<Image> {
     contents[20 * MIB as usize..20 * MIB as usize + 128 * 1024].fill(0x33);
     std::fs::write(&raw, &contents)?;
     Ok(Image {
-        _dir: dir,
+        dir,
         qcow2,
         raw,
         contents,
@@ -104,29 +104,43 @@ async fn assert_reads_equal(client: &Client, contents: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn socket_in(dir: &tempfile::TempDir) -> PathBuf {
-    dir.path().join("nbd.sock")
+impl Image {
+    /// Where a peer serving this image listens.
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("nbd.sock")
+    }
 }
 
-#[tokio::test]
-async fn qemu_nbd_dirty_bitmap_extents_and_reads() -> Result<()> {
+/// A fresh [`Image`] served by qemu-nbd as export `disk` with bitmap `bm0`, plus `extra`
+/// qemu-nbd options.
+fn qemu_nbd_with_bitmap(extra: &[&str]) -> Result<(Image, peers::Peer)> {
     let img = make_image()?;
-    let sockdir = tempfile::tempdir()?;
     let peer = peers::qemu_nbd(
         &img.qcow2,
         "qcow2",
         "disk",
         Some(BITMAP),
-        &[],
-        &socket_in(&sockdir),
+        extra,
+        &img.socket(),
     )?;
+    Ok((img, peer))
+}
+
+/// The extents of `extents` with the dirty flag set equal those [`make_image`] wrote.
+fn assert_dirty_as_written(extents: &[Extent]) {
+    assert_eq!(flagged(extents, 1), expected_dirty(), "dirty extents");
+}
+
+#[tokio::test]
+async fn qemu_nbd_dirty_bitmap_extents_and_reads() -> Result<()> {
+    let (img, peer) = qemu_nbd_with_bitmap(&[])?;
     let ctx = dirty_bitmap_context(BITMAP);
     let client =
         Client::connect(&peer.address(), &options("disk", &[BASE_ALLOCATION, &ctx])).await?;
     assert_eq!(client.size(), SIZE);
     assert!(client.info().is_read_only());
     let all = client.extents_all(0, SIZE).await?;
-    assert_eq!(flagged(&all[&ctx], 1), expected_dirty(), "dirty extents");
+    assert_dirty_as_written(&all[&ctx]);
     // The unwritten middle of the image is a hole in base:allocation.
     let holes = flagged(&all[BASE_ALLOCATION], state::HOLE);
     assert!(
@@ -150,16 +164,7 @@ async fn qemu_nbd_dirty_bitmap_extents_and_reads() -> Result<()> {
 
 #[tokio::test]
 async fn qemu_nbd_lists_exports_and_contexts_and_refuses_missing_bitmap() -> Result<()> {
-    let img = make_image()?;
-    let sockdir = tempfile::tempdir()?;
-    let peer = peers::qemu_nbd(
-        &img.qcow2,
-        "qcow2",
-        "disk",
-        Some(BITMAP),
-        &[],
-        &socket_in(&sockdir),
-    )?;
+    let (_img, peer) = qemu_nbd_with_bitmap(&[])?;
     let exports = proxy::nbd::list_exports(&peer.address(), None).await?;
     assert_eq!(
         exports.iter().map(|e| e.0.as_str()).collect::<Vec<_>>(),
@@ -191,8 +196,7 @@ async fn qemu_nbd_lists_exports_and_contexts_and_refuses_missing_bitmap() -> Res
 #[tokio::test]
 async fn qemu_nbd_multi_conn_reads_over_several_connections() -> Result<()> {
     let img = make_image()?;
-    let sockdir = tempfile::tempdir()?;
-    let peer = peers::qemu_nbd(&img.raw, "raw", "disk", None, &[], &socket_in(&sockdir))?;
+    let peer = peers::qemu_nbd(&img.raw, "raw", "disk", None, &[], &img.socket())?;
     let opts = ClientOptions {
         connections: 4,
         ..options("disk", &[])
@@ -211,13 +215,12 @@ async fn qemu_nbd_multi_conn_reads_over_several_connections() -> Result<()> {
 #[tokio::test]
 async fn qemu_storage_daemon_dirty_bitmap_and_allocation_depth() -> Result<()> {
     let img = make_image()?;
-    let sockdir = tempfile::tempdir()?;
-    let peer = peers::qemu_storage_daemon(&img.qcow2, "disk", &[BITMAP], &socket_in(&sockdir))?;
+    let peer = peers::qemu_storage_daemon(&img.qcow2, "disk", &[BITMAP], &img.socket())?;
     let ctx = dirty_bitmap_context(BITMAP);
     let wanted = [BASE_ALLOCATION, ctx.as_str(), QEMU_ALLOCATION_DEPTH];
     let client = Client::connect(&peer.address(), &options("disk", &wanted)).await?;
     let all = client.extents_all(0, SIZE).await?;
-    assert_eq!(flagged(&all[&ctx], 1), expected_dirty(), "dirty extents");
+    assert_dirty_as_written(&all[&ctx]);
     // Depth 1 where the qcow2 has data, 0 (unallocated) in the holes.
     let depth = &all[QEMU_ALLOCATION_DEPTH];
     let at = |o: u64| {
@@ -236,8 +239,7 @@ async fn qemu_storage_daemon_dirty_bitmap_and_allocation_depth() -> Result<()> {
 #[tokio::test]
 async fn nbdkit_reads_equal_file_and_injected_errors_surface() -> Result<()> {
     let img = make_image()?;
-    let sockdir = tempfile::tempdir()?;
-    let trigger = sockdir.path().join("fail-now");
+    let trigger = img.dir.path().join("fail-now");
     let raw = img.raw.display().to_string();
     let error_file = format!("error-pread-file={}", trigger.display());
     let args = [
@@ -248,7 +250,7 @@ async fn nbdkit_reads_equal_file_and_injected_errors_surface() -> Result<()> {
         "error-pread=EIO",
         &error_file,
     ];
-    let peer = peers::nbdkit(&args, &socket_in(&sockdir))?;
+    let peer = peers::nbdkit(&args, &img.socket())?;
     let client = Client::connect(&peer.address(), &options("", &[BASE_ALLOCATION])).await?;
     assert_reads_equal(&client, &img.contents).await?;
     std::fs::write(&trigger, b"")?;
@@ -282,22 +284,13 @@ pub fn client_tls(certs: &Path) -> Result<ClientTls> {
 
 #[tokio::test]
 async fn qemu_nbd_with_tls_creds_serves_our_client() -> Result<()> {
-    let img = make_image()?;
     let certs = tls_dir()?;
-    let sockdir = tempfile::tempdir()?;
     let object = format!(
         "tls-creds-x509,id=tls0,dir={},endpoint=server",
         certs.path().display()
     );
     let extra = ["--object", object.as_str(), "--tls-creds", "tls0"];
-    let peer = peers::qemu_nbd(
-        &img.qcow2,
-        "qcow2",
-        "disk",
-        Some(BITMAP),
-        &extra,
-        &socket_in(&sockdir),
-    )?;
+    let (img, peer) = qemu_nbd_with_bitmap(&extra)?;
     let plain = Client::connect(&peer.address(), &options("disk", &[]))
         .await
         .unwrap_err();
@@ -308,10 +301,7 @@ async fn qemu_nbd_with_tls_creds_serves_our_client() -> Result<()> {
         ..options("disk", &[&ctx])
     };
     let client = Client::connect(&peer.address(), &opts).await?;
-    assert_eq!(
-        flagged(&client.extents(&ctx, 0, SIZE).await?, 1),
-        expected_dirty()
-    );
+    assert_dirty_as_written(&client.extents(&ctx, 0, SIZE).await?);
     assert_reads_equal(&client, &img.contents).await?;
     client.disconnect().await?;
     Ok(())
