@@ -293,6 +293,116 @@ impl Release for OfflineEnd {
     }
 }
 
+/// A stopped VM's disk image opened for writing through one `qemu-nbd` (a restore writes it
+/// over NBD, never behind QEMU's back). `qemu-nbd` holds the image's write lock, so the VM
+/// cannot start while this is open. [`WritableImage::close`] ends it cleanly (SIGTERM: the
+/// image and its persistent bitmaps are closed properly); dropping it kills it and logs.
+#[derive(Debug)]
+pub struct WritableImage {
+    child: Option<Child>,
+    socket: PathBuf,
+    what: String,
+}
+
+/// Serves `image` (format `format`, e.g. `qcow2` or `raw`; never probed) writable as export
+/// `disk` on `socket`; zero writes may deallocate.
+pub async fn open_writable(
+    vm: &str,
+    disk: &str,
+    image: &Path,
+    format: &str,
+    socket: &Path,
+) -> Result<WritableImage> {
+    validate_name("disk", disk)?;
+    if !matches!(format, "qcow2" | "raw") {
+        let msg = format!("disk {disk} of vm {vm} is {format}: only qcow2 and raw are written");
+        return Err(Error::new(ErrorKind::Unsupported, msg));
+    }
+    let _ = std::fs::remove_file(socket);
+    let what = format!("disk {disk} of vm {vm}");
+    let mut cmd = Command::new("qemu-nbd");
+    cmd.arg("--persistent")
+        .arg("--shared=2")
+        .arg("--discard=unmap");
+    cmd.arg("--format")
+        .arg(format)
+        .arg("--export-name")
+        .arg(disk);
+    cmd.arg("--socket").arg(socket).arg(image);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = cmd
+        .spawn()
+        .map_err(|e| io_failed(format!("cannot run qemu-nbd for {what} (make deps)"), e))?;
+    let mut w = WritableImage {
+        child: Some(child),
+        socket: socket.to_path_buf(),
+        what,
+    };
+    let child = w.child.as_mut().expect("just set");
+    wait_for_socket(child, socket, &w.what).await?;
+    tracing::info!(socket = %socket.display(), "{}: writable qemu-nbd export opened", w.what);
+    Ok(w)
+}
+
+/// How long `qemu-nbd` may take to close the image after SIGTERM.
+const CLOSE: Duration = Duration::from_secs(60);
+
+impl WritableImage {
+    /// The unix socket serving the image.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Ends `qemu-nbd` with SIGTERM and waits until it has closed the image.
+    pub async fn close(mut self) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let _ = std::fs::remove_file(&self.socket);
+        if let Some(pid) = child.id() {
+            // SAFETY: kill(2) with a pid of our own child that has not been reaped yet (we
+            // hold its `Child` and have not waited on it), so the pid cannot be reused.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+        }
+        let status = match tokio::time::timeout(CLOSE, child.wait()).await {
+            Ok(s) => {
+                s.map_err(|e| io_failed(format!("waiting for qemu-nbd of {}", self.what), e))?
+            }
+            Err(_) => {
+                let _ = child.kill().await;
+                return Err(failed(format!(
+                    "qemu-nbd of {} did not close the image",
+                    self.what
+                )));
+            }
+        };
+        if !status.success() {
+            return Err(failed(format!(
+                "qemu-nbd of {} exited ({status})",
+                self.what
+            )));
+        }
+        tracing::info!("{}: writable qemu-nbd export closed", self.what);
+        Ok(())
+    }
+}
+
+impl Drop for WritableImage {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            tracing::error!(
+                "{}: writable export dropped without close; killing qemu-nbd",
+                self.what
+            );
+            let _ = child.start_kill();
+            let _ = std::fs::remove_file(&self.socket);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

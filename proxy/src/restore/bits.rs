@@ -31,6 +31,19 @@ impl Bits {
         }
     }
 
+    /// Sets every bit set in `other` (bits past this set's length are ignored).
+    pub(crate) fn union_with(&mut self, other: &Bits) {
+        for (w, o) in self.words.iter_mut().zip(&other.words) {
+            *w |= o;
+        }
+        if let Some(last) = self.words.last_mut() {
+            let tail = self.len % 64;
+            if tail != 0 {
+                *last &= (1u64 << tail) - 1;
+            }
+        }
+    }
+
     pub(crate) fn count(&self) -> u64 {
         self.words.iter().map(|w| w.count_ones() as u64).sum()
     }
@@ -51,5 +64,18 @@ mod tests {
         assert_eq!(b.count(), 4);
         b.set(64, false);
         assert_eq!(b.count(), 3);
+    }
+
+    #[test]
+    fn union_keeps_length() {
+        let mut a = Bits::new(70);
+        a.set(1, true);
+        let mut b = Bits::new(130);
+        for i in [2, 69, 100] {
+            b.set(i, true);
+        }
+        a.union_with(&b);
+        assert!(a.get(1) && a.get(2) && a.get(69) && !a.get(100));
+        assert_eq!(a.count(), 3);
     }
 }

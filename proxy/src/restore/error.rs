@@ -17,6 +17,9 @@ pub enum ErrorKind {
     Io,
     /// The target already exists (a file or domain would be clobbered).
     Conflict,
+    /// Refused as asked: the target's state forbids it now (a running VM, no confirmation);
+    /// the message says what to do.
+    Refused,
 }
 
 impl fmt::Display for ErrorKind {
@@ -27,6 +30,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Corrupt => "corrupt",
             ErrorKind::Io => "i/o error",
             ErrorKind::Conflict => "conflict",
+            ErrorKind::Refused => "refused",
         })
     }
 }
@@ -89,6 +93,31 @@ impl Error {
         };
         Error {
             kind,
+            message: format!("{what}: {e}"),
+            source: Some(Box::new(e)),
+        }
+    }
+
+    /// A hypervisor adapter error, with `what` saying what was being done.
+    pub(crate) fn hypervisor(what: impl fmt::Display, e: crate::hypervisor::Error) -> Self {
+        use crate::hypervisor::ErrorKind as H;
+        let kind = match e.kind() {
+            H::NotFound => ErrorKind::NotFound,
+            H::InvalidInput | H::Unsupported => ErrorKind::InvalidInput,
+            H::Busy => ErrorKind::Refused,
+            H::Inconsistent | H::AgentUnavailable | H::Failed => ErrorKind::Io,
+        };
+        Error {
+            kind,
+            message: format!("{what}: {e}"),
+            source: Some(Box::new(e)),
+        }
+    }
+
+    /// An NBD client error, with `what` saying what was being done.
+    pub(crate) fn nbd(what: impl fmt::Display, e: crate::nbd::Error) -> Self {
+        Error {
+            kind: ErrorKind::Io,
             message: format!("{what}: {e}"),
             source: Some(Box::new(e)),
         }

@@ -6,6 +6,8 @@
 //!   and an optional copy-on-write overlay (`overlay`) that makes it writable.
 //! - [`file`]: restore a disk to a raw or qcow2 file, sparse.
 //! - [`domain`]: a backup's saved domain definition rewritten for a new domain.
+//! - [`onto`]: a backup written back onto an existing, shut-off VM's disks (only the chunks
+//!   that can differ when the image's checkpoint bitmap allows).
 //!
 //! The repository is synchronous; everything here reaches it on tokio's blocking pool.
 
@@ -16,6 +18,7 @@ mod error;
 pub mod export;
 pub mod file;
 pub mod name;
+pub mod onto;
 mod overlay;
 
 pub use diff::{changed_since_context, CHANGED_SINCE_PREFIX, STATE_CHANGED};
@@ -24,4 +27,5 @@ pub use error::{Error, ErrorKind, Result};
 pub use export::{ExportOptions, RepoExport};
 pub use file::{restore_disk, restore_to_file, ImageFormat, RestoreReport};
 pub use name::ExportName;
+pub use onto::{restore_onto_vm, DiskOntoReport, OntoPath, OntoVmOptions, OntoVmReport};
 pub use overlay::OVERLAY_BLOCK;

@@ -1,0 +1,570 @@
+//! Restore a backup back onto an existing VM's disks.
+//!
+//! Only onto a VM the hypervisor reports shut off (asked again once `qemu-nbd` holds the
+//! images' write locks, so the VM cannot start in between), and only with an explicit
+//! confirmation; otherwise [`ErrorKind::Refused`] with a message saying what to do. Each image
+//! is written over NBD through a writable `qemu-nbd` (never edited behind QEMU's back).
+//!
+//! Which chunks are written, per disk ([`OntoPath`]):
+//! - changed: the image still carries the bitmap of the checkpoint of the VM's latest backup
+//!   `X` (qcow2, consistent, recording, same size, `X` in the catalog). Written: chunks dirty
+//!   in that bitmap since `X` ∪ chunks whose digests differ between `X` and the restored
+//!   backup `R`. Every other chunk already holds `R`'s data.
+//! - full otherwise: every chunk of `R`, zero runs as NBD write-zeroes (which may deallocate).
+//!
+//! Checkpoints are kept, on purpose: the restore writes through QEMU's block layer, so the
+//! image's enabled persistent bitmaps record it like any guest write, and the next backup
+//! (incremental from `X`'s checkpoint) reads every restored chunk back. A bitmap left unusable
+//! (`in-use` after a crash) makes that backup read in full, as after any unclean stop.
+//!
+//! It does not own the image tooling (`crate::hypervisor::{image, offline}`) or NBD bytes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use catalog::{BackupId, DiskReader, Manifest, Repository};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::mpsc;
+
+use super::bits::Bits;
+use super::diff::changed_chunks;
+use super::error::{Error, ErrorKind, Result};
+use crate::hypervisor::image::{self, ImageInfo};
+use crate::hypervisor::offline::{self, OfflineDisk, OfflineRequest};
+use crate::hypervisor::{DiskInfo, DomainInfo, Hypervisor, VmState};
+use crate::nbd::{Address, Client, ClientOptions};
+
+/// What to restore onto which VM.
+#[derive(Debug, Clone)]
+pub struct OntoVmOptions {
+    /// The VM whose disks are overwritten; it must be shut off.
+    pub vm: String,
+    /// The backup to restore (a backup of this VM, by UUID).
+    pub backup: BackupId,
+    /// Disk targets to restore (`vda`); empty: every disk of the backup.
+    pub disks: Vec<String>,
+    /// The explicit confirmation that the VM's disks may be overwritten.
+    pub confirm: bool,
+    /// Directory for the job's NBD sockets (created if missing).
+    pub work_dir: PathBuf,
+}
+
+/// Which chunks of a disk a restore wrote, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OntoPath {
+    /// Only chunks that can differ: dirty in `bitmap` since backup `base`, or different
+    /// between `base` and the restored backup.
+    Changed {
+        base: BackupId,
+        bitmap: String,
+        /// Chunks the bitmap marked dirty.
+        dirty_chunks: u64,
+        /// Chunks whose digests differ between `base` and the restored backup.
+        diff_chunks: u64,
+    },
+    /// Every chunk, because the changed path was not safe for `reason`.
+    Full { reason: String },
+}
+
+/// What a restore did to one disk.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiskOntoReport {
+    pub disk: String,
+    pub image: PathBuf,
+    pub path: OntoPath,
+    /// Chunk positions written (data or zeroes).
+    pub chunks_written: u64,
+    /// Bytes of data written.
+    pub data_bytes: u64,
+    /// Bytes written as zeroes (write-zeroes requests, no payload).
+    pub zero_bytes: u64,
+}
+
+/// What a restore onto a VM did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OntoVmReport {
+    pub vm: String,
+    pub backup: BackupId,
+    pub disks: Vec<DiskOntoReport>,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+/// Writes in flight per disk.
+const DEPTH: usize = 16;
+
+/// Restores backup `opts.backup` onto the disks of the shut-off VM `opts.vm`.
+pub async fn restore_onto_vm<H: Hypervisor>(
+    hv: &H,
+    repo: &Repository,
+    opts: &OntoVmOptions,
+) -> Result<OntoVmReport> {
+    let start = Instant::now();
+    let vm = opts.vm.as_str();
+    let dom = domain(hv, vm).await?;
+    let r = blocking(
+        repo,
+        move |repo, id: BackupId| repo.manifest(&id),
+        &opts.backup,
+    )
+    .await?;
+    if r.vm.uuid != dom.uuid {
+        return Err(Error::invalid(format!(
+            "backup {} is of vm {} ({}), not of vm {vm} ({}): restore it as a new domain instead",
+            r.id, r.vm.name, r.vm.uuid, dom.uuid
+        )));
+    }
+    let targets = select_disks(&dom, &r, &opts.disks)?;
+    require_shut_off(&dom, &r.id)?;
+    if !opts.confirm {
+        let names: Vec<&str> = targets.iter().map(|(d, _)| d.target.as_str()).collect();
+        return Err(Error::new(
+            ErrorKind::Refused,
+            format!(
+                "restoring backup {} onto vm {vm} overwrites its disks {}: confirm it (--confirm) to go ahead",
+                r.id,
+                names.join(", ")
+            ),
+        ));
+    }
+    let x = latest_backup(repo, &dom.uuid).await?;
+    std::fs::create_dir_all(&opts.work_dir)
+        .map_err(|e| Error::io(format!("work directory {}", opts.work_dir.display()), e))?;
+    tracing::info!(vm, backup = %r.id, "restore onto vm started");
+    let mut disks = Vec::new();
+    for (disk, image) in &targets {
+        let job = DiskJob {
+            vm,
+            r: &r,
+            x: x.as_ref(),
+            disk,
+            image,
+            work_dir: &opts.work_dir,
+        };
+        disks.push(restore_one(hv, repo, job).await?);
+    }
+    tracing::info!(vm, backup = %r.id, "restore onto vm finished");
+    Ok(OntoVmReport {
+        vm: vm.to_string(),
+        backup: r.id.clone(),
+        disks,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+async fn domain<H: Hypervisor>(hv: &H, vm: &str) -> Result<DomainInfo> {
+    hv.domain(vm)
+        .await
+        .map_err(|e| Error::hypervisor(format!("vm {vm}"), e))
+}
+
+fn require_shut_off(dom: &DomainInfo, backup: &BackupId) -> Result<()> {
+    if dom.state == VmState::ShutOff {
+        return Ok(());
+    }
+    let state = match dom.state {
+        VmState::Running => "running",
+        VmState::Paused => "paused",
+        _ => "not shut off",
+    };
+    Err(Error::new(
+        ErrorKind::Refused,
+        format!(
+            "vm {vm} is {state}: shut it off (virsh shutdown {vm}) before restoring backup {backup} onto its disks",
+            vm = dom.name
+        ),
+    ))
+}
+
+/// The VM's disks to overwrite, each with its local image.
+fn select_disks(
+    dom: &DomainInfo,
+    r: &Manifest,
+    wanted: &[String],
+) -> Result<Vec<(DiskInfo, PathBuf)>> {
+    let names: Vec<&str> = if wanted.is_empty() {
+        r.disks.iter().map(|d| d.target.as_str()).collect()
+    } else {
+        wanted.iter().map(String::as_str).collect()
+    };
+    let mut out = Vec::new();
+    for name in names {
+        if !r.disks.iter().any(|d| d.target == name) {
+            return Err(Error::not_found(format!(
+                "backup {} has no disk {name}",
+                r.id
+            )));
+        }
+        let Some(disk) = dom.disks.iter().find(|d| d.target == name) else {
+            return Err(Error::not_found(format!(
+                "vm {} has no disk {name}",
+                dom.name
+            )));
+        };
+        let Some(image) = disk.source.clone() else {
+            return Err(Error::invalid(format!(
+                "disk {name} of vm {} is not a local image",
+                dom.name
+            )));
+        };
+        out.push((disk.clone(), image));
+    }
+    Ok(out)
+}
+
+/// Runs a repository call on the blocking pool.
+async fn blocking<T: Send + 'static, A: Clone + Send + std::fmt::Display + 'static>(
+    repo: &Repository,
+    f: impl FnOnce(&Repository, A) -> catalog::Result<T> + Send + 'static,
+    arg: &A,
+) -> Result<T> {
+    let (repo, arg) = (repo.clone(), arg.clone());
+    let what = arg.to_string();
+    tokio::task::spawn_blocking(move || f(&repo, arg))
+        .await
+        .map_err(|e| Error::task("restore onto vm", e))?
+        .map_err(|e| Error::catalog(what, e))
+}
+
+/// The newest committed backup of the VM with `uuid` (the one its checkpoint belongs to).
+async fn latest_backup(repo: &Repository, uuid: &str) -> Result<Option<Manifest>> {
+    let uuid = uuid.to_string();
+    let f = |repo: &Repository, uuid: String| {
+        let rows = repo.backups(Some(&uuid))?;
+        let newest = rows
+            .iter()
+            .max_by_key(|r| (r.started, r.id.as_str().to_string()));
+        newest.map(|row| repo.manifest(&row.id)).transpose()
+    };
+    blocking(repo, f, &uuid).await
+}
+
+/// One disk of one restore.
+struct DiskJob<'a> {
+    vm: &'a str,
+    r: &'a Manifest,
+    x: Option<&'a Manifest>,
+    disk: &'a DiskInfo,
+    image: &'a Path,
+    work_dir: &'a Path,
+}
+
+async fn restore_one<H: Hypervisor>(
+    hv: &H,
+    repo: &Repository,
+    job: DiskJob<'_>,
+) -> Result<DiskOntoReport> {
+    let (vm, target) = (job.vm, job.disk.target.as_str());
+    let reader = open_reader(repo, &job.r.id, target).await?;
+    let info = image::info(job.image)
+        .await
+        .map_err(|e| Error::hypervisor(format!("disk {target} of vm {vm}"), e))?;
+    if info.virtual_size != reader.size() {
+        return Err(Error::invalid(format!(
+            "disk {target} of vm {vm} is {} bytes, backup {}'s is {}: resize the image \
+             (qemu-img resize) or restore to a new file",
+            info.virtual_size,
+            job.r.id,
+            reader.size()
+        )));
+    }
+    let (path, chunks) = plan(repo, &job, &info, &reader).await?;
+    tracing::info!(vm, disk = target, ?path, "restore path chosen");
+    let stats = write_image(hv, &job, &info, reader, chunks).await?;
+    Ok(DiskOntoReport {
+        disk: target.to_string(),
+        image: job.image.to_path_buf(),
+        path,
+        chunks_written: stats.chunks,
+        data_bytes: stats.data,
+        zero_bytes: stats.zero,
+    })
+}
+
+async fn open_reader(repo: &Repository, backup: &BackupId, disk: &str) -> Result<Arc<DiskReader>> {
+    let disk = disk.to_string();
+    let f = move |repo: &Repository, id: BackupId| repo.open_disk(&id, &disk).map(Arc::new);
+    blocking(repo, f, backup).await
+}
+
+/// The changed path's base backup and bitmap, or why only a full write is safe.
+fn changed_base<'a>(
+    job: &DiskJob<'a>,
+    info: &ImageInfo,
+    reader: &DiskReader,
+) -> std::result::Result<(&'a Manifest, &'a str), String> {
+    let (vm, target) = (job.vm, job.disk.target.as_str());
+    let x = job
+        .x
+        .ok_or_else(|| format!("the catalog holds no backup of vm {vm} to compare with"))?;
+    let xd = x
+        .disks
+        .iter()
+        .find(|d| d.target == target)
+        .ok_or_else(|| format!("latest backup {} has no disk {target}", x.id))?;
+    let cp = xd
+        .checkpoint
+        .as_deref()
+        .ok_or_else(|| format!("latest backup {} recorded no checkpoint for {target}", x.id))?;
+    if info.format != "qcow2" {
+        return Err(format!("image is {}: it holds no bitmaps", info.format));
+    }
+    if let Some(problem) = image::bitmap_problem(info, target, cp) {
+        return Err(format!(
+            "bitmap {cp} of latest backup {} is unusable: {problem:?}",
+            x.id
+        ));
+    }
+    if xd.size != info.virtual_size || xd.chunk_size != reader.chunk_size() {
+        return Err(format!(
+            "disk size or chunk size changed since backup {}",
+            x.id
+        ));
+    }
+    Ok((x, cp))
+}
+
+/// Decides the path and, for the changed path, the chunks to write.
+async fn plan(
+    repo: &Repository,
+    job: &DiskJob<'_>,
+    info: &ImageInfo,
+    reader: &Arc<DiskReader>,
+) -> Result<(OntoPath, Option<Bits>)> {
+    let (x, cp) = match changed_base(job, info, reader) {
+        Ok(base) => base,
+        Err(reason) => return Ok((OntoPath::Full { reason }, None)),
+    };
+    let dirty = match dirty_chunks(job, cp, reader).await {
+        Ok(bits) => bits,
+        Err(e) => {
+            let reason = format!("reading bitmap {cp} failed: {e}");
+            return Ok((OntoPath::Full { reason }, None));
+        }
+    };
+    let new = reader.clone();
+    let target = job.disk.target.clone();
+    let f = move |repo: &Repository, id: BackupId| {
+        let old = repo.open_disk(&id, &target)?;
+        Ok(changed_chunks(&new, &old))
+    };
+    let diff = blocking(repo, f, &x.id).await??;
+    let mut write = dirty.clone();
+    write.union_with(&diff);
+    let path = OntoPath::Changed {
+        base: x.id.clone(),
+        bitmap: cp.to_string(),
+        dirty_chunks: dirty.count(),
+        diff_chunks: diff.count(),
+    };
+    Ok((path, Some(write)))
+}
+
+/// The chunks bitmap `cp` of the image marks dirty, read offline (`qemu-nbd -B`).
+async fn dirty_chunks(job: &DiskJob<'_>, cp: &str, reader: &DiskReader) -> Result<Bits> {
+    let (vm, target) = (job.vm, job.disk.target.as_str());
+    let what = format!("bitmap {cp} of disk {target} of vm {vm}");
+    let req = OfflineRequest {
+        vm: vm.to_string(),
+        disks: vec![OfflineDisk {
+            disk: target.to_string(),
+            image: job.image.to_path_buf(),
+        }],
+        incremental_from: Some(cp.to_string()),
+        new_checkpoint: None,
+        socket: job.work_dir.join(format!("bitmap-{target}.sock")),
+    };
+    let session = offline::begin_offline_backup(req)
+        .await
+        .map_err(|e| Error::hypervisor(&what, e))?;
+    let read = read_dirty(&session.exports()[0], reader).await;
+    let _ = session.finish().await;
+    read.map_err(|e| Error::nbd(&what, e))
+}
+
+async fn read_dirty(
+    export: &crate::hypervisor::DiskExport,
+    reader: &DiskReader,
+) -> crate::nbd::Result<Bits> {
+    let context = export.dirty_bitmap_context.clone().unwrap_or_default();
+    let opts = ClientOptions {
+        export: export.export_name.clone(),
+        meta_contexts: vec![context.clone()],
+        ..Default::default()
+    };
+    let client = Client::connect(&Address::Unix(export.socket.clone()), &opts).await?;
+    let extents = client.extents(&context, 0, reader.size()).await;
+    let _ = client.disconnect().await;
+    let cs = reader.chunk_size() as u64;
+    let mut bits = Bits::new(reader.chunk_count());
+    for e in extents?.iter().filter(|e| e.flags & 1 != 0) {
+        for i in e.offset / cs..e.end().div_ceil(cs) {
+            bits.set(i, true);
+        }
+    }
+    Ok(bits)
+}
+
+#[derive(Debug, Default)]
+struct WriteStats {
+    chunks: u64,
+    data: u64,
+    zero: u64,
+}
+
+/// Opens the image writable, checks the VM is still off, writes, flushes and closes it.
+async fn write_image<H: Hypervisor>(
+    hv: &H,
+    job: &DiskJob<'_>,
+    info: &ImageInfo,
+    reader: Arc<DiskReader>,
+    chunks: Option<Bits>,
+) -> Result<WriteStats> {
+    let (vm, target) = (job.vm, job.disk.target.as_str());
+    let what = format!("disk {target} of vm {vm}");
+    let socket = job.work_dir.join(format!("restore-{target}.sock"));
+    let image = offline::open_writable(vm, target, job.image, &info.format, &socket)
+        .await
+        .map_err(|e| Error::hypervisor(&what, e))?;
+    let written = async {
+        // qemu-nbd now holds the write lock: the VM cannot start until it is closed.
+        require_shut_off(&domain(hv, vm).await?, &job.r.id)?;
+        let opts = ClientOptions {
+            export: target.to_string(),
+            ..Default::default()
+        };
+        let client = Client::connect(&Address::Unix(socket.clone()), &opts)
+            .await
+            .map_err(|e| Error::nbd(&what, e))?;
+        let stats = write_chunks(&client, reader, chunks, &what).await;
+        let flushed = client.flush().await.map_err(|e| Error::nbd(&what, e));
+        let _ = client.disconnect().await;
+        let stats = stats?;
+        flushed.map(|()| stats)
+    }
+    .await;
+    let closed = image.close().await.map_err(|e| Error::hypervisor(&what, e));
+    let stats = written?;
+    closed?;
+    Ok(stats)
+}
+
+/// A write the producer hands to the NBD side.
+enum Piece {
+    Data { offset: u64, data: Bytes },
+    Zero { offset: u64, len: u64 },
+}
+
+/// Writes the selected chunks (all when `chunks` is `None`): chunks are read on a blocking
+/// thread and written with up to [`DEPTH`] requests in flight.
+async fn write_chunks(
+    client: &Client,
+    reader: Arc<DiskReader>,
+    chunks: Option<Bits>,
+    what: &str,
+) -> Result<WriteStats> {
+    let cs = reader.chunk_size() as u64;
+    let (tx, mut rx) = mpsc::channel(DEPTH);
+    let producer = tokio::task::spawn_blocking(move || produce(&reader, chunks.as_ref(), &tx));
+    let mut stats = WriteStats::default();
+    let mut inflight = FuturesUnordered::new();
+    let mut failure = None;
+    while let Some(piece) = rx.recv().await {
+        let piece: Result<Piece> = piece;
+        let piece = match piece {
+            Ok(p) => p,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        };
+        count(&mut stats, &piece, cs);
+        inflight.push(write_piece(client.clone(), piece));
+        if inflight.len() >= DEPTH {
+            if let Some(Err(e)) = inflight.next().await {
+                failure = Some(Error::nbd(what, e));
+                break;
+            }
+        }
+    }
+    drop(rx);
+    while let Some(r) = inflight.next().await {
+        if let (Err(e), None) = (r, &failure) {
+            failure = Some(Error::nbd(what, e));
+        }
+    }
+    let _ = producer.await;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(stats),
+    }
+}
+
+fn count(stats: &mut WriteStats, piece: &Piece, cs: u64) {
+    match piece {
+        Piece::Data { data, .. } => {
+            stats.chunks += 1;
+            stats.data += data.len() as u64;
+        }
+        Piece::Zero { len, .. } => {
+            stats.chunks += len.div_ceil(cs);
+            stats.zero += len;
+        }
+    }
+}
+
+async fn write_piece(client: Client, piece: Piece) -> crate::nbd::Result<()> {
+    match piece {
+        Piece::Data { offset, data } => client.write(offset, data, false).await,
+        Piece::Zero { offset, len } => client.write_zeroes(offset, len, false).await,
+    }
+}
+
+/// Reads the selected chunks in order and sends them; runs of zero chunks become one piece.
+fn produce(reader: &DiskReader, chunks: Option<&Bits>, tx: &mpsc::Sender<Result<Piece>>) {
+    let cs = reader.chunk_size() as u64;
+    let mut run: Option<(u64, u64)> = None;
+    let send_run = |run: &mut Option<(u64, u64)>| match run.take() {
+        Some((offset, len)) => tx.blocking_send(Ok(Piece::Zero { offset, len })).is_ok(),
+        None => true,
+    };
+    for i in 0..reader.chunk_count() {
+        if chunks.is_some_and(|b| !b.get(i)) {
+            if !send_run(&mut run) {
+                return;
+            }
+            continue;
+        }
+        let offset = i * cs;
+        let len = (reader.size() - offset).min(cs);
+        let piece = match reader.is_zero(i) {
+            Ok(true) => {
+                match &mut run {
+                    Some((o, l)) if *o + *l == offset => *l += len,
+                    _ => {
+                        if !send_run(&mut run) {
+                            return;
+                        }
+                        run = Some((offset, len));
+                    }
+                }
+                continue;
+            }
+            Ok(false) => reader.read_chunk(i).map(|data| Piece::Data {
+                offset,
+                data: Bytes::copy_from_slice(&data),
+            }),
+            Err(e) => Err(e),
+        };
+        let piece = piece.map_err(|e| {
+            Error::catalog(format!("restore onto disk {}", reader.manifest().target), e)
+        });
+        let failed = piece.is_err();
+        if !send_run(&mut run) || tx.blocking_send(piece).is_err() || failed {
+            return;
+        }
+    }
+    send_run(&mut run);
+}
