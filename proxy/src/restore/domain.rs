@@ -17,9 +17,13 @@
 //!
 //! Every `device='disk'` disk must have a restored file: a copy sharing the original's disk
 //! would corrupt it.
+//!
+//! [`relocate_chardevs`] gives a copy that runs beside the original its own character device
+//! files (serial consoles logged to a file, unix sockets): two QEMUs binding one socket path
+//! or truncating one log would take them from the original.
 
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use roxmltree::{Document, Node};
 
@@ -76,6 +80,62 @@ pub fn restore_as_domain(
         device_edits(devices, disks, &mut edits)?;
     }
     Ok(apply(domain_xml, edits))
+}
+
+/// Character devices whose `<source path=…>` names a host file or socket.
+const CHARDEVS: [&str; 4] = ["serial", "console", "channel", "parallel"];
+
+/// `domain_xml` with the `<source path>` of every `unix` or `file` serial, console, channel
+/// and parallel device moved into `dir` (same file name; `.2`, `.3`… appended when two
+/// different paths share one). A console that names its serial's path keeps sharing it.
+pub fn relocate_chardevs(domain_xml: &str, dir: &Path) -> Result<String> {
+    let doc = Document::parse(domain_xml)
+        .map_err(|e| invalid(format!("domain definition does not parse: {e}")))?;
+    let Some(devices) = child(doc.root_element(), "devices") else {
+        return Ok(domain_xml.to_string());
+    };
+    let mut moved: Vec<(String, String)> = Vec::new();
+    let mut edits = Vec::new();
+    for dev in devices
+        .children()
+        .filter(|n| CHARDEVS.iter().any(|t| n.has_tag_name(*t)))
+    {
+        if !matches!(dev.attribute("type"), Some("unix" | "file")) {
+            continue;
+        }
+        let Some(attr) = child(dev, "source").and_then(|s| s.attribute_node("path")) else {
+            continue;
+        };
+        let old = attr.value().to_string();
+        let new = match moved.iter().find(|(o, _)| *o == old) {
+            Some((_, n)) => n.clone(),
+            None => {
+                let n = relocated(&old, dir, &moved)?;
+                moved.push((old, n.clone()));
+                n
+            }
+        };
+        edits.push((attr.range(), format!("path='{}'", esc(&new))));
+    }
+    Ok(apply(domain_xml, edits))
+}
+
+/// The new path of `old` in `dir`, unique among those already `moved`.
+fn relocated(old: &str, dir: &Path, moved: &[(String, String)]) -> Result<String> {
+    let name = Path::new(old)
+        .file_name()
+        .ok_or_else(|| invalid(format!("character device path {old:?} has no file name")))?;
+    let base = dir.join(name);
+    let base = base
+        .to_str()
+        .ok_or_else(|| invalid(format!("directory {} is not utf-8", dir.display())))?;
+    let mut candidate = base.to_string();
+    let mut n = 1;
+    while moved.iter().any(|(_, m)| *m == candidate) {
+        n += 1;
+        candidate = format!("{base}.{n}");
+    }
+    Ok(candidate)
 }
 
 fn device_edits(
@@ -264,6 +324,37 @@ mod tests {
             Some("/iso/install.iso")
         );
         assert!(xml.contains("<source network='default'/>"));
+    }
+
+    #[test]
+    fn chardev_paths_move_into_the_new_directory() {
+        let xml = "<domain><name>a</name><devices>
+  <serial type='file'><source path='/x/console.log'/><target port='0'/></serial>
+  <serial type='unix'><source mode='bind' path='/x/agent.sock'/><target port='1'/></serial>
+  <serial type='pty'><source path='/dev/pts/3'/><target port='2'/></serial>
+  <console type='file'><source path='/x/console.log'/><target type='serial' port='0'/></console>
+  <channel type='unix'><source mode='bind' path='/y/agent.sock'/><target type='virtio'/></channel>
+  <channel type='unix'><source mode='bind'/><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+</devices></domain>";
+        let out = relocate_chardevs(xml, Path::new("/new")).unwrap();
+        let doc = Document::parse(&out).unwrap();
+        let paths: Vec<&str> = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("source"))
+            .filter_map(|n| n.attribute("path"))
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "/new/console.log",
+                "/new/agent.sock",
+                "/dev/pts/3",
+                "/new/console.log",
+                "/new/agent.sock.2"
+            ]
+        );
+        assert!(out.contains("mode='bind' path='/new/agent.sock'"));
+        assert!(relocate_chardevs("<domain", Path::new("/n")).is_err());
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub mod onto;
 mod overlay;
 
 pub use diff::{changed_since_context, CHANGED_SINCE_PREFIX, STATE_CHANGED};
-pub use domain::{restore_as_domain, RestoredDisk};
+pub use domain::{relocate_chardevs, restore_as_domain, RestoredDisk};
 pub use error::{Error, ErrorKind, Result};
 pub use export::{ExportOptions, RepoExport};
 pub use file::{restore_disk, restore_to_file, ImageFormat, RestoreReport};
