@@ -19,20 +19,27 @@ const CS: u64 = 64 << 10;
 const DISK: u64 = 64 * MIB;
 
 fn options(bed: &Bed, backup: &catalog::BackupId, confirm: bool) -> OntoVmOptions {
-    OntoVmOptions {
-        vm: bed.vm.name().to_string(),
-        backup: backup.clone(),
-        disks: Vec::new(),
-        confirm,
-        work_dir: bed.vm.scratch().join("restore"),
-    }
+    let work = bed.vm.scratch().join("restore");
+    let mut opts = OntoVmOptions::new(bed.vm.name(), backup.clone(), work);
+    opts.confirm = confirm;
+    opts
 }
 
-fn restore(bed: &Bed, backup: &catalog::BackupId, confirm: bool) -> Result<OntoVmReport> {
-    let opts = options(bed, backup, confirm);
-    Ok(bed
+/// Restores with confirmation; the progress counters agree with the report.
+fn restore(bed: &Bed, backup: &catalog::BackupId) -> Result<OntoVmReport> {
+    let opts = options(bed, backup, true);
+    let report = bed
         .rt
-        .block_on(restore_onto_vm(&bed.hv, &bed.repo, &opts))?)
+        .block_on(restore_onto_vm(&bed.hv, &bed.repo, &opts))?;
+    let p = opts.progress.snapshot();
+    let d = &report.disks[0];
+    ensure!(
+        p.bytes_planned == p.bytes_done
+            && p.bytes_done == d.data_bytes + d.zero_bytes
+            && p.bytes_zero == d.zero_bytes,
+        "progress {p:?} vs {d:?}"
+    );
+    Ok(report)
 }
 
 fn refused(bed: &Bed, backup: &catalog::BackupId, confirm: bool, says: &str) -> Result<()> {
@@ -83,7 +90,7 @@ fn restore_onto_a_shut_off_vm_writes_only_changed_chunks() -> Result<()> {
     refused(&bed, &full.id, false, "--confirm")?;
     disk_equals(&bed, model.disk("vda")?)?;
 
-    let report = restore(&bed, &full.id, true)?;
+    let report = restore(&bed, &full.id)?;
     eprintln!("changed-path restore: {report:?}");
     let d = &report.disks[0];
     let cp = inc.disks[0].checkpoint.clone().context("checkpoint")?;
@@ -135,7 +142,7 @@ fn restore_onto_a_shut_off_vm_writes_only_changed_chunks() -> Result<()> {
     let cp = next.manifest.disks[0].checkpoint.clone().context("cp")?;
     let image = vm.disk_path("vda")?.to_str().context("path")?.to_string();
     run("qemu-img", &["bitmap", "--remove", &image, &cp])?;
-    let report = restore(&bed, &full.id, true)?;
+    let report = restore(&bed, &full.id)?;
     eprintln!("full-path restore: {report:?}");
     let d = &report.disks[0];
     ensure!(
@@ -150,6 +157,19 @@ fn restore_onto_a_shut_off_vm_writes_only_changed_chunks() -> Result<()> {
         d.data_bytes
     );
     ensure!(d.chunks_written == DISK / CS, "chunks {}", d.chunks_written);
+    disk_equals(&bed, first.disk("vda")?)?;
+
+    // Cancelled: stops before writing, closes the image cleanly and says so.
+    let opts = options(&bed, &inc.id, true);
+    opts.cancel.cancel();
+    let err = bed
+        .rt
+        .block_on(restore_onto_vm(&bed.hv, &bed.repo, &opts))
+        .err()
+        .context("cancelled restore succeeded")?;
+    ensure!(err.kind() == ErrorKind::Cancelled, "{err}");
+    ensure!(err.to_string().contains("partly restored"), "{err}");
+    run("qemu-img", &["check", &image])?;
     disk_equals(&bed, first.disk("vda")?)?;
     Ok(())
 }

@@ -20,6 +20,8 @@ pub enum ErrorKind {
     /// Refused as asked: the target's state forbids it now (a running VM, no confirmation);
     /// the message says what to do.
     Refused,
+    /// The caller cancelled; the message says what was already written.
+    Cancelled,
 }
 
 impl fmt::Display for ErrorKind {
@@ -31,6 +33,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Io => "i/o error",
             ErrorKind::Conflict => "conflict",
             ErrorKind::Refused => "refused",
+            ErrorKind::Cancelled => "cancelled",
         })
     }
 }

@@ -27,6 +27,7 @@ use bytes::Bytes;
 use catalog::{BackupId, DiskReader, Manifest, Repository};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use super::bits::Bits;
 use super::diff::changed_chunks;
@@ -34,6 +35,7 @@ use super::error::{Error, ErrorKind, Result};
 use crate::hypervisor::image::{self, ImageInfo};
 use crate::hypervisor::offline::{self, OfflineDisk, OfflineRequest};
 use crate::hypervisor::{DiskInfo, DomainInfo, Hypervisor, VmState};
+use crate::job::Progress;
 use crate::nbd::{Address, Client, ClientOptions};
 
 /// What to restore onto which VM.
@@ -49,6 +51,26 @@ pub struct OntoVmOptions {
     pub confirm: bool,
     /// Directory for the job's NBD sockets (created if missing).
     pub work_dir: PathBuf,
+    /// Counters for the caller: `bytes_planned` (bytes to write), `bytes_done` (written,
+    /// data or zeroes) and `bytes_zero` (of those, written as zeroes).
+    pub progress: Arc<Progress>,
+    /// Stops the restore between writes; the error then says the disk is partly restored.
+    pub cancel: CancellationToken,
+}
+
+impl OntoVmOptions {
+    /// Restore `backup` onto every disk of `vm`, not yet confirmed, sockets in `work_dir`.
+    pub fn new(vm: impl Into<String>, backup: BackupId, work_dir: impl Into<PathBuf>) -> Self {
+        OntoVmOptions {
+            vm: vm.into(),
+            backup,
+            disks: Vec::new(),
+            confirm: false,
+            work_dir: work_dir.into(),
+            progress: Arc::new(Progress::default()),
+            cancel: CancellationToken::new(),
+        }
+    }
 }
 
 /// Which chunks of a disk a restore wrote, and why.
@@ -141,7 +163,7 @@ pub async fn restore_onto_vm<H: Hypervisor>(
             x: x.as_ref(),
             disk,
             image,
-            work_dir: &opts.work_dir,
+            opts,
         };
         disks.push(restore_one(hv, repo, job).await?);
     }
@@ -248,7 +270,7 @@ struct DiskJob<'a> {
     x: Option<&'a Manifest>,
     disk: &'a DiskInfo,
     image: &'a Path,
-    work_dir: &'a Path,
+    opts: &'a OntoVmOptions,
 }
 
 async fn restore_one<H: Hypervisor>(
@@ -272,6 +294,9 @@ async fn restore_one<H: Hypervisor>(
     }
     let (path, chunks) = plan(repo, &job, &info, &reader).await?;
     tracing::info!(vm, disk = target, ?path, "restore path chosen");
+    let planned = chunks.as_ref().map_or(reader.chunk_count(), Bits::count);
+    let planned = (planned * reader.chunk_size() as u64).min(reader.size());
+    Progress::add(&job.opts.progress.bytes_planned, planned);
     let stats = write_image(hv, &job, &info, reader, chunks).await?;
     Ok(DiskOntoReport {
         disk: target.to_string(),
@@ -374,7 +399,7 @@ async fn dirty_chunks(job: &DiskJob<'_>, cp: &str, reader: &DiskReader) -> Resul
         }],
         incremental_from: Some(cp.to_string()),
         new_checkpoint: None,
-        socket: job.work_dir.join(format!("bitmap-{target}.sock")),
+        socket: job.opts.work_dir.join(format!("bitmap-{target}.sock")),
     };
     let session = offline::begin_offline_backup(req)
         .await
@@ -424,7 +449,7 @@ async fn write_image<H: Hypervisor>(
 ) -> Result<WriteStats> {
     let (vm, target) = (job.vm, job.disk.target.as_str());
     let what = format!("disk {target} of vm {vm}");
-    let socket = job.work_dir.join(format!("restore-{target}.sock"));
+    let socket = job.opts.work_dir.join(format!("restore-{target}.sock"));
     let image = offline::open_writable(vm, target, job.image, &info.format, &socket)
         .await
         .map_err(|e| Error::hypervisor(&what, e))?;
@@ -438,7 +463,7 @@ async fn write_image<H: Hypervisor>(
         let client = Client::connect(&Address::Unix(socket.clone()), &opts)
             .await
             .map_err(|e| Error::nbd(&what, e))?;
-        let stats = write_chunks(&client, reader, chunks, &what).await;
+        let stats = write_chunks(&client, reader, chunks, job.opts, &what).await;
         let flushed = client.flush().await.map_err(|e| Error::nbd(&what, e));
         let _ = client.disconnect().await;
         let stats = stats?;
@@ -463,6 +488,7 @@ async fn write_chunks(
     client: &Client,
     reader: Arc<DiskReader>,
     chunks: Option<Bits>,
+    opts: &OntoVmOptions,
     what: &str,
 ) -> Result<WriteStats> {
     let cs = reader.chunk_size() as u64;
@@ -471,16 +497,28 @@ async fn write_chunks(
     let mut stats = WriteStats::default();
     let mut inflight = FuturesUnordered::new();
     let mut failure = None;
-    while let Some(piece) = rx.recv().await {
-        let piece: Result<Piece> = piece;
+    loop {
+        let piece = tokio::select! {
+            biased;
+            () = opts.cancel.cancelled() => {
+                failure = Some(Error::new(ErrorKind::Cancelled, format!(
+                    "restore onto {what} cancelled after {} bytes: the disk is partly \
+                     restored; restore again before starting the vm",
+                    stats.data + stats.zero
+                )));
+                break;
+            }
+            piece = rx.recv() => piece,
+        };
         let piece = match piece {
-            Ok(p) => p,
-            Err(e) => {
+            None => break,
+            Some(Ok(p)) => p,
+            Some(Err(e)) => {
                 failure = Some(e);
                 break;
             }
         };
-        count(&mut stats, &piece, cs);
+        count(&mut stats, &piece, cs, &opts.progress);
         inflight.push(write_piece(client.clone(), piece));
         if inflight.len() >= DEPTH {
             if let Some(Err(e)) = inflight.next().await {
@@ -502,15 +540,18 @@ async fn write_chunks(
     }
 }
 
-fn count(stats: &mut WriteStats, piece: &Piece, cs: u64) {
+fn count(stats: &mut WriteStats, piece: &Piece, cs: u64, progress: &Progress) {
     match piece {
         Piece::Data { data, .. } => {
             stats.chunks += 1;
             stats.data += data.len() as u64;
+            Progress::add(&progress.bytes_done, data.len() as u64);
         }
         Piece::Zero { len, .. } => {
             stats.chunks += len.div_ceil(cs);
             stats.zero += len;
+            Progress::add(&progress.bytes_done, *len);
+            Progress::add(&progress.bytes_zero, *len);
         }
     }
 }
