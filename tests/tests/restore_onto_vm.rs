@@ -42,19 +42,28 @@ fn restore(bed: &Bed, backup: &catalog::BackupId) -> Result<OntoVmReport> {
     Ok(report)
 }
 
-fn refused(bed: &Bed, backup: &catalog::BackupId, confirm: bool, says: &str) -> Result<()> {
-    let opts = options(bed, backup, confirm);
+/// The restore with `opts` fails with an error of `kind` whose message contains `says`.
+fn fails(bed: &Bed, opts: &OntoVmOptions, kind: ErrorKind, says: &str) -> Result<()> {
     let err = bed
         .rt
-        .block_on(restore_onto_vm(&bed.hv, &bed.repo, &opts))
+        .block_on(restore_onto_vm(&bed.hv, &bed.repo, opts))
         .err()
-        .context("restore was not refused")?;
-    ensure!(err.kind() == ErrorKind::Refused, "kind of {err}");
+        .context("restore succeeded")?;
+    ensure!(err.kind() == kind, "kind of {err}");
     ensure!(
         err.to_string().contains(says),
         "message {err:?} lacks {says:?}"
     );
     Ok(())
+}
+
+fn refused(bed: &Bed, backup: &catalog::BackupId, confirm: bool, says: &str) -> Result<()> {
+    fails(
+        bed,
+        &options(bed, backup, confirm),
+        ErrorKind::Refused,
+        says,
+    )
 }
 
 /// The VM's vda image, read from outside, equals `want`.
@@ -162,13 +171,7 @@ fn restore_onto_a_shut_off_vm_writes_only_changed_chunks() -> Result<()> {
     // Cancelled: stops before writing, closes the image cleanly and says so.
     let opts = options(&bed, &inc.id, true);
     opts.cancel.cancel();
-    let err = bed
-        .rt
-        .block_on(restore_onto_vm(&bed.hv, &bed.repo, &opts))
-        .err()
-        .context("cancelled restore succeeded")?;
-    ensure!(err.kind() == ErrorKind::Cancelled, "{err}");
-    ensure!(err.to_string().contains("partly restored"), "{err}");
+    fails(&bed, &opts, ErrorKind::Cancelled, "partly restored")?;
     run("qemu-img", &["check", &image])?;
     disk_equals(&bed, first.disk("vda")?)?;
     Ok(())
