@@ -71,6 +71,12 @@ pub enum Verb {
         #[command(subcommand)]
         cmd: JobCmd,
     },
+    /// Backup policies: `policy apply FILE [--dry-run]`, `policy list`, `policy show NAME`,
+    /// `policy delete NAME`.
+    Policy {
+        #[command(subcommand)]
+        cmd: crate::cli_ops::PolicyCmd,
+    },
     /// API tokens.
     Token {
         #[command(subcommand)]
@@ -204,6 +210,7 @@ async fn dispatch(c: &Client, verb: Verb, as_json: bool) -> anyhow::Result<i32> 
                 &pretty,
             ),
         },
+        Verb::Policy { cmd } => return crate::cli_ops::policy(c, cmd, as_json).await,
         Verb::Token { cmd } => match cmd {
             TokenCmd::Create { name, role, vms } => {
                 let v = c

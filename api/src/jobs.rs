@@ -71,7 +71,7 @@ impl From<ProgressSnapshot> for JobProgress {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct JobInfo {
     pub id: u64,
-    /// `backup`.
+    /// `backup` or `restore`.
     pub kind: String,
     pub vm: String,
     pub state: JobState,
@@ -84,6 +84,9 @@ pub struct JobInfo {
     pub message: Option<String>,
     /// The committed backup, once succeeded.
     pub backup_id: Option<String>,
+    /// The policy whose schedule started it (none: started through the API).
+    #[serde(default)]
+    pub policy: Option<String>,
     pub progress: JobProgress,
 }
 
@@ -91,6 +94,8 @@ struct Entry {
     info: JobInfo,
     progress: Arc<Progress>,
     cancel: CancellationToken,
+    /// Appended to the final message.
+    note: Option<String>,
 }
 
 /// The job registry.
@@ -130,8 +135,24 @@ impl Jobs {
         }
     }
 
-    /// Queues a job; `body` runs once a slot is free.
+    /// Queues a backup job; `body` runs once a slot is free.
     pub fn spawn<F, Fut>(self: &Arc<Self>, vm: &str, mode: &str, body: F) -> JobInfo
+    where
+        F: FnOnce(JobHandle) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = JobOutcome> + Send + 'static,
+    {
+        self.spawn_kind("backup", vm, mode, body)
+    }
+
+    /// Queues a job of `kind` (`backup`, `restore`); `body` runs once a slot is free. A
+    /// job other than a backup reports its `Ok` text as its message.
+    pub fn spawn_kind<F, Fut>(
+        self: &Arc<Self>,
+        kind: &str,
+        vm: &str,
+        mode: &str,
+        body: F,
+    ) -> JobInfo
     where
         F: FnOnce(JobHandle) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = JobOutcome> + Send + 'static,
@@ -145,7 +166,7 @@ impl Jobs {
         let cancel = self.shutdown.child_token();
         let info = JobInfo {
             id,
-            kind: "backup".into(),
+            kind: kind.to_string(),
             vm: vm.to_string(),
             state: JobState::Queued,
             mode: mode.to_string(),
@@ -153,12 +174,14 @@ impl Jobs {
             finished: None,
             message: None,
             backup_id: None,
+            policy: None,
             progress: JobProgress::default(),
         };
         let entry = Entry {
             info: info.clone(),
             progress: progress.clone(),
             cancel: cancel.clone(),
+            note: None,
         };
         self.entries.lock().expect("jobs lock").insert(id, entry);
         let me = self.clone();
@@ -170,6 +193,33 @@ impl Jobs {
         self.tracker
             .spawn(async move { me.run(handle, body).await });
         info
+    }
+
+    /// Queues a backup job started by policy `policy`'s schedule.
+    pub fn spawn_for_policy<F, Fut>(
+        self: &Arc<Self>,
+        vm: &str,
+        mode: &str,
+        policy: &str,
+        body: F,
+    ) -> JobInfo
+    where
+        F: FnOnce(JobHandle) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = JobOutcome> + Send + 'static,
+    {
+        let mut info = self.spawn(vm, mode, body);
+        info.policy = Some(policy.to_string());
+        if let Some(e) = self.entries.lock().expect("jobs lock").get_mut(&info.id) {
+            e.info.policy = info.policy.clone();
+        }
+        info
+    }
+
+    /// Adds `note` to the message job `id` ends with (e.g. what its retention removed).
+    pub fn annotate(&self, id: u64, note: &str) {
+        if let Some(e) = self.entries.lock().expect("jobs lock").get_mut(&id) {
+            e.note = Some(note.to_string());
+        }
     }
 
     async fn run<F, Fut>(self: Arc<Self>, h: JobHandle, body: F)
@@ -206,6 +256,10 @@ impl Jobs {
         e.info.finished = Some(now());
         e.info.progress = e.progress.snapshot().into();
         match out {
+            Ok(text) if e.info.kind != "backup" => {
+                e.info.state = JobState::Succeeded;
+                e.info.message = Some(text);
+            }
             Ok(backup) => {
                 e.info.state = JobState::Succeeded;
                 e.info.message = Some(format!("backup {backup} committed"));
@@ -219,6 +273,10 @@ impl Jobs {
                 };
                 e.info.message = Some(msg);
             }
+        }
+        if let Some(note) = e.note.take() {
+            let msg = e.info.message.take().unwrap_or_default();
+            e.info.message = Some(format!("{msg}; {note}"));
         }
         tracing::info!(job = id, state = ?e.info.state, "job finished");
     }

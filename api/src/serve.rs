@@ -48,7 +48,10 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         Some(addr) => state.with_exports(start_nbd(addr).await?),
         None => state,
     };
-    let state = Arc::new(state);
+    let policies = crate::policy::PolicyStore::open(&cfg.data_dir.join("policies"))?;
+    let state = Arc::new(state.with_policies(policies));
+    let stop_scheduler = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(crate::scheduler::run(state.clone(), stop_scheduler.clone()));
     let app = crate::routes::app(state.clone());
     let listener = TcpListener::bind(cfg.listen)
         .await
@@ -64,6 +67,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         r = accept_loop(listener, tls, app) => r?,
         _ = shutdown_signal() => tracing::info!("shutting down: cancelling running jobs"),
     }
+    stop_scheduler.cancel();
     state.jobs.shutdown().await;
     tracing::info!("every job ended; exiting");
     Ok(())

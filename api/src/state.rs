@@ -13,6 +13,7 @@ use crate::auth::TokenStore;
 use crate::error::{ApiError, ApiResult};
 use crate::hv::Hv;
 use crate::jobs::Jobs;
+use crate::policy::PolicyStore;
 use crate::routes::exports::Exports;
 
 /// Repository calls allowed to run at once.
@@ -30,6 +31,8 @@ pub struct AppState {
     pub audit: Option<AuditLog>,
     /// NBD exports of backups, if enabled.
     pub exports: Option<Exports>,
+    /// Installed backup policies (in memory unless [`AppState::with_policies`]).
+    pub policies: PolicyStore,
     repo_slots: Semaphore,
 }
 
@@ -61,6 +64,7 @@ impl AppState {
             work_dir,
             audit: None,
             exports: None,
+            policies: PolicyStore::in_memory(),
             repo_slots: Semaphore::new(REPO_SLOTS),
         }
     }
@@ -74,6 +78,12 @@ impl AppState {
     /// Serves NBD exports through `exports`.
     pub fn with_exports(mut self, exports: Exports) -> Self {
         self.exports = Some(exports);
+        self
+    }
+
+    /// Keeps policies in `store` (persisted under the data directory by `sluice serve`).
+    pub fn with_policies(mut self, store: PolicyStore) -> Self {
+        self.policies = store;
         self
     }
 

@@ -204,3 +204,55 @@ fn docs_api_md_names_every_route() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_policy_file_names_each_error_with_its_line_and_changes_nothing() {
+    let a = api().await;
+    let t = Some(a.admin.as_str());
+    let good = "name = \"p\"\nvms = [\"web-*\"]\nschedule = \"@daily\"\n";
+    let body = |src: &str| {
+        Some(
+            serde_json::json!({ "source": src })
+                .to_string()
+                .into_bytes(),
+        )
+    };
+    let (s, j) = call(&a.app, "POST", "/api/v1/policies", t, body(good)).await;
+    assert_eq!(s, StatusCode::OK, "{j}");
+    let bad =
+        "name = \"p\"\nvms = [\"web-[12]\"]\nschedule = \"0 2 * *\"\n[retention]\nkeep_last = 0\n";
+    let (s, j) = call(&a.app, "POST", "/api/v1/policies", t, body(bad)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{j}");
+    let (code, msg) = err(&j);
+    assert_eq!(code, "invalid_policy");
+    for want in [
+        "line 2, column 8",
+        "line 3, column 12",
+        "line 4",
+        "5 fields",
+        "keeps nothing",
+    ] {
+        assert!(msg.contains(want), "{want:?} missing in {msg}");
+    }
+    let (s, j) = call(
+        &a.app,
+        "POST",
+        "/api/v1/policies",
+        t,
+        body(&format!("{good}keep = 1\n")),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{j}");
+    assert!(
+        err(&j).1.contains("line 4") && err(&j).1.contains("unknown field `keep`"),
+        "{j}"
+    );
+    let (s, j) = call(&a.app, "POST", "/api/v1/policies", t, body("name = [")).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{j}");
+    assert!(err(&j).1.contains("line 1"), "{j}");
+    let (s, j) = call(&a.app, "GET", "/api/v1/policies/p", t, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(j["source"], good, "the installed policy is unchanged");
+    let (s, j) = call(&a.app, "GET", "/api/v1/policies/..%2Fp", t, None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{j}");
+}

@@ -71,6 +71,27 @@ fn routes(missing_backup: &str) -> Vec<(&'static str, String, Option<&'static st
             None,
             [NF, NF, FB, FB, FB],
         ),
+        ("GET", "/api/v1/policies".into(), None, [OK, OK, OK, FB, FB]),
+        (
+            "POST",
+            "/api/v1/policies".into(),
+            Some(
+                r#"{"source":"name = \"p\"\nvms = [\"x\"]\nschedule = \"@daily\"\n","dry_run":true}"#,
+            ),
+            [OK, FB, FB, FB, FB],
+        ),
+        (
+            "GET",
+            "/api/v1/policies/nosuch".into(),
+            None,
+            [NF, NF, NF, FB, FB],
+        ),
+        (
+            "DELETE",
+            "/api/v1/policies/nosuch".into(),
+            None,
+            [NF, FB, FB, FB, FB],
+        ),
         (
             "GET",
             "/api/v1/repository".into(),

@@ -6,6 +6,7 @@
 pub mod backups;
 pub mod exports;
 pub mod jobs;
+pub mod policies;
 pub mod repo;
 pub mod tokens;
 pub mod vms;
@@ -76,6 +77,7 @@ impl Modify for Bearer {
         backups::list, backups::show, backups::delete, backups::protect,
         jobs::list, jobs::show, jobs::cancel,
         exports::list, exports::open, exports::close,
+        policies::apply, policies::list, policies::show, policies::delete,
         repo::stats, repo::verify, repo::prune, repo::gc,
         tokens::create, tokens::list, tokens::revoke,
     ),
@@ -117,6 +119,11 @@ pub fn app(state: SharedState) -> Router {
         .route("/jobs/{id}/cancel", post(jobs::cancel))
         .route("/exports", get(exports::list).post(exports::open))
         .route("/exports/{id}", delete(exports::close))
+        .route("/policies", get(policies::list).post(policies::apply))
+        .route(
+            "/policies/{name}",
+            get(policies::show).delete(policies::delete),
+        )
         .route("/repository", get(repo::stats))
         .route("/verify", post(repo::verify))
         .route("/prune", post(repo::prune))

@@ -152,7 +152,7 @@ pub async fn trigger(
     Ok((StatusCode::ACCEPTED, Json(info)))
 }
 
-async fn backup_job(
+pub(crate) async fn backup_job(
     st: SharedState,
     vm: String,
     mode: BackupModeRequest,

@@ -1,0 +1,505 @@
+//! Backup policies: the policy file format (TOML: which VMs, a cron schedule, a retention, a
+//! backup mode), its validation with every error named by line and column, and the store of
+//! installed policies (`<data_dir>/policies/<name>.toml`, the source exactly as applied, plus
+//! `state.json` with when each was applied and last run).
+//!
+//! It does not run anything: [`crate::scheduler`] decides what is due and starts the jobs.
+//!
+//! ```toml
+//! name = "web"
+//! vms = ["web-*", "db-1"]       # names or globs (`*`, `?`)
+//! schedule = "0 2 * * *"        # cron, UTC; or @hourly, @daily, ...
+//! mode = "auto"                 # or "full"
+//! [retention]                   # optional: without it nothing is pruned
+//! keep_last = 7
+//! keep_daily = 14
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::Write;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use catalog::RetentionPolicy;
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+use utoipa::ToSchema;
+
+use crate::cron::Schedule;
+use crate::error::{ApiError, ApiResult};
+use crate::routes::vms::BackupModeRequest;
+
+/// Longest policy name.
+const MAX_POLICY_NAME: usize = 64;
+/// Longest VM pattern.
+const MAX_PATTERN: usize = 128;
+
+/// How many backups a policy keeps per period (see `catalog::retention`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retention {
+    pub keep_last: u32,
+    pub keep_hourly: u32,
+    pub keep_daily: u32,
+    pub keep_weekly: u32,
+    pub keep_monthly: u32,
+    pub keep_yearly: u32,
+}
+
+impl From<Retention> for RetentionPolicy {
+    fn from(r: Retention) -> Self {
+        RetentionPolicy {
+            keep_last: r.keep_last,
+            keep_hourly: r.keep_hourly,
+            keep_daily: r.keep_daily,
+            keep_weekly: r.keep_weekly,
+            keep_monthly: r.keep_monthly,
+            keep_yearly: r.keep_yearly,
+        }
+    }
+}
+
+/// A validated policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Policy {
+    pub name: String,
+    /// VM names or globs (`*`, `?`).
+    pub vms: Vec<String>,
+    /// Cron expression (five fields, UTC) or `@hourly`, `@daily`, `@weekly`, `@monthly`,
+    /// `@yearly`.
+    pub schedule: String,
+    pub mode: BackupModeRequest,
+    /// Applied to each VM after each successful scheduled backup; none: nothing is pruned.
+    pub retention: Option<Retention>,
+    /// A disabled policy is kept but never fires.
+    pub enabled: bool,
+    pub description: Option<String>,
+}
+
+/// The file as written, with positions for error messages.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyToml {
+    name: Spanned<String>,
+    vms: Spanned<Vec<Spanned<String>>>,
+    schedule: Spanned<String>,
+    #[serde(default)]
+    mode: BackupModeRequest,
+    retention: Option<Spanned<Retention>>,
+    #[serde(default = "yes")]
+    enabled: bool,
+    description: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One problem in a policy file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PolicyError {
+    /// 1-based.
+    pub line: usize,
+    /// 1-based, in characters.
+    pub column: usize,
+    pub message: String,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "line {}, column {}: {}",
+            self.line, self.column, self.message
+        )
+    }
+}
+
+/// Every error of a policy file, as one line per error.
+pub fn describe(errors: &[PolicyError]) -> String {
+    errors
+        .iter()
+        .map(|e| e.to_string())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn at(text: &str, span: Option<Range<usize>>, message: impl Into<String>) -> PolicyError {
+    let offset = span.map_or(0, |s| s.start.min(text.len()));
+    let before = text.get(..offset).unwrap_or("");
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    PolicyError {
+        line,
+        column,
+        message: message.into(),
+    }
+}
+
+/// Parses and validates a policy file; on failure, every problem found.
+pub fn parse(text: &str) -> Result<Policy, Vec<PolicyError>> {
+    let raw: PolicyToml = toml::from_str(text).map_err(|e| {
+        let msg = e.message().trim_end().to_string();
+        vec![at(text, e.span(), msg)]
+    })?;
+    let mut errors = Vec::new();
+    if let Err(why) = check_policy_name(raw.name.get_ref()) {
+        errors.push(at(text, Some(raw.name.span()), why));
+    }
+    if raw.vms.get_ref().is_empty() {
+        errors.push(at(
+            text,
+            Some(raw.vms.span()),
+            "vms lists no VM name or glob",
+        ));
+    }
+    for p in raw.vms.get_ref() {
+        if let Err(why) = check_pattern(p.get_ref()) {
+            errors.push(at(text, Some(p.span()), why));
+        }
+    }
+    if let Err(e) = Schedule::parse(raw.schedule.get_ref()) {
+        errors.push(at(text, Some(raw.schedule.span()), e.0));
+    }
+    if let Some(r) = &raw.retention {
+        if *r.get_ref() == Retention::default() {
+            let why = "retention keeps nothing (every keep_* is 0); give at least one keep_* rule or remove [retention]";
+            errors.push(at(text, Some(r.span()), why));
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Policy {
+        name: raw.name.into_inner(),
+        vms: raw
+            .vms
+            .into_inner()
+            .into_iter()
+            .map(|s| s.into_inner())
+            .collect(),
+        schedule: raw.schedule.into_inner(),
+        mode: raw.mode,
+        retention: raw.retention.map(|r| r.into_inner()),
+        enabled: raw.enabled,
+        description: raw.description,
+    })
+}
+
+fn check_policy_name(name: &str) -> Result<(), String> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if name.is_empty() || name.len() > MAX_POLICY_NAME {
+        return Err(format!(
+            "policy name must be 1 to {MAX_POLICY_NAME} characters"
+        ));
+    }
+    if !name.chars().all(ok_char) || name.starts_with('.') {
+        return Err(format!(
+            "policy name {name:?} may only hold letters, digits, `-`, `_` and `.` (not first)"
+        ));
+    }
+    Ok(())
+}
+
+fn check_pattern(p: &str) -> Result<(), String> {
+    if p.is_empty() || p.len() > MAX_PATTERN {
+        return Err(format!("vm pattern must be 1 to {MAX_PATTERN} bytes"));
+    }
+    if p.chars().any(|c| c.is_control()) || p.contains('/') || p.contains("..") {
+        return Err(format!(
+            "vm pattern {p:?} holds a control character, `/` or `..`"
+        ));
+    }
+    if let Some(c) = p.chars().find(|c| matches!(c, '[' | ']' | '{' | '}' | '!')) {
+        return Err(format!(
+            "vm pattern {p:?} uses `{c}`: only `*` and `?` are supported"
+        ));
+    }
+    Ok(())
+}
+
+/// An installed policy as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PolicyInfo {
+    pub policy: Policy,
+    /// The file exactly as applied.
+    pub source: String,
+    /// Unix seconds.
+    pub applied: i64,
+    /// Last time the scheduler fired it, Unix seconds.
+    pub last_run: Option<i64>,
+    /// Next time it fires, Unix seconds (none when disabled).
+    pub next_run: Option<i64>,
+}
+
+/// When a policy was applied and last fired (persisted in `state.json`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct RunState {
+    applied: i64,
+    last_run: Option<i64>,
+}
+
+struct Installed {
+    policy: Policy,
+    schedule: Schedule,
+    source: String,
+    run: RunState,
+}
+
+impl Installed {
+    fn info(&self) -> PolicyInfo {
+        let since = self.run.last_run.unwrap_or(self.run.applied);
+        PolicyInfo {
+            policy: self.policy.clone(),
+            source: self.source.clone(),
+            applied: self.run.applied,
+            last_run: self.run.last_run,
+            next_run: self
+                .policy
+                .enabled
+                .then(|| self.schedule.next_after(since))
+                .flatten(),
+        }
+    }
+}
+
+/// The installed policies; persisted under a directory, or in memory only.
+#[derive(Default)]
+pub struct PolicyStore {
+    dir: Option<PathBuf>,
+    inner: Mutex<BTreeMap<String, Installed>>,
+}
+
+impl fmt::Debug for PolicyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PolicyStore")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PolicyStore {
+    /// A store that forgets everything on restart (tests, embedded use).
+    pub fn in_memory() -> Self {
+        PolicyStore::default()
+    }
+
+    /// Opens (creates) `dir` and loads every `*.toml` in it; a file that no longer
+    /// validates is skipped with an error in the log.
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("creating policy dir {}: {e}", dir.display()))?;
+        let states: BTreeMap<String, RunState> = match std::fs::read(dir.join("state.json")) {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_default(),
+            Err(_) => BTreeMap::new(),
+        };
+        let mut map = BTreeMap::new();
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.extension().is_none_or(|e| e != "toml") {
+                continue;
+            }
+            match load_one(&path) {
+                Ok((policy, schedule, source)) => {
+                    let run = states.get(&policy.name).copied().unwrap_or(RunState {
+                        applied: crate::auth::now(),
+                        last_run: None,
+                    });
+                    map.insert(
+                        policy.name.clone(),
+                        Installed {
+                            policy,
+                            schedule,
+                            source,
+                            run,
+                        },
+                    );
+                }
+                Err(e) => tracing::error!("policy file {} skipped: {e}", path.display()),
+            }
+        }
+        Ok(PolicyStore {
+            dir: Some(dir.to_path_buf()),
+            inner: Mutex::new(map),
+        })
+    }
+
+    /// Installs (or replaces) a validated policy; returns whether it is new. A replaced
+    /// policy keeps its last run, so re-applying the same file does not fire it again.
+    pub fn apply(&self, policy: Policy, source: &str, now: i64) -> ApiResult<bool> {
+        let schedule = Schedule::parse(&policy.schedule)
+            .map_err(|e| ApiError::bad_request(format!("policy {}: {e}", policy.name)))?;
+        let mut map = self.inner.lock().expect("policy lock");
+        let last_run = map.get(&policy.name).and_then(|p| p.run.last_run);
+        if let Some(dir) = &self.dir {
+            write_atomic(
+                &dir.join(format!("{}.toml", policy.name)),
+                source.as_bytes(),
+            )?;
+        }
+        let name = policy.name.clone();
+        let run = RunState {
+            applied: now,
+            last_run,
+        };
+        let inst = Installed {
+            policy,
+            schedule,
+            source: source.to_string(),
+            run,
+        };
+        let created = map.insert(name, inst).is_none();
+        self.save_state(&map)?;
+        Ok(created)
+    }
+
+    /// Every policy, by name.
+    pub fn list(&self) -> Vec<PolicyInfo> {
+        let map = self.inner.lock().expect("policy lock");
+        map.values().map(Installed::info).collect()
+    }
+
+    /// One policy.
+    pub fn get(&self, name: &str) -> Option<PolicyInfo> {
+        let map = self.inner.lock().expect("policy lock");
+        map.get(name).map(Installed::info)
+    }
+
+    /// Removes policy `name`.
+    pub fn delete(&self, name: &str) -> ApiResult<()> {
+        let mut map = self.inner.lock().expect("policy lock");
+        if map.remove(name).is_none() {
+            return Err(ApiError::not_found(format!("policy {name} does not exist")));
+        }
+        if let Some(dir) = &self.dir {
+            let path = dir.join(format!("{name}.toml"));
+            std::fs::remove_file(&path)
+                .map_err(|e| ApiError::internal(format!("removing {}: {e}", path.display())))?;
+        }
+        self.save_state(&map)
+    }
+
+    /// The enabled policies due at `now`, each marked as run at `now` (and persisted).
+    pub fn take_due(&self, now: i64) -> Vec<Policy> {
+        let mut map = self.inner.lock().expect("policy lock");
+        let mut due = Vec::new();
+        for p in map.values_mut() {
+            let since = p.run.last_run.unwrap_or(p.run.applied);
+            if p.policy.enabled && crate::scheduler::is_due(&p.schedule, since, now) {
+                p.run.last_run = Some(now);
+                due.push(p.policy.clone());
+            }
+        }
+        if !due.is_empty() {
+            if let Err(e) = self.save_state(&map) {
+                tracing::error!("saving policy run times: {e}");
+            }
+        }
+        due
+    }
+
+    fn save_state(&self, map: &BTreeMap<String, Installed>) -> ApiResult<()> {
+        let Some(dir) = &self.dir else {
+            return Ok(());
+        };
+        let states: BTreeMap<&str, RunState> =
+            map.iter().map(|(k, v)| (k.as_str(), v.run)).collect();
+        let body =
+            serde_json::to_vec_pretty(&states).map_err(|e| ApiError::internal(e.to_string()))?;
+        write_atomic(&dir.join("state.json"), &body)
+    }
+}
+
+fn load_one(path: &Path) -> anyhow::Result<(Policy, Schedule, String)> {
+    let source = std::fs::read_to_string(path)?;
+    let policy = parse(&source).map_err(|e| anyhow::anyhow!("{}", describe(&e)))?;
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+    anyhow::ensure!(
+        stem == policy.name,
+        "its name is {:?}, not {stem:?}",
+        policy.name
+    );
+    let schedule = Schedule::parse(&policy.schedule).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok((policy, schedule, source))
+}
+
+/// Writes `body` to a temporary name, syncs, renames over `path`.
+fn write_atomic(path: &Path, body: &[u8]) -> ApiResult<()> {
+    let err = |e: std::io::Error| ApiError::internal(format!("writing {}: {e}", path.display()));
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(err)?;
+    f.write_all(body).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "name = \"web\"\nvms = [\"web-*\", \"db-1\"]\nschedule = \"0 2 * * *\"\n\n[retention]\nkeep_last = 3\nkeep_daily = 7\n";
+
+    #[test]
+    fn a_good_file_parses() {
+        let p = parse(GOOD).unwrap();
+        assert_eq!(p.vms, ["web-*", "db-1"]);
+        assert_eq!(p.mode, BackupModeRequest::Auto);
+        assert!(p.enabled);
+        assert_eq!(p.retention.unwrap().keep_daily, 7);
+    }
+
+    #[test]
+    fn errors_name_their_line_and_column() {
+        let text = "name = \"web\"\nvms = [\"ok\", \"web-[1]\"]\nschedule = \"0 25 * * *\"\n[retention]\nkeep_last = 0\n";
+        let errs = parse(text).unwrap_err();
+        let shown = describe(&errs);
+        assert_eq!(errs.len(), 3, "{shown}");
+        assert_eq!((errs[0].line, errs[0].column), (2, 14), "{shown}");
+        assert!(errs[0].message.contains("only `*` and `?`"), "{shown}");
+        assert_eq!((errs[1].line, errs[1].column), (3, 12), "{shown}");
+        assert!(errs[1].message.contains("hour field"), "{shown}");
+        assert_eq!(errs[2].line, 4, "{shown}");
+        assert!(errs[2].message.contains("keeps nothing"), "{shown}");
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_types_are_named_by_toml() {
+        let errs =
+            parse("name = \"a\"\nvms = [\"x\"]\nschedule = \"@daily\"\nkeep = 3\n").unwrap_err();
+        assert_eq!(errs[0].line, 4, "{}", describe(&errs));
+        assert!(
+            errs[0].message.contains("unknown field `keep`"),
+            "{}",
+            describe(&errs)
+        );
+        let errs = parse(&GOOD.replace("keep_daily = 7", "keep_forever = 1")).unwrap_err();
+        assert_eq!(errs[0].line, 7, "{}", describe(&errs));
+        assert!(
+            errs[0].message.contains("keep_forever"),
+            "{}",
+            describe(&errs)
+        );
+        let errs = parse("name = \"a\"\nvms = [\"x\"]\nschedule = \"@daily\"\nmode = \"fast\"\n")
+            .unwrap_err();
+        assert_eq!(errs[0].line, 4, "{}", describe(&errs));
+        let errs = parse("name = \"../etc\"\nvms = []\nschedule = \"@daily\"\n").unwrap_err();
+        assert_eq!(errs.len(), 2, "{}", describe(&errs));
+    }
+
+    #[test]
+    fn the_store_persists_sources_and_run_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = PolicyStore::open(dir.path()).unwrap();
+        assert!(store.apply(parse(GOOD).unwrap(), GOOD, 1_000).unwrap());
+        assert!(store.take_due(1_000 + 86_400 * 2).len() == 1);
+        drop(store);
+        let again = PolicyStore::open(dir.path()).unwrap();
+        let info = again.get("web").unwrap();
+        assert_eq!(info.source, GOOD);
+        assert_eq!(info.last_run, Some(1_000 + 86_400 * 2));
+        again.delete("web").unwrap();
+        assert!(PolicyStore::open(dir.path()).unwrap().list().is_empty());
+    }
+}

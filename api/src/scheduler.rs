@@ -1,0 +1,170 @@
+//! The scheduler of `sluice serve`: once per tick it asks the policy store which policies are
+//! due, expands each policy's globs against the VMs the hypervisor sees, and starts one
+//! backup job per VM through the same job path as `POST /vms/{vm}/backups`. After a
+//! successful scheduled backup it applies the policy's retention to that VM.
+//!
+//! A policy fires at most once per tick, however many firings it missed (a daemon that was
+//! down at 02:00 backs up once when it comes back, not once per missed day). A VM whose
+//! previous job has not ended is skipped for that firing.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{glob_match, now};
+use crate::cron::Schedule;
+use crate::jobs::{JobHandle, JobInfo, JobOutcome};
+use crate::policy::Policy;
+use crate::routes::vms::{backup_job, BackupModeRequest};
+use crate::state::SharedState;
+
+/// How often the scheduler looks for due policies.
+pub const TICK: Duration = Duration::from_secs(15);
+
+/// Whether a schedule last run (or applied) at `since` has a firing in `(since, now]`.
+pub fn is_due(schedule: &Schedule, since: i64, now: i64) -> bool {
+    schedule.next_after(since).is_some_and(|t| t <= now)
+}
+
+/// The VMs of `all` that `patterns` select, in the hypervisor's order.
+pub fn select_vms<'a>(patterns: &[String], all: &'a [String]) -> Vec<&'a str> {
+    all.iter()
+        .filter(|vm| patterns.iter().any(|p| glob_match(p, vm)))
+        .map(String::as_str)
+        .collect()
+}
+
+/// Runs until `stop`: one [`tick`] every [`TICK`].
+pub async fn run(st: SharedState, stop: CancellationToken) {
+    let mut every = tokio::time::interval(TICK);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        tick(&st, now()).await;
+    }
+}
+
+/// Starts the jobs of every policy due at `now`; returns them.
+pub async fn tick(st: &SharedState, now: i64) -> Vec<JobInfo> {
+    let due = st.policies.take_due(now);
+    if due.is_empty() {
+        return Vec::new();
+    }
+    let vms = match st.hv.list().await {
+        Ok(d) => d.into_iter().map(|d| d.name).collect::<Vec<_>>(),
+        Err(e) => {
+            tracing::error!("scheduler: listing VMs: {e}");
+            return Vec::new();
+        }
+    };
+    let busy: Vec<String> = st
+        .jobs
+        .list()
+        .into_iter()
+        .filter(|j| !j.state.is_final())
+        .map(|j| j.vm)
+        .collect();
+    let mut started = Vec::new();
+    for p in &due {
+        let chosen = select_vms(&p.vms, &vms);
+        if chosen.is_empty() {
+            tracing::warn!(policy = %p.name, "policy fired but selects no VM");
+        }
+        for vm in chosen {
+            if busy.iter().any(|b| b == vm) {
+                tracing::warn!(policy = %p.name, vm, "previous job still running; skipped");
+                continue;
+            }
+            started.push(start(st, p, vm));
+        }
+    }
+    started
+}
+
+fn start(st: &SharedState, p: &Policy, vm: &str) -> JobInfo {
+    let mode = if p.mode == BackupModeRequest::Full {
+        "full"
+    } else {
+        "auto"
+    };
+    tracing::info!(policy = %p.name, vm, mode, "scheduled backup");
+    let (state, policy, name) = (st.clone(), p.clone(), vm.to_string());
+    st.jobs.spawn_for_policy(vm, mode, &p.name, move |h| {
+        policy_job(state, policy, name, h)
+    })
+}
+
+async fn policy_job(st: SharedState, p: Policy, vm: String, h: JobHandle) -> JobOutcome {
+    let id = h.id;
+    let backup = backup_job(st.clone(), vm.clone(), p.mode, h).await?;
+    if let Some(ret) = p.retention {
+        let note = match prune_vm(&st, &backup, ret.into()).await {
+            Ok(n) => format!(
+                "retention of policy {} removed {n} backup(s) of {vm}",
+                p.name
+            ),
+            Err(e) => format!("retention of policy {} failed for {vm}: {e}", p.name),
+        };
+        tracing::info!(job = id, "{note}");
+        st.jobs.annotate(id, &note);
+    }
+    Ok(backup)
+}
+
+/// Applies `policy` to the VM of backup `backup`; returns how many backups it removed.
+async fn prune_vm(
+    st: &SharedState,
+    backup: &str,
+    policy: catalog::RetentionPolicy,
+) -> crate::error::ApiResult<usize> {
+    let id = catalog::BackupId::parse(backup)
+        .map_err(|e| crate::error::ApiError::internal(e.to_string()))?;
+    st.repo(move |r| {
+        let uuid = r.manifest(&id)?.vm.uuid;
+        r.prune(Some(&uuid), &policy, false)
+    })
+    .await
+    .map(|rep| rep.removed.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: i64 = 86_400;
+
+    #[test]
+    fn due_is_a_firing_between_the_last_run_and_now() {
+        let s = Schedule::parse("0 2 * * *").unwrap();
+        let midnight = 20_000 * DAY;
+        assert!(
+            !is_due(&s, midnight, midnight + 3600),
+            "01:00 is before 02:00"
+        );
+        assert!(is_due(&s, midnight, midnight + 2 * 3600), "02:00 itself");
+        assert!(
+            !is_due(&s, midnight + 2 * 3600, midnight + 5 * 3600),
+            "ran at 02:00"
+        );
+        assert!(
+            is_due(&s, midnight + 2 * 3600, midnight + 3 * DAY),
+            "missed days: once"
+        );
+        let every = Schedule::parse("*/5 * * * *").unwrap();
+        assert!(!is_due(&every, midnight + 60, midnight + 299));
+        assert!(is_due(&every, midnight + 60, midnight + 300));
+    }
+
+    #[test]
+    fn globs_select_vms() {
+        let all: Vec<String> = ["web-1", "web-2", "db-1", "test"].map(String::from).into();
+        let pick =
+            |p: &[&str]| select_vms(&p.iter().map(|s| s.to_string()).collect::<Vec<_>>(), &all);
+        assert_eq!(pick(&["web-*"]), ["web-1", "web-2"]);
+        assert_eq!(pick(&["db-1", "te?t"]), ["db-1", "test"]);
+        assert!(pick(&["nothing"]).is_empty());
+    }
+}
