@@ -140,17 +140,7 @@ pub async fn restore_onto_vm<H: Hypervisor>(
     }
     let targets = select_disks(&dom, &r, &opts.disks)?;
     require_shut_off(&dom, &r.id)?;
-    if !opts.confirm {
-        let names: Vec<&str> = targets.iter().map(|(d, _)| d.target.as_str()).collect();
-        return Err(Error::new(
-            ErrorKind::Refused,
-            format!(
-                "restoring backup {} onto vm {vm} overwrites its disks {}: confirm it (--confirm) to go ahead",
-                r.id,
-                names.join(", ")
-            ),
-        ));
-    }
+    require_confirm(opts, &r.id, &targets)?;
     let x = latest_backup(repo, &dom.uuid).await?;
     std::fs::create_dir_all(&opts.work_dir)
         .map_err(|e| Error::io(format!("work directory {}", opts.work_dir.display()), e))?;
@@ -165,7 +155,11 @@ pub async fn restore_onto_vm<H: Hypervisor>(
             image,
             opts,
         };
-        disks.push(restore_one(hv, repo, job).await?);
+        match restore_one(hv, repo, job).await {
+            Ok(d) => disks.push(d),
+            Err(e) if disks.is_empty() => return Err(e),
+            Err(e) => return Err(partly_done(e, vm, &disks)),
+        }
     }
     tracing::info!(vm, backup = %r.id, "restore onto vm finished");
     Ok(OntoVmReport {
@@ -174,6 +168,36 @@ pub async fn restore_onto_vm<H: Hypervisor>(
         disks,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+fn require_confirm(
+    opts: &OntoVmOptions,
+    backup: &BackupId,
+    targets: &[(DiskInfo, PathBuf)],
+) -> Result<()> {
+    if opts.confirm {
+        return Ok(());
+    }
+    let names: Vec<&str> = targets.iter().map(|(d, _)| d.target.as_str()).collect();
+    Err(Error::new(
+        ErrorKind::Refused,
+        format!(
+            "restoring backup {backup} onto vm {} overwrites its disks {}: confirm it \
+             (--confirm) to go ahead",
+            opts.vm,
+            names.join(", ")
+        ),
+    ))
+}
+
+/// `e`, saying which disks were already restored before it.
+fn partly_done(e: Error, vm: &str, done: &[DiskOntoReport]) -> Error {
+    let names: Vec<&str> = done.iter().map(|d| d.disk.as_str()).collect();
+    let message = format!(
+        "{e}; disks {} of vm {vm} were already restored",
+        names.join(", ")
+    );
+    Error::new(e.kind(), message)
 }
 
 async fn domain<H: Hypervisor>(hv: &H, vm: &str) -> Result<DomainInfo> {
@@ -608,4 +632,87 @@ fn produce(reader: &DiskReader, chunks: Option<&Bits>, tx: &mpsc::Sender<Result<
         }
     }
     send_run(&mut run);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use catalog::{
+        BackupMode, BackupSpec, CommitInfo, Consistency, DiskSpec, MemBackend, RepoConfig,
+        RepoOptions, VmIdentity,
+    };
+
+    const CS: u64 = 64 << 10;
+
+    /// A one-disk backup of 8 chunks: data in chunks 0, 1 and 5, zeroes elsewhere.
+    fn reader(dir: &Path) -> DiskReader {
+        let opts = RepoOptions::new(dir.join("catalog.db"));
+        let backend = Arc::new(MemBackend::new());
+        let repo = Repository::create(backend, RepoConfig::default(), opts).unwrap();
+        let w = repo
+            .begin_backup(BackupSpec {
+                vm: VmIdentity {
+                    name: "v".into(),
+                    uuid: "u".into(),
+                },
+                disks: vec![DiskSpec {
+                    target: "vda".into(),
+                    size: 8 * CS,
+                    checkpoint: None,
+                }],
+                parent: None,
+                started: 1,
+            })
+            .unwrap();
+        assert_eq!(w.chunk_size() as u64, CS);
+        let mut data = vec![0u8; 8 * CS as usize];
+        for i in [0u64, 1, 5] {
+            data[(i * CS) as usize..((i + 1) * CS) as usize].fill(i as u8 + 1);
+        }
+        w.put_chunks(0, 0, &data).unwrap();
+        let info = CommitInfo {
+            domain_xml: "<domain/>".into(),
+            mode: BackupMode::Full,
+            consistency: Consistency::Crash,
+            finished: 2,
+        };
+        let m = w.commit(info).unwrap();
+        repo.open_disk(&m.id, "vda").unwrap()
+    }
+
+    /// What `produce` sends, as (first chunk, chunks, is data).
+    fn pieces(reader: &DiskReader, chunks: Option<&Bits>) -> Vec<(u64, u64, bool)> {
+        let (tx, mut rx) = mpsc::channel(64);
+        produce(reader, chunks, &tx);
+        drop(tx);
+        let mut out = Vec::new();
+        while let Ok(p) = rx.try_recv() {
+            out.push(match p.unwrap() {
+                Piece::Data { offset, data } => (offset / CS, data.len() as u64 / CS, true),
+                Piece::Zero { offset, len } => (offset / CS, len / CS, false),
+            });
+        }
+        out
+    }
+
+    #[test]
+    fn zero_runs_are_coalesced_and_only_selected_chunks_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = reader(dir.path());
+        let all = pieces(&r, None);
+        let want = [
+            (0, 1, true),
+            (1, 1, true),
+            (2, 3, false),
+            (5, 1, true),
+            (6, 2, false),
+        ];
+        assert_eq!(all, want);
+        let mut sel = Bits::new(8);
+        for i in [1, 2, 3, 6] {
+            sel.set(i, true);
+        }
+        let some = pieces(&r, Some(&sel));
+        assert_eq!(some, [(1, 1, true), (2, 2, false), (6, 1, false)]);
+    }
 }
