@@ -8,27 +8,14 @@ mod support;
 use std::sync::Arc;
 
 use anyhow::{ensure, Result};
-use catalog::{BackupMode, FsBackend, Manifest, RepoConfig, RepoOptions, Repository};
+use catalog::{BackupMode, Repository};
 use proxy::hypervisor::libvirt::LibvirtHypervisor;
-use proxy::hypervisor::qmp::{QmpClient, QmpHypervisor};
 use proxy::hypervisor::Hypervisor;
 use proxy::job::{run_backup, BackupOptions, BackupReport, Progress};
-use support::{create_qcow2, guest_write, qemu, qemu_io, BiosVm, KIB, MIB};
-use testbed::ScratchDir;
+use support::{qemu_io, BiosVm, KIB, MIB};
+use testbed::qmp::{guest_write, PlainQemu};
+use testbed::{check_disk, TempRepo};
 use tokio_util::sync::CancellationToken;
-
-struct Repo {
-    repo: Repository,
-    _dir: tempfile::TempDir,
-}
-
-fn repo() -> Result<Repo> {
-    let dir = tempfile::tempdir()?;
-    let backend = Arc::new(FsBackend::open(dir.path().join("repo"))?);
-    let opts = RepoOptions::new(dir.path().join("catalog.db"));
-    let repo = Repository::create(backend, RepoConfig::default(), opts)?;
-    Ok(Repo { repo, _dir: dir })
-}
 
 async fn backup<H: Hypervisor>(
     hv: &H,
@@ -57,38 +44,17 @@ fn expected(size: u64, fills: &[(u64, u64, u8)]) -> Vec<u8> {
     v
 }
 
-fn check(repo: &Repository, m: &Manifest, disk: &str, want: &[u8]) -> Result<()> {
-    let reader = repo.open_disk(&m.id, disk)?;
-    let mut got = vec![0u8; want.len()];
-    reader.read_at(0, &mut got)?;
-    if let Some(at) = got.iter().zip(want).position(|(a, b)| a != b) {
-        anyhow::bail!("backup {} disk {disk} differs at byte {at}", m.id);
-    }
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_qemu_over_qmp_full_and_incrementals() -> Result<()> {
-    let dir = ScratchDir::create(&format!("bk-qmp-{}", std::process::id()))?;
-    let image = dir.path().join("disk0.qcow2");
-    create_qcow2(&image, 64 * MIB)?;
-    qemu_io(&image, "write -P 0xaa 0 1M")?;
-    let (qmp, qmp2) = (dir.path().join("qmp.sock"), dir.path().join("qmp2.sock"));
-    let _qemu = qemu(&image, &qmp, &qmp2)?;
-    let hv = QmpHypervisor::connect(&qmp, "vm").await?;
-    let mut writer = QmpClient::connect(&qmp2).await?;
-    let r = repo()?;
-    let work = dir.path().join("work");
+    let qemu = PlainQemu::start("bk-qmp", 64 * MIB, &["write -P 0xaa 0 1M"])?;
+    let (hv, mut writer) = qemu.connect("vm").await?;
+    let r = TempRepo::create()?;
+    let work = qemu.dir().join("work");
     let mut fills = vec![(0, MIB, 0xaa)];
 
-    let full = backup(&hv, &r.repo, "vm", &work).await?;
+    let full = backup(&hv, &r, "vm", &work).await?;
     assert_eq!(full.manifest.mode, BackupMode::Full);
-    check(
-        &r.repo,
-        &full.manifest,
-        "disk0",
-        &expected(64 * MIB, &fills),
-    )?;
+    check_disk(&r, &full.manifest, "disk0", &expected(64 * MIB, &fills))?;
     for (i, (off, len)) in [(8 * MIB, 64 * KIB), (16 * MIB + 4 * KIB, 4 * KIB)]
         .into_iter()
         .enumerate()
@@ -96,14 +62,14 @@ async fn plain_qemu_over_qmp_full_and_incrementals() -> Result<()> {
         let byte = 0x21 + i as u8;
         guest_write(&mut writer, off, len, byte).await?;
         fills.push((off, len, byte));
-        let inc = backup(&hv, &r.repo, "vm", &work).await?;
+        let inc = backup(&hv, &r, "vm", &work).await?;
         assert_eq!(inc.manifest.mode, BackupMode::Incremental);
         assert_eq!(inc.bytes_dirty, 64 * KIB);
         ensure!(inc.bytes_read <= 64 * KIB, "read {}", inc.bytes_read);
-        check(&r.repo, &inc.manifest, "disk0", &expected(64 * MIB, &fills))?;
+        check_disk(&r, &inc.manifest, "disk0", &expected(64 * MIB, &fills))?;
     }
-    check(
-        &r.repo,
+    check_disk(
+        &r,
         &full.manifest,
         "disk0",
         &expected(64 * MIB, &fills[..1]),
@@ -117,34 +83,29 @@ async fn stopped_vm_is_backed_up_offline_without_starting_it() -> Result<()> {
         qemu_io(&disks[0].1, "write -P 0x31 0 2M")
     })?;
     let hv = LibvirtHypervisor::connect("qemu:///system").await?;
-    let r = repo()?;
+    let r = TempRepo::create()?;
     let work = vm.dir.path().join("work");
     let mut fills = vec![(0, 2 * MIB, 0x31)];
 
-    let full = backup(&hv, &r.repo, &vm.name, &work).await?;
+    let full = backup(&hv, &r, &vm.name, &work).await?;
     assert_eq!(full.manifest.mode, BackupMode::Full);
     assert_eq!(vm.state()?, "shut off", "a stopped vm must not be started");
-    check(&r.repo, &full.manifest, "vda", &expected(32 * MIB, &fills))?;
+    check_disk(&r, &full.manifest, "vda", &expected(32 * MIB, &fills))?;
 
     qemu_io(vm.image("vda"), "write -P 0x32 4M 64k")?;
     fills.push((4 * MIB, 64 * KIB, 0x32));
-    let inc = backup(&hv, &r.repo, &vm.name, &work).await?;
+    let inc = backup(&hv, &r, &vm.name, &work).await?;
     assert_eq!(inc.manifest.mode, BackupMode::Incremental);
     assert_eq!(inc.bytes_dirty, 64 * KIB);
     assert_eq!(vm.state()?, "shut off");
-    check(&r.repo, &inc.manifest, "vda", &expected(32 * MIB, &fills))?;
+    check_disk(&r, &inc.manifest, "vda", &expected(32 * MIB, &fills))?;
 
     // Started later, the chain continues online from the checkpoint taken offline.
     vm.start()?;
     vm.write("vda", 6 * MIB, 64 * KIB, 0x33)?;
     fills.push((6 * MIB, 64 * KIB, 0x33));
-    let online = backup(&hv, &r.repo, &vm.name, &work).await?;
+    let online = backup(&hv, &r, &vm.name, &work).await?;
     assert_eq!(online.manifest.mode, BackupMode::Incremental);
-    check(
-        &r.repo,
-        &online.manifest,
-        "vda",
-        &expected(32 * MIB, &fills),
-    )?;
+    check_disk(&r, &online.manifest, "vda", &expected(32 * MIB, &fills))?;
     Ok(())
 }

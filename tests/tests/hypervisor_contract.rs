@@ -6,12 +6,12 @@ mod support;
 
 use anyhow::Result;
 use proxy::hypervisor::libvirt::LibvirtHypervisor;
-use proxy::hypervisor::qmp::{QmpClient, QmpHypervisor};
 use proxy::hypervisor::{
     BackupRequest, CheckpointHealth, CheckpointProblem, ErrorKind, ExpectedDisk, Hypervisor,
 };
 use support::*;
-use testbed::ScratchDir;
+use testbed::inspect::bitmap_extents;
+use testbed::qmp::{backup_request, checkpoint_names, guest_write, PlainQemu};
 
 /// The VM under test: its name, the disk to back up and where scratch files and sockets go.
 struct Subject<'a> {
@@ -22,24 +22,8 @@ struct Subject<'a> {
 
 impl Subject<'_> {
     fn request(&self, from: Option<&str>, new: Option<&str>) -> BackupRequest {
-        BackupRequest {
-            vm: self.vm.into(),
-            disks: vec![self.disk.into()],
-            incremental_from: from.map(String::from),
-            new_checkpoint: new.map(String::from),
-            scratch_dir: self.dir.to_path_buf(),
-            socket: self.dir.join("contract.sock"),
-        }
+        backup_request(self.vm, self.disk, self.dir, from, new)
     }
-}
-
-async fn names<H: Hypervisor>(hv: &H, vm: &str) -> Result<Vec<String>> {
-    Ok(hv
-        .list_checkpoints(vm)
-        .await?
-        .into_iter()
-        .map(|c| c.name)
-        .collect())
 }
 
 /// The disk is 64 MiB with its first MiB written; `write(offset, len, byte)` changes it while
@@ -70,7 +54,9 @@ async fn contract<H: Hypervisor>(
     );
     assert_eq!(data_extents(&e.socket, &e.export_name)?, vec![(0, MIB)]);
     b.finish().await?;
-    assert!(names(hv, s.vm).await?.contains(&"c1".to_string()));
+    assert!(checkpoint_names(hv, s.vm)
+        .await?
+        .contains(&"c1".to_string()));
     let want = |capacity| {
         vec![ExpectedDisk {
             disk: s.disk.into(),
@@ -98,26 +84,18 @@ async fn contract<H: Hypervisor>(
     // A failed incremental does not advance the chain: the next one still sees the change.
     write(8 * MIB, 64 * KIB, 0x31).await?;
     let b = hv.begin_backup(s.request(Some("c1"), Some("c2"))).await?;
-    let e = b.exports()[0].clone();
-    let ctx = e.dirty_bitmap_context.clone().expect("bitmap");
-    assert_eq!(
-        dirty_extents(&e.socket, &e.export_name, &ctx)?,
-        vec![(8 * MIB, 64 * KIB)]
-    );
+    assert_eq!(bitmap_extents(&b.exports()[0])?, vec![(8 * MIB, 64 * KIB)]);
     b.abort().await?;
-    assert!(!names(hv, s.vm).await?.contains(&"c2".to_string()));
+    assert!(!checkpoint_names(hv, s.vm)
+        .await?
+        .contains(&"c2".to_string()));
     assert!(files_with(s.dir, "scratch").is_empty());
     let b = hv.begin_backup(s.request(Some("c1"), Some("c3"))).await?;
-    let e = b.exports()[0].clone();
-    let ctx = e.dirty_bitmap_context.clone().expect("bitmap");
-    assert_eq!(
-        dirty_extents(&e.socket, &e.export_name, &ctx)?,
-        vec![(8 * MIB, 64 * KIB)]
-    );
+    assert_eq!(bitmap_extents(&b.exports()[0])?, vec![(8 * MIB, 64 * KIB)]);
     b.finish().await?;
 
     hv.delete_checkpoint(s.vm, "c1", false).await?;
-    assert_eq!(names(hv, s.vm).await?, vec!["c3"]);
+    assert_eq!(checkpoint_names(hv, s.vm).await?, vec!["c3"]);
 
     // Bad input: clear errors, nothing started.
     let bad = |r| async move { hv.begin_backup(r).await.unwrap_err().kind() };
@@ -152,18 +130,12 @@ async fn libvirt_adapter_meets_the_contract() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qmp_adapter_meets_the_contract() -> Result<()> {
-    let dir = ScratchDir::create(&format!("hv-contract-{}", std::process::id()))?;
-    let image = dir.path().join("disk0.qcow2");
-    create_qcow2(&image, 64 * MIB)?;
-    qemu_io(&image, "write -P 0xaa 0 1M")?;
-    let (qmp, qmp2) = (dir.path().join("qmp.sock"), dir.path().join("qmp2.sock"));
-    let _qemu = qemu(&image, &qmp, &qmp2)?;
-    let hv = QmpHypervisor::connect(&qmp, "vm").await?;
-    let mut writer = QmpClient::connect(&qmp2).await?;
+    let qemu = PlainQemu::start("hv-contract", 64 * MIB, &["write -P 0xaa 0 1M"])?;
+    let (hv, mut writer) = qemu.connect("vm").await?;
     let subject = Subject {
         vm: "vm",
         disk: "disk0",
-        dir: dir.path(),
+        dir: qemu.dir(),
     };
     contract(&hv, &subject, async |off, len, byte| {
         guest_write(&mut writer, off, len, byte).await

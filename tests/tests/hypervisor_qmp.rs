@@ -9,31 +9,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use proxy::hypervisor::offline::{self, OfflineDisk, OfflineRequest};
-use proxy::hypervisor::qmp::{QmpClient, QmpHypervisor};
+use proxy::hypervisor::qmp::QmpHypervisor;
 use proxy::hypervisor::{
     BackupRequest, CheckpointHealth, CheckpointProblem, ErrorKind, ExpectedDisk, Hypervisor,
 };
 use support::*;
+use testbed::inspect::bitmap_extents;
+use testbed::qmp::{backup_request, checkpoint_names, guest_write, qsd, PlainQemu};
 use testbed::ScratchDir;
 
+/// A backup request for `disk0` of `vm`.
 fn request(dir: &Path, vm: &str, from: Option<&str>, new: Option<&str>) -> BackupRequest {
-    BackupRequest {
-        vm: vm.into(),
-        disks: vec!["disk0".into()],
-        incremental_from: from.map(String::from),
-        new_checkpoint: new.map(String::from),
-        scratch_dir: dir.to_path_buf(),
-        socket: dir.join("nbd.sock"),
-    }
-}
-
-async fn checkpoint_names(hv: &QmpHypervisor, vm: &str) -> Result<Vec<String>> {
-    Ok(hv
-        .list_checkpoints(vm)
-        .await?
-        .into_iter()
-        .map(|c| c.name)
-        .collect())
+    backup_request(vm, "disk0", dir, from, new)
 }
 
 /// A 64 MiB image with data, bitmap `cp0`, then writes that `cp0` records; and a copy.
@@ -91,7 +78,7 @@ async fn storage_daemon_full_incremental_abort_and_drop() -> Result<()> {
         .expect("incremental has a bitmap");
     assert_eq!(ctx, "qemu:dirty-bitmap:sluice-backup-disk0");
     assert_eq!(
-        dirty_extents(&e.socket, &e.export_name, &ctx)?,
+        bitmap_extents(&e)?,
         vec![(2 * MIB, 64 * KIB), (5 * MIB, 64 * KIB)]
     );
     export_equals(&reference, &e.socket, &e.export_name)?;
@@ -126,10 +113,8 @@ async fn storage_daemon_full_incremental_abort_and_drop() -> Result<()> {
     let s = hv
         .begin_backup(request(dir.path(), "qsd", Some("cp1"), None))
         .await?;
-    let e = s.exports()[0].clone();
-    let ctx = e.dirty_bitmap_context.clone().expect("bitmap");
     assert!(
-        dirty_extents(&e.socket, &e.export_name, &ctx)?.is_empty(),
+        bitmap_extents(&s.exports()[0])?.is_empty(),
         "nothing changed since cp1"
     );
     s.finish().await?;
@@ -171,31 +156,22 @@ async fn storage_daemon_full_incremental_abort_and_drop() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_system_incrementals_see_exactly_the_writes() -> Result<()> {
-    let dir = ScratchDir::create(&format!("hv-qemu-{}", std::process::id()))?;
-    let image = dir.path().join("disk0.qcow2");
-    create_qcow2(&image, 64 * MIB)?;
-    qemu_io(&image, "write -P 0xaa 0 1M")?;
-    let (qmp, qmp2) = (dir.path().join("qmp.sock"), dir.path().join("qmp2.sock"));
-    let _qemu = qemu(&image, &qmp, &qmp2)?;
-    let hv = QmpHypervisor::connect(&qmp, "vm").await?;
-    let mut writer = QmpClient::connect(&qmp2).await?;
+    let qemu = PlainQemu::start("hv-qemu", 64 * MIB, &["write -P 0xaa 0 1M"])?;
+    let (hv, mut writer) = qemu.connect("vm").await?;
+    let dir = qemu.dir();
     assert_eq!(hv.domain("vm").await?.disks[0].target, "disk0");
 
-    hv.begin_backup(request(dir.path(), "vm", None, Some("cp1")))
+    hv.begin_backup(request(dir, "vm", None, Some("cp1")))
         .await?
         .finish()
         .await?;
     guest_write(&mut writer, 8 * MIB, 64 * KIB, 0x21).await?;
     let s = hv
-        .begin_backup(request(dir.path(), "vm", Some("cp1"), Some("cp2")))
+        .begin_backup(request(dir, "vm", Some("cp1"), Some("cp2")))
         .await?;
     guest_write(&mut writer, 16 * MIB, 64 * KIB, 0x22).await?; // during the export
     let e = s.exports()[0].clone();
-    let ctx = e.dirty_bitmap_context.clone().expect("bitmap");
-    assert_eq!(
-        dirty_extents(&e.socket, &e.export_name, &ctx)?,
-        vec![(8 * MIB, 64 * KIB)]
-    );
+    assert_eq!(bitmap_extents(&e)?, vec![(8 * MIB, 64 * KIB)]);
     // The export is the point in time: the write made during it reads as the old zeros.
     let map = data_extents(&e.socket, &e.export_name)?;
     assert!(
@@ -206,14 +182,9 @@ async fn qemu_system_incrementals_see_exactly_the_writes() -> Result<()> {
     s.finish().await?;
 
     let s = hv
-        .begin_backup(request(dir.path(), "vm", Some("cp2"), Some("cp3")))
+        .begin_backup(request(dir, "vm", Some("cp2"), Some("cp3")))
         .await?;
-    let e = s.exports()[0].clone();
-    let ctx = e.dirty_bitmap_context.clone().expect("bitmap");
-    assert_eq!(
-        dirty_extents(&e.socket, &e.export_name, &ctx)?,
-        vec![(16 * MIB, 64 * KIB)]
-    );
+    assert_eq!(bitmap_extents(&s.exports()[0])?, vec![(16 * MIB, 64 * KIB)]);
     s.finish().await?;
     assert_eq!(
         checkpoint_names(&hv, "vm").await?,

@@ -9,8 +9,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use proxy::hypervisor::qmp::QmpClient;
-use std::process::{Child, Stdio};
 use testbed::{ensure_libvirt, teardown_domain, virsh, ScratchDir};
 
 pub const MIB: u64 = 1 << 20;
@@ -41,15 +39,9 @@ pub fn run(program: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-pub fn qemu_io(image: &Path, cmd: &str) -> Result<()> {
-    run(
-        "qemu-io",
-        &["-f", "qcow2", "-c", cmd, &image.to_string_lossy()],
-    )
-    .map(drop)
-}
-
-pub use testbed::image::create_qcow2;
+// Not every test file that includes this module uses every helper.
+#[allow(unused_imports)]
+pub use testbed::image::{create_qcow2, qemu_io};
 
 /// A TCG domain that sits in SeaBIOS, with qcow2 disks `vda`, `vdb`, ... in a scratch dir.
 /// Dropping it removes the domain, its checkpoints and its files.
@@ -170,81 +162,8 @@ impl Drop for BiosVm {
     }
 }
 
-pub fn nbd_uri(socket: &Path, export: &str) -> String {
-    format!("nbd+unix:///{export}?socket={}", socket.display())
-}
-
-/// Extents `(offset, length, type)` that `nbdinfo --map=CONTEXT` reports.
-pub fn nbd_map(socket: &Path, export: &str, context: &str) -> Result<Vec<(u64, u64, u64)>> {
-    let out = run(
-        "nbdinfo",
-        &[
-            "--json",
-            &format!("--map={context}"),
-            &nbd_uri(socket, export),
-        ],
-    )?;
-    let v: serde_json::Value = serde_json::from_str(&out)?;
-    let extents = v.as_array().context("nbdinfo map is not an array")?;
-    Ok(extents
-        .iter()
-        .map(|e| {
-            (
-                e["offset"].as_u64().unwrap_or(0),
-                e["length"].as_u64().unwrap_or(0),
-                e["type"].as_u64().unwrap_or(0),
-            )
-        })
-        .collect())
-}
-
-/// The extents of `map` with type bit `bit` set, merged.
-pub fn extents_with(map: &[(u64, u64, u64)], bit: u64) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for &(off, len, ty) in map {
-        if ty & bit == 0 {
-            continue;
-        }
-        match out.last_mut() {
-            Some(last) if last.0 + last.1 == off => last.1 += len,
-            _ => out.push((off, len)),
-        }
-    }
-    out
-}
-
-/// Dirty extents of a `qemu:dirty-bitmap:` context.
-pub fn dirty_extents(socket: &Path, export: &str, context: &str) -> Result<Vec<(u64, u64)>> {
-    Ok(extents_with(&nbd_map(socket, export, context)?, 1))
-}
-
-/// Data (non-hole) extents of `base:allocation`.
-pub fn data_extents(socket: &Path, export: &str) -> Result<Vec<(u64, u64)>> {
-    let map = nbd_map(socket, export, "base:allocation")?;
-    let data: Vec<_> = map
-        .iter()
-        .map(|&(o, l, t)| (o, l, if t & 1 == 0 { 1 } else { 0 }))
-        .collect();
-    Ok(extents_with(&data, 1))
-}
-
-/// Whether an NBD export holds exactly the bytes of `image` (qcow2).
-pub fn export_equals(image: &Path, socket: &Path, export: &str) -> Result<()> {
-    run(
-        "qemu-img",
-        &[
-            "compare",
-            "-U",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            &image.to_string_lossy(),
-            &nbd_uri(socket, export),
-        ],
-    )
-    .map(drop)
-}
+#[allow(unused_imports)]
+pub use testbed::inspect::{data_extents, dirty_extents, export_equals};
 
 /// Names of files left in `dir` that contain `needle`.
 pub fn files_with(dir: &Path, needle: &str) -> Vec<String> {
@@ -282,116 +201,4 @@ pub fn image_bitmaps(image: &Path) -> Result<Vec<(String, Vec<String>)>> {
             )
         })
         .collect())
-}
-
-/// A QEMU process killed (and reaped) on drop.
-pub struct Proc(pub Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    pub fn kill9(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-pub fn wait_socket(socket: &Path) -> Result<()> {
-    let start = Instant::now();
-    while std::os::unix::net::UnixStream::connect(socket).is_err() {
-        if start.elapsed() > Duration::from_secs(20) {
-            bail!("{} never opened", socket.display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
-pub fn blockdev_args(image: &Path) -> Vec<String> {
-    vec![
-        "--blockdev".into(),
-        format!("driver=file,node-name=file0,filename={}", image.display()),
-        "--blockdev".into(),
-        "driver=qcow2,node-name=disk0,file=file0".into(),
-    ]
-}
-
-pub fn spawn(program: &str, args: &[String], qmp: &Path) -> Result<Proc> {
-    require_tools(&[program, "qemu-img", "qemu-io", "nbdinfo"]);
-    let _ = std::fs::remove_file(qmp);
-    let child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()?;
-    let proc = Proc(child);
-    wait_socket(qmp)?;
-    Ok(proc)
-}
-
-pub fn qsd(image: &Path, qmp: &Path) -> Result<Proc> {
-    let mut args = blockdev_args(image);
-    args.extend([
-        "--chardev".into(),
-        format!("socket,id=qmp0,path={},server=on,wait=off", qmp.display()),
-        "--monitor".into(),
-        "chardev=qmp0".into(),
-    ]);
-    spawn("qemu-storage-daemon", &args, qmp)
-}
-
-/// A TCG QEMU (no OS) with the disk on a virtio device `vda` and two QMP sockets.
-pub fn qemu(image: &Path, qmp: &Path, qmp2: &Path) -> Result<Proc> {
-    let mut args: Vec<String> = [
-        "-accel",
-        "tcg",
-        "-M",
-        "pc",
-        "-m",
-        "64",
-        "-nodefaults",
-        "-display",
-        "none",
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(
-        blockdev_args(image)
-            .into_iter()
-            .map(|a| a.replacen("--", "-", 1)),
-    );
-    args.extend(["-device".into(), "virtio-blk-pci,drive=disk0,id=vda".into()]);
-    for sock in [qmp, qmp2] {
-        args.extend([
-            "-qmp".into(),
-            format!("unix:{},server=on,wait=off", sock.display()),
-        ]);
-    }
-    let _ = std::fs::remove_file(qmp2);
-    let proc = spawn("qemu-system-x86_64", &args, qmp)?;
-    wait_socket(qmp2)?;
-    Ok(proc)
-}
-
-/// Writes through the guest device's block backend, over a second QMP monitor.
-pub async fn guest_write(c: &mut QmpClient, offset: u64, len: u64, byte: u8) -> Result<()> {
-    let line = format!(
-        "qemu-io -d /machine/peripheral/vda/virtio-backend \"write -P {byte} {offset} {len}\""
-    );
-    let out = c
-        .execute_value(
-            "human-monitor-command",
-            serde_json::json!({"command-line": line}),
-        )
-        .await?;
-    let out = out.as_str().unwrap_or_default();
-    if !out.is_empty() && !out.contains("wrote") {
-        bail!("guest write failed: {out}");
-    }
-    Ok(())
 }
