@@ -11,12 +11,14 @@
 //! - [`Bed`], [`TempRepo`], [`Model`], [`check_disk`]: a throwaway repository with the runtime
 //!   and libvirt connection that back a [`TestVm`] up, and byte-for-byte checks of backups.
 //! - [`qmp`]: plain QEMU and qemu-storage-daemon with QMP monitors, for the QMP adapter.
+//! - [`instant`]: a writable export of a backup that a domain boots from (instant recovery).
 //! - [`inspect`]: what `nbdinfo --map` and `qemu-img compare` see of exports and images.
 
 pub mod bed;
 pub mod channel;
 pub mod image;
 pub mod inspect;
+pub mod instant;
 pub mod libvirt;
 pub mod pattern;
 pub mod peers;

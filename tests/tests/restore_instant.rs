@@ -4,14 +4,12 @@
 //! backup; its writes land in the export's overlay, and the repository stays unchanged
 //! (full verify passes, a read-only export of the backup still holds the old data).
 
-use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
 use anyhow::{ensure, Result};
 use catalog::VerifyMode;
-use proxy::nbd::{Server, ServerOptions};
-use proxy::restore::{ExportName, ExportOptions, RepoExport};
-use testbed::peers::ServerThread;
+use proxy::restore::{ExportOptions, RepoExport};
+use testbed::instant::InstantExport;
 use testbed::{pattern_sha256, read_nbd, Bed, TestVm, VmSpec};
 
 const MIB: u64 = 1 << 20;
@@ -23,15 +21,6 @@ const WRITES: [(u64, u64, u64); 3] = [
     (8 * MIB + 4096, 64 << 10, 12),
     (31 * MIB, MIB, 13),
 ];
-
-/// The libvirt disk element of an NBD export on a unix socket, as vda.
-fn nbd_disk_xml(export: &str, socket: &str) -> String {
-    format!(
-        "<disk type='network' device='disk'><driver name='qemu' type='raw'/>\
-         <source protocol='nbd' name='{export}'><host transport='unix' socket='{socket}'/>\
-         </source><target dev='vda' bus='virtio'/></disk>"
-    )
-}
 
 #[test]
 fn guest_boots_from_a_writable_export_of_its_backup() -> Result<()> {
@@ -55,21 +44,10 @@ fn guest_boots_from_a_writable_export_of_its_backup() -> Result<()> {
     src.shutdown()?;
 
     // The export lives in the source VM's scratch directory, which libvirt-qemu can reach.
-    let socket = src.scratch().join("instant.sock");
-    let overlay_dir = src.scratch().join("overlay");
-    std::fs::create_dir(&overlay_dir)?;
-    let server = Server::new(ServerOptions::default());
-    let thread = ServerThread::start(server.clone(), &socket)?;
-    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o777))?;
-    let name = ExportName::new(src.name(), "vda", &report.manifest.id)?;
-    let export = Arc::new(RepoExport::open_blocking(
-        repo,
-        &name,
-        &ExportOptions::writable(&overlay_dir),
-    )?);
-    server.add_export(name.to_string(), export.clone());
-
-    let xml = nbd_disk_xml(&name.to_string(), &socket.display().to_string());
+    let mut instant =
+        InstantExport::serve(repo, src.scratch(), src.name(), "vda", &report.manifest)?;
+    let (export, socket) = (instant.export().clone(), instant.socket().to_path_buf());
+    let xml = instant.disk_xml("vda");
     let vm = TestVm::boot(VmSpec::new("ri-inst").raw_disk(DISK, &xml))?;
     for (offset, len, sum) in &sums {
         let got = vm.checksum("vda", *offset, *len)?;
@@ -96,8 +74,10 @@ fn guest_boots_from_a_writable_export_of_its_backup() -> Result<()> {
         "repository verify"
     );
     let ro_name = "ro";
-    let ro = RepoExport::open_blocking(repo, &name, &ExportOptions::default())?;
-    server.add_export(ro_name.to_string(), Arc::new(ro));
+    let ro = RepoExport::open_blocking(repo, instant.name(), &ExportOptions::default())?;
+    instant
+        .server()
+        .add_export(ro_name.to_string(), Arc::new(ro));
     let old = read_nbd(&socket, ro_name, w_off, w_len)?;
     ensure!(
         old.iter().all(|&b| b == 0),
@@ -107,6 +87,6 @@ fn guest_boots_from_a_writable_export_of_its_backup() -> Result<()> {
         let data = read_nbd(&socket, ro_name, offset, len)?;
         ensure!(testbed::sha256_hex(&data) == pattern_sha256(seed, offset, len as usize));
     }
-    drop(thread);
+    instant.stop();
     Ok(())
 }
