@@ -5,15 +5,17 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use proxy::job::{Progress, ProgressSnapshot};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use utoipa::ToSchema;
 
 use crate::auth::now;
+use crate::metrics::JobMetrics;
 
 /// Where a job is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -96,6 +98,8 @@ struct Entry {
     cancel: CancellationToken,
     /// Appended to the final message.
     note: Option<String>,
+    /// When it left the queue.
+    started: Option<Instant>,
 }
 
 /// The job registry.
@@ -105,6 +109,10 @@ pub struct Jobs {
     slots: Arc<Semaphore>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+    /// Woken whenever a job changes state.
+    changed: Notify,
+    /// Counters of ended jobs, for `/metrics`.
+    pub metrics: JobMetrics,
 }
 
 impl std::fmt::Debug for Jobs {
@@ -132,6 +140,8 @@ impl Jobs {
             slots: Arc::new(Semaphore::new(concurrency.max(1))),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
+            changed: Notify::new(),
+            metrics: JobMetrics::default(),
         }
     }
 
@@ -182,6 +192,7 @@ impl Jobs {
             progress: progress.clone(),
             cancel: cancel.clone(),
             note: None,
+            started: None,
         };
         self.entries.lock().expect("jobs lock").insert(id, entry);
         let me = self.clone();
@@ -245,7 +256,17 @@ impl Jobs {
     fn set_state(&self, id: u64, state: JobState) {
         if let Some(e) = self.entries.lock().expect("jobs lock").get_mut(&id) {
             e.info.state = state;
+            if state == JobState::Running {
+                e.started = Some(Instant::now());
+            }
         }
+        self.changed.notify_waiters();
+    }
+
+    /// Resolves at the next change of any job's state (created before reading a job, it
+    /// also catches a change made in between).
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
     }
 
     fn finish(&self, id: u64, out: JobOutcome) {
@@ -278,7 +299,11 @@ impl Jobs {
             let msg = e.info.message.take().unwrap_or_default();
             e.info.message = Some(format!("{msg}; {note}"));
         }
+        let ran = e.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        self.metrics.record(&e.info, ran);
         tracing::info!(job = id, state = ?e.info.state, "job finished");
+        drop(entries);
+        self.changed.notify_waiters();
     }
 
     /// One job, with live progress.

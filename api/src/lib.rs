@@ -6,6 +6,7 @@ pub mod error;
 pub mod extract;
 pub mod hv;
 pub mod jobs;
+pub mod metrics;
 pub mod routes;
 pub mod state;
 

@@ -53,6 +53,13 @@ fn routes(missing_backup: &str) -> Vec<(&'static str, String, Option<&'static st
         ("GET", "/api/v1/jobs".into(), None, [OK, OK, OK, FB, FB]),
         ("GET", "/api/v1/jobs/1".into(), None, [OK, OK, OK, OK, FB]),
         (
+            "GET",
+            "/api/v1/jobs/1/events".into(),
+            None,
+            [OK, OK, OK, OK, FB],
+        ),
+        ("GET", "/metrics".into(), None, [OK, OK, OK, FB, FB]),
+        (
             "POST",
             "/api/v1/jobs/999/cancel".into(),
             None,

@@ -6,6 +6,7 @@
 pub mod backups;
 pub mod exports;
 pub mod jobs;
+pub mod metrics;
 pub mod policies;
 pub mod repo;
 pub mod tokens;
@@ -72,10 +73,10 @@ impl Modify for Bearer {
     info(title = "Sluice API", description = "Agentless backup proxy for KVM/QEMU"),
     modifiers(&Bearer),
     paths(
-        health, openapi,
+        health, openapi, metrics::metrics,
         vms::list, vms::show, vms::trigger,
         backups::list, backups::show, backups::delete, backups::protect,
-        jobs::list, jobs::show, jobs::cancel,
+        jobs::list, jobs::show, jobs::cancel, jobs::events,
         exports::list, exports::open, exports::close,
         policies::apply, policies::list, policies::show, policies::delete,
         repo::stats, repo::verify, repo::prune, repo::gc,
@@ -117,6 +118,7 @@ pub fn app(state: SharedState) -> Router {
         .route("/jobs", get(jobs::list))
         .route("/jobs/{id}", get(jobs::show))
         .route("/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/jobs/{id}/events", get(jobs::events))
         .route("/exports", get(exports::list).post(exports::open))
         .route("/exports/{id}", delete(exports::close))
         .route("/policies", get(policies::list).post(policies::apply))
@@ -132,6 +134,7 @@ pub fn app(state: SharedState) -> Router {
         .route("/tokens/{id}", delete(tokens::revoke))
         .method_not_allowed_fallback(method_not_allowed);
     Router::new()
+        .route("/metrics", get(metrics::metrics))
         .nest("/api/v1", v1)
         .fallback(fallback)
         .layer(axum::middleware::from_fn_with_state(
