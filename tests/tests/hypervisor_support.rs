@@ -5,10 +5,9 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use testbed::{ensure_libvirt, teardown_domain, virsh, ScratchDir};
 
 pub const MIB: u64 = 1 << 20;
@@ -24,24 +23,10 @@ pub fn require_tools(tools: &[&str]) {
     }
 }
 
-/// Runs a command and returns stdout, failing with its stderr.
-pub fn run(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("run {program}"))?;
-    if !out.status.success() {
-        bail!(
-            "{program} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 // Not every test file that includes this module uses every helper.
 #[allow(unused_imports)]
 pub use testbed::image::{create_qcow2, qemu_io};
+pub use testbed::peers::run;
 
 /// A TCG domain that sits in SeaBIOS, with qcow2 disks `vda`, `vdb`, ... in a scratch dir.
 /// Dropping it removes the domain, its checkpoints and its files.
