@@ -28,7 +28,7 @@ test: deps guest
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
 
 demo: deps guest
-	$(CARGO) build --release -p integration-tests --bin sluice-demo
+	$(CARGO) build --release -p api --bin sluice -p integration-tests --bin sluice-demo
 	./target/release/sluice-demo
 
 bench: deps guest

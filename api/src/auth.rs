@@ -47,6 +47,8 @@ pub enum Action {
     Cancel,
     /// Open or close NBD exports of backups.
     Export,
+    /// Restore a backup to a file or as a new domain.
+    Restore,
     /// Verify the repository.
     Verify,
     /// Delete or protect backups, prune, gc.

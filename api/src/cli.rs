@@ -57,7 +57,8 @@ pub enum Verb {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Serve a backup over NBD (`export ID [--disk D]`), or `export list` / `export close N`.
+    /// Serve a backup over NBD (`export ID [--disk D] [--writable]`), or `export list` /
+    /// `export close N`.
     Export {
         /// Backup id, or `list` / `close`.
         target: String,
@@ -65,6 +66,40 @@ pub enum Verb {
         arg: Option<String>,
         #[arg(long)]
         disk: Option<String>,
+        /// Accept writes into a copy-on-write overlay (dropped at close).
+        #[arg(long)]
+        writable: bool,
+    },
+    /// Restore a backup: one disk to an image file (`restore ID --to PATH [--format F]
+    /// [--disk D]`) or every disk as a new domain (`restore ID --as-domain NAME`). Waits for
+    /// the job unless `--no-wait`.
+    Restore {
+        /// Backup id.
+        id: String,
+        /// Image file to write (inside a restore directory of the daemon).
+        #[arg(long, conflicts_with = "as_domain")]
+        to: Option<std::path::PathBuf>,
+        /// qcow2 (default) or raw.
+        #[arg(long)]
+        format: Option<String>,
+        /// Disk target (default: the backup's first disk).
+        #[arg(long)]
+        disk: Option<String>,
+        /// Replace an existing file at --to.
+        #[arg(long)]
+        force: bool,
+        /// Define a new domain of this name with the restored disks.
+        #[arg(long)]
+        as_domain: Option<String>,
+        /// Write the backup back onto its own (shut-off) VM's disks; needs --confirm.
+        #[arg(long, conflicts_with_all = ["to", "as_domain"])]
+        onto_vm: bool,
+        /// Confirm that --onto-vm overwrites the VM's disks.
+        #[arg(long)]
+        confirm: bool,
+        /// Return once the job is queued.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Jobs.
     Job {
@@ -163,7 +198,7 @@ async fn dispatch(c: &Client, verb: Verb, as_json: bool) -> anyhow::Result<i32> 
         Verb::Verify { id, full } => {
             let body = json!({ "backups": id.into_iter().collect::<Vec<_>>(), "full": full });
             let v = c.call("POST", "/verify", Some(body)).await?;
-            out(&v, &pretty);
+            out(&v, &verify_lines);
             if v["ok"] != true {
                 return Ok(5);
             }
@@ -185,7 +220,12 @@ async fn dispatch(c: &Client, verb: Verb, as_json: bool) -> anyhow::Result<i32> 
                 .await?,
             &pretty,
         ),
-        Verb::Export { target, arg, disk } => match (target.as_str(), arg) {
+        Verb::Export {
+            target,
+            arg,
+            disk,
+            writable,
+        } => match (target.as_str(), arg) {
             ("list", _) => out(&c.call("GET", "/exports", None).await?, &pretty),
             ("close", Some(n)) => {
                 c.call("DELETE", &format!("/exports/{n}"), None).await?;
@@ -193,13 +233,33 @@ async fn dispatch(c: &Client, verb: Verb, as_json: bool) -> anyhow::Result<i32> 
             }
             ("close", None) => anyhow::bail!("usage: sluice export close N"),
             (id, _) => {
-                let body = json!({ "backup": id, "disk": disk });
+                let body = json!({ "backup": id, "disk": disk, "writable": writable });
                 let v = c.call("POST", "/exports", Some(body)).await?;
-                out(&v, &|v| {
-                    println!("export {}: {}", s(&v["id"]), s(&v["uri"]))
-                })
+                out(&v, &export_line)
             }
         },
+        Verb::Restore {
+            id,
+            to,
+            format,
+            disk,
+            force,
+            as_domain,
+            onto_vm,
+            confirm,
+            no_wait,
+        } => {
+            let to = to.map(std::path::absolute).transpose()?;
+            let body = json!({ "backup": id, "to": to, "format": format, "disk": disk,
+                "overwrite": force, "as_domain": as_domain, "onto_vm": onto_vm, "confirm": confirm });
+            let job = c.call("POST", "/restores", Some(body)).await?;
+            let jid = job["id"].as_u64().context("job id in the answer")?;
+            if no_wait {
+                out(&job, &|_| println!("job {jid} queued: restore of {id}"));
+                return Ok(0);
+            }
+            return wait_job(c, jid, &format!("restore {id}"), as_json).await;
+        }
         Verb::Job { cmd } => match cmd {
             JobCmd::List => out(&c.call("GET", "/jobs", None).await?, &job_table),
             JobCmd::Show { id } => {
@@ -262,6 +322,12 @@ async fn backup(
         }
         return Ok(0);
     }
+    wait_job(c, id, &format!("backup {vm}"), as_json).await
+}
+
+/// Polls job `id` to its end with a progress bar (none with `--json`); prints the end state.
+/// Exit code 0 if it succeeded, 5 if not.
+async fn wait_job(c: &Client, id: u64, label: &str, as_json: bool) -> anyhow::Result<i32> {
     let bar = (!as_json).then(|| {
         let b = indicatif::ProgressBar::new(0);
         b.set_style(
@@ -270,7 +336,7 @@ async fn backup(
             )
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
-        b.set_message(format!("backup {vm}"));
+        b.set_message(label.to_string());
         b
     });
     let end = loop {
@@ -296,6 +362,35 @@ async fn backup(
         println!("job {id} {}: {}", s(&end["state"]), s(&end["message"]));
     }
     Ok(if end["state"] == "succeeded" { 0 } else { 5 })
+}
+
+fn verify_lines(v: &Value) {
+    let verdict = if v["ok"] == true {
+        "ok"
+    } else {
+        "PROBLEMS FOUND"
+    };
+    println!(
+        "verify: {verdict}: {} backups, {} chunks ({} re-hashed)",
+        s(&v["backups"]),
+        s(&v["chunks"]),
+        s(&v["chunks_rehashed"])
+    );
+    for p in rows(&v["problems"]) {
+        println!("  {}: {}", s(&p["kind"]), s(&p["detail"]));
+    }
+    for b in rows(&v["affected_backups"]) {
+        println!("  affected backup: {}", s(b));
+    }
+}
+
+fn export_line(v: &Value) {
+    let mode = if v["writable"] == true {
+        "writable (writes go to an overlay, dropped at close)"
+    } else {
+        "read-only"
+    };
+    println!("export {} ({mode}): {}", s(&v["id"]), s(&v["uri"]));
 }
 
 fn s(v: &Value) -> String {
@@ -333,12 +428,12 @@ fn vm_table(v: &Value) {
 
 fn backup_table(v: &Value) {
     println!(
-        "{:<28} {:<16} {:<13} {:>12} {:<9}",
+        "{:<28} {:<24} {:<13} {:>12} {:<9}",
         "ID", "VM", "MODE", "STORED", "PROTECTED"
     );
     for r in rows(v) {
         println!(
-            "{:<28} {:<16} {:<13} {:>12} {:<9}",
+            "{:<28} {:<24} {:<13} {:>12} {:<9}",
             s(&r["id"]),
             s(&r["vm"]),
             s(&r["mode"]),

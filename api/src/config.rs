@@ -25,6 +25,13 @@ pub struct Config {
     pub nbd_listen: Option<SocketAddr>,
     /// Serve plain HTTP (only allowed on a loopback address).
     pub insecure_http: bool,
+    /// Directories restores may write image files into (default `<data_dir>/restores`).
+    pub restore_dirs: Vec<PathBuf>,
+    /// Serve NBD exports over TLS (STARTTLS required) with the daemon's certificate.
+    pub nbd_tls: bool,
+    /// CA of the client certificates the NBD server demands; required for a non-loopback
+    /// `nbd_listen`.
+    pub nbd_client_ca: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -38,6 +45,9 @@ impl Default for Config {
             max_jobs: 2,
             nbd_listen: Some(SocketAddr::from(([127, 0, 0, 1], 10809))),
             insecure_http: false,
+            restore_dirs: Vec::new(),
+            nbd_tls: true,
+            nbd_client_ca: None,
         }
     }
 }
@@ -51,6 +61,15 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
+    }
+
+    /// The directories restores may write into.
+    pub fn restore_dirs(&self) -> Vec<PathBuf> {
+        if self.restore_dirs.is_empty() {
+            vec![self.data_dir.join("restores")]
+        } else {
+            self.restore_dirs.clone()
+        }
     }
 
     /// The repository directory.

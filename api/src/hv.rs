@@ -11,6 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 /// What the API needs from a hypervisor.
 pub trait Hv: Send + Sync {
+    /// The concrete adapter, for calls only one adapter offers (defining a domain: libvirt).
+    fn as_any(&self) -> &dyn std::any::Any;
     /// Every VM.
     fn list(&self) -> BoxFuture<'_, proxy::hypervisor::Result<Vec<DomainInfo>>>;
     /// One VM.
@@ -27,6 +29,10 @@ pub trait Hv: Send + Sync {
 }
 
 impl<H: Hypervisor + 'static> Hv for H {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
     fn list(&self) -> BoxFuture<'_, proxy::hypervisor::Result<Vec<DomainInfo>>> {
         Box::pin(self.list_domains())
     }

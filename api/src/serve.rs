@@ -22,7 +22,7 @@ use crate::auth::{Role, TokenStore};
 use crate::config::Config;
 use crate::routes::exports::Exports;
 use crate::state::AppState;
-use proxy::nbd::{Server, ServerOptions};
+use proxy::nbd::{Identity, Server, ServerOptions, ServerTls};
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
@@ -44,8 +44,9 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&work)?;
     let audit = AuditLog::open(&cfg.data_dir.join("audit.log")).context("opening audit.log")?;
     let state = AppState::new(repo, Arc::new(hv), tokens, work, cfg.max_jobs).with_audit(audit);
+    let state = state.with_restore_dirs(restore_dirs(&cfg)?);
     let state = match cfg.nbd_listen {
-        Some(addr) => state.with_exports(start_nbd(addr).await?),
+        Some(addr) => state.with_exports(start_nbd(&cfg, addr).await?),
         None => state,
     };
     let policies = crate::policy::PolicyStore::open(&cfg.data_dir.join("policies"))?;
@@ -73,12 +74,24 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn start_nbd(addr: std::net::SocketAddr) -> anyhow::Result<Exports> {
-    if !addr.ip().is_loopback() {
-        bail!("nbd_listen {addr}: NBD exports are plain (no TLS) for now, so only loopback addresses are allowed");
+async fn start_nbd(cfg: &Config, addr: std::net::SocketAddr) -> anyhow::Result<Exports> {
+    let private = cfg.nbd_tls && cfg.nbd_client_ca.is_some();
+    if !(addr.ip().is_loopback() || private) {
+        bail!("nbd_listen {addr}: a non-loopback NBD server needs nbd_tls and nbd_client_ca (client certificates)");
     }
+    let tls = if cfg.nbd_tls {
+        let (cert, key) = ensure_cert(&cfg.data_dir)?;
+        let identity = Identity {
+            cert_file: cert,
+            key_file: key,
+        };
+        Some(ServerTls::new(&identity, cfg.nbd_client_ca.as_deref())?)
+    } else {
+        None
+    };
     let server = Server::new(ServerOptions {
-        tls_required: false,
+        tls_required: tls.is_some(),
+        tls,
         ..ServerOptions::default()
     });
     let listener = TcpListener::bind(addr)
@@ -91,8 +104,33 @@ async fn start_nbd(addr: std::net::SocketAddr) -> anyhow::Result<Exports> {
             tracing::error!("nbd server stopped: {e}");
         }
     });
-    println!("nbd exports on nbd://{bound}");
-    Ok(Exports::new(server, format!("nbd://{bound}")))
+    let overlays = cfg.data_dir.join("work").join("overlays");
+    std::fs::create_dir_all(&overlays)?;
+    let scheme = if cfg.nbd_tls { "nbds" } else { "nbd" };
+    println!("nbd exports on {scheme}://{bound}");
+    let ex = Exports::new(server, format!("{scheme}://{bound}")).with_overlay_dir(overlays);
+    if !cfg.nbd_tls {
+        return Ok(ex);
+    }
+    Ok(ex.with_tls_certificates(nbd_client_dir(&cfg.data_dir)?))
+}
+
+/// `<data_dir>/nbd-tls/ca-cert.pem`: the daemon's certificate, which clients trust.
+fn nbd_client_dir(data: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let dir = data.join("nbd-tls");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::copy(data.join("tls-cert.pem"), dir.join("ca-cert.pem"))
+        .context("copying the certificate for nbd clients")?;
+    Ok(dir)
+}
+
+/// The configured restore directories; the default one is created.
+fn restore_dirs(cfg: &Config) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    if cfg.restore_dirs.is_empty() {
+        let d = cfg.data_dir.join("restores");
+        std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    Ok(cfg.restore_dirs())
 }
 
 async fn open_repo(cfg: &Config) -> anyhow::Result<Repository> {
@@ -139,7 +177,9 @@ fn first_admin_token(tokens: &TokenStore, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn tls_acceptor(dir: &Path) -> anyhow::Result<TlsAcceptor> {
+/// The daemon's certificate and key (`tls-cert.pem`, `tls-key.pem`), made self-signed on the
+/// first start.
+fn ensure_cert(dir: &Path) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
     let (cert_path, key_path) = (dir.join("tls-cert.pem"), dir.join("tls-key.pem"));
     if !cert_path.exists() {
         let ck = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])?;
@@ -152,6 +192,11 @@ fn tls_acceptor(dir: &Path) -> anyhow::Result<TlsAcceptor> {
             .open(&key_path)?;
         f.write_all(ck.signing_key.serialize_pem().as_bytes())?;
     }
+    Ok((cert_path, key_path))
+}
+
+fn tls_acceptor(dir: &Path) -> anyhow::Result<TlsAcceptor> {
+    let (cert_path, key_path) = ensure_cert(dir)?;
     let certs: Vec<_> = rustls_pemfile::certs(&mut std::io::BufReader::new(std::fs::File::open(
         &cert_path,
     )?))

@@ -31,6 +31,8 @@ pub struct AppState {
     pub audit: Option<AuditLog>,
     /// NBD exports of backups, if enabled.
     pub exports: Option<Exports>,
+    /// Directories restores may write into (none: restores to files are refused).
+    pub restore_dirs: Vec<PathBuf>,
     /// Installed backup policies (in memory unless [`AppState::with_policies`]).
     pub policies: PolicyStore,
     repo_slots: Semaphore,
@@ -64,6 +66,7 @@ impl AppState {
             work_dir,
             audit: None,
             exports: None,
+            restore_dirs: Vec::new(),
             policies: PolicyStore::in_memory(),
             repo_slots: Semaphore::new(REPO_SLOTS),
         }
@@ -78,6 +81,12 @@ impl AppState {
     /// Serves NBD exports through `exports`.
     pub fn with_exports(mut self, exports: Exports) -> Self {
         self.exports = Some(exports);
+        self
+    }
+
+    /// Lets restores write image files into `dirs`.
+    pub fn with_restore_dirs(mut self, dirs: Vec<PathBuf>) -> Self {
+        self.restore_dirs = dirs;
         self
     }
 

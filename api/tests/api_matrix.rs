@@ -13,6 +13,9 @@ const NF: u16 = 404;
 const FB: u16 = 403;
 const UA: u16 = 401;
 
+/// A restore of a backup that does not exist.
+const RESTORE_BODY: &str = r#"{"backup":"20200101-missing","to":"/nonexistent/x.qcow2"}"#;
+
 /// (method, uri, body, [admin, operator, auditor, scoped_in, scoped_out]).
 fn routes(missing_backup: &str) -> Vec<(&'static str, String, Option<&'static str>, [u16; 5])> {
     let b = missing_backup;
@@ -66,6 +69,12 @@ fn routes(missing_backup: &str) -> Vec<(&'static str, String, Option<&'static st
             [NF, NF, FB, FB, FB],
         ),
         ("GET", "/api/v1/exports".into(), None, [OK, OK, OK, FB, FB]),
+        (
+            "POST",
+            "/api/v1/restores".into(),
+            Some(RESTORE_BODY),
+            [NF, NF, FB, FB, FB],
+        ),
         (
             "POST",
             "/api/v1/exports".into(),

@@ -13,9 +13,11 @@
 //! - [`qmp`]: plain QEMU and qemu-storage-daemon with QMP monitors, for the QMP adapter.
 //! - [`instant`]: a writable export of a backup that a domain boots from (instant recovery).
 //! - [`inspect`]: what `nbdinfo --map` and `qemu-img compare` see of exports and images.
+//! - [`daemon`]: a real `sluice serve` driven through the `sluice` CLI.
 
 pub mod bed;
 pub mod channel;
+pub mod daemon;
 pub mod image;
 pub mod inspect;
 pub mod instant;

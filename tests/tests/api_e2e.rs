@@ -1,247 +1,302 @@
 //! End to end through the daemon: starts the real `sluice serve` (TLS, self-signed
-//! certificate pinned by its fingerprint) against real libvirt and a booted test guest, and
-//! drives it only with the `sluice` CLI: vm list, full backup with --wait, guest writes, an
-//! incremental, verify, prune; then SIGTERM stops the daemon cleanly.
+//! certificate pinned by its fingerprint; NBD exports over TLS) against real libvirt and a
+//! booted test guest, and drives it only with the `sluice` CLI: vm list, full backup with
+//! --wait, guest writes, an incremental, an export read with `nbdinfo`/`nbdcopy` over TLS, a
+//! writable export, restores to qcow2 equal to the disk at each point (`qemu-img compare`), a
+//! restore as a new domain, a restore back onto the shut-off VM, verify, prune; then SIGTERM
+//! stops the daemon cleanly. A second test sends SIGTERM during a running backup.
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
-use anyhow::{bail, ensure, Context, Result};
-use serde_json::Value;
-use testbed::{TestVm, VmSpec};
+use anyhow::{ensure, Context, Result};
+use serde_json::{json, Value};
+use testbed::daemon::Daemon;
+use testbed::inspect::compare_images;
+use testbed::{read_image, teardown_domain, Model, TestVm, VmSpec};
 
 const MIB: u64 = 1 << 20;
+const SIZE: u64 = 64 * MIB;
 
-/// The `sluice` binary beside this test's executable (built by `cargo test --workspace`).
-fn sluice_bin() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .context("test executable path")?;
-    let bin = dir.join("sluice");
+/// Runs a tool; fails naming its stderr, or `make deps` when it is missing.
+fn tool(name: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(name)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {name} (install it: make deps)"))?;
     ensure!(
-        bin.exists(),
-        "{} is missing: run `cargo build -p api` (or `make test`)",
-        bin.display()
+        out.status.success(),
+        "{name} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    Ok(bin)
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The daemon, killed when dropped.
-struct Daemon {
-    child: Child,
-    url: String,
-    token: String,
-    fingerprint: String,
+/// Writes the model's image of `disk` to a raw file.
+fn model_file(model: &Model, disk: &str, path: &Path) -> Result<String> {
+    std::fs::write(path, model.disk(disk)?)?;
+    Ok(path.to_string_lossy().into_owned())
 }
 
-impl Drop for Daemon {
+/// Undefines a domain the test defined, pass or fail.
+struct DefinedDomain(String);
+
+impl Drop for DefinedDomain {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        teardown_domain(&self.0);
     }
 }
 
-impl Daemon {
-    /// Starts a daemon keeping its data under `dir` (reused across restarts).
-    fn start(dir: &std::path::Path) -> Result<Daemon> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let nbd = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let cfg = dir.join("sluice.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "data_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\nnbd_listen = \"127.0.0.1:{nbd}\"\nlibvirt_uri = \"qemu:///system\"\n",
-                dir.join("data")
-            ),
-        )?;
-        let mut child = Command::new(sluice_bin()?)
-            .env(
-                "RUST_LOG",
-                std::env::var("SLUICE_TEST_LOG").unwrap_or("warn".into()),
-            )
-            .args(["serve", "-c"])
-            .arg(&cfg)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let out = child.stdout.take().context("daemon stdout")?;
-        let mut d = Daemon {
-            child,
-            url: String::new(),
-            token: String::new(),
-            fingerprint: String::new(),
-        };
-        for line in BufReader::new(out).lines() {
-            let line = line?;
-            if let Some(fp) = line.strip_prefix("tls certificate sha256 fingerprint: ") {
-                d.fingerprint = fp.trim().to_string();
-            }
-            if let Some(url) = line.strip_prefix("sluice listening on ") {
-                d.url = url.trim().to_string();
-                break;
-            }
-        }
-        ensure!(!d.url.is_empty(), "sluice serve exited before listening");
-        ensure!(
-            !d.fingerprint.is_empty(),
-            "sluice serve printed no fingerprint"
-        );
-        let tok = dir.join("data/admin.token");
-        d.token = std::fs::read_to_string(&tok)?.trim().to_string();
-        Ok(d)
+struct Story {
+    vm: TestVm,
+    disk: String,
+    d: Daemon,
+    dir: tempfile::TempDir,
+    model: Model,
+}
+
+impl Story {
+    fn restores(&self) -> PathBuf {
+        self.d.data.join("restores")
     }
 
-    /// Runs `sluice ARGS --json`; returns (exit code, parsed stdout).
-    fn cli(&self, args: &[&str]) -> Result<(i32, Value)> {
-        let out = Command::new(sluice_bin()?)
-            .args(args)
-            .arg("--json")
-            .env("SLUICE_URL", &self.url)
-            .env("SLUICE_TOKEN", &self.token)
-            .env("SLUICE_FINGERPRINT", &self.fingerprint)
-            .output()?;
-        let text = String::from_utf8_lossy(&out.stdout);
-        let v = serde_json::from_str(&text).unwrap_or(Value::Null);
-        let code = out.status.code().unwrap_or(-1);
-        if code != 0 {
-            eprintln!(
-                "sluice {args:?} -> {code}: {}",
-                String::from_utf8_lossy(&out.stderr)
+    fn backup(&self, full: bool) -> Result<String> {
+        let mut args = vec!["backup", self.vm.name(), "--wait"];
+        if full {
+            args.push("--full");
+        }
+        let job = self.d.ok(&args)?;
+        ensure!(job["state"] == "succeeded", "backup: {job}");
+        if !full {
+            ensure!(
+                job["progress"]["bytes_read"].as_u64().unwrap_or(u64::MAX) <= 2 * MIB,
+                "incremental read too much: {job}"
             );
         }
-        Ok((code, v))
+        Ok(job["backup_id"].as_str().context("backup id")?.to_string())
     }
 
-    fn ok(&self, args: &[&str]) -> Result<Value> {
-        let (code, v) = self.cli(args)?;
-        if code != 0 {
-            bail!("sluice {args:?} exited with {code}");
-        }
-        Ok(v)
+    /// Restores `id` to qcow2 and compares it with `model` (the disk at that point).
+    fn restore_equals(&self, id: &str, model: &Model, name: &str) -> Result<()> {
+        let q = self.restores().join(format!("{name}.qcow2"));
+        let q = q.to_str().context("path")?;
+        let job = self
+            .d
+            .ok(&["restore", id, "--to", q, "--format", "qcow2"])?;
+        ensure!(job["state"] == "succeeded", "restore: {job}");
+        let raw = model_file(
+            model,
+            &self.disk,
+            &self.dir.path().join(format!("{name}.raw")),
+        )?;
+        compare_images(q, "qcow2", &raw, "raw")?;
+        let (code, _) = self.d.cli(&["restore", id, "--to", q])?;
+        ensure!(
+            code == 1,
+            "a second restore to {q} must be refused (409): {code}"
+        );
+        Ok(())
     }
+}
+
+fn start_story() -> Result<Story> {
+    let vm = TestVm::boot(VmSpec::new("api-e2e").disk(SIZE))?;
+    let disk = vm.disks()[0].target.clone();
+    let dir = tempfile::tempdir()?;
+    let d = Daemon::start(dir.path(), "")?;
+    let model = Model::new(&vm);
+    Ok(Story {
+        vm,
+        disk,
+        d,
+        dir,
+        model,
+    })
 }
 
 #[test]
-fn the_cli_drives_full_incremental_verify_and_prune_through_the_daemon() -> Result<()> {
-    let vm = TestVm::boot(VmSpec::new("api-e2e").disk(64 * MIB))?;
-    let disk = vm.disks()[0].target.clone();
-    let dir = tempfile::tempdir()?;
-    let d = Daemon::start(dir.path())?;
-
-    let vms = d.ok(&["vm", "list"])?;
-    let listed = vms.as_array().context("vm list")?;
+fn the_cli_drives_backup_export_restore_verify_and_prune_through_the_daemon() -> Result<()> {
+    let mut s = start_story()?;
+    let vms = s.d.ok(&["vm", "list"])?;
     ensure!(
-        listed.iter().any(|v| v["name"] == vm.name()),
+        vms.as_array()
+            .is_some_and(|l| l.iter().any(|v| v["name"] == s.vm.name())),
         "vm list lacks {}: {vms}",
-        vm.name()
+        s.vm.name()
     );
-
-    vm.write_pattern(&disk, 0, 4 * MIB, 1)?;
-    vm.sync()?;
-    let full = d.ok(&["backup", vm.name(), "--full", "--wait"])?;
-    ensure!(full["state"] == "succeeded", "full backup: {full}");
-    let full_id = full["backup_id"].as_str().context("backup id")?.to_string();
-
-    // Retention orders backups by their start second and does not break ties within one
-    // second (catalog), so the incremental must start in a later second than the full.
+    let disk = s.disk.clone();
+    s.model.write(&s.vm, &disk, 0, 4 * MIB, 1)?;
+    s.vm.sync()?;
+    let full_id = s.backup(true)?;
+    let at_full = s.model.clone();
+    // Retention orders backups by their start second, so the incremental starts later.
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    vm.write_pattern(&disk, 8 * MIB, MIB, 2)?;
-    vm.sync()?;
-    let inc = d.ok(&["backup", vm.name(), "--wait"])?;
-    ensure!(inc["state"] == "succeeded", "incremental: {inc}");
-    let inc_id = inc["backup_id"].as_str().context("backup id")?.to_string();
-    let shown = d.ok(&["backup", "show", &inc_id])?;
+    s.model.write(&s.vm, &disk, 8 * MIB, MIB, 2)?;
+    s.vm.sync()?;
+    let inc_id = s.backup(false)?;
+    let shown = s.d.ok(&["backup", "show", &inc_id])?;
     ensure!(shown["mode"] == "incremental", "second backup: {shown}");
-    ensure!(
-        inc["progress"]["bytes_read"].as_u64().unwrap_or(u64::MAX) <= 2 * MIB,
-        "incremental read too much: {inc}"
-    );
 
-    let export = d.ok(&["export", &inc_id])?;
+    read_export_over_tls(&s, &inc_id)?;
+    writable_export(&s, &inc_id)?;
+    s.restore_equals(&inc_id, &s.model, "inc")?;
+    s.restore_equals(&full_id, &at_full, "full")?;
+    restore_as_domain(&s, &inc_id)?;
+    restore_onto_vm(&s, &full_id, &at_full)?;
+    verify_prune_and_stop(s, &full_id, &inc_id)
+}
+
+/// The export's URI (nbds://, with the client certificate directory) works as given.
+fn read_export_over_tls(s: &Story, id: &str) -> Result<()> {
+    let export = s.d.ok(&["export", id])?;
     let uri = export["uri"].as_str().context("export uri")?.to_string();
-    let info = Command::new("nbdinfo")
-        .args(["--size", &uri])
-        .output()
-        .context("running nbdinfo (install libnbd-bin: make deps)")?;
-    let size = String::from_utf8_lossy(&info.stdout).trim().to_string();
+    ensure!(uri.starts_with("nbds://"), "export over plain NBD: {uri}");
+    let size = tool("nbdinfo", &["--size", &uri])?;
     ensure!(
-        size == (64 * MIB).to_string(),
-        "nbdinfo --size {uri}: {size:?} {}",
-        String::from_utf8_lossy(&info.stderr)
+        size.trim() == SIZE.to_string(),
+        "nbdinfo --size {uri}: {size:?}"
     );
-    let n = export["id"].to_string();
-    d.ok(&["export", "close", &n])?;
+    let plain = uri.replacen("nbds://", "nbd://", 1);
+    let refused = Command::new("nbdinfo").args(["--size", &plain]).output()?;
+    ensure!(!refused.status.success(), "plain NBD was served: {plain}");
+    let copy = s.dir.path().join("export.raw");
+    tool("nbdcopy", &[&uri, copy.to_str().context("path")?])?;
     ensure!(
-        d.ok(&["export", "list"])? == serde_json::json!([]),
+        std::fs::read(&copy)? == s.model.disk(&s.disk)?,
+        "export bytes differ from the guest's disk"
+    );
+    std::fs::remove_file(&copy)?;
+    let n = export["id"].to_string();
+    s.d.ok(&["export", "close", &n])?;
+    ensure!(
+        s.d.ok(&["export", "list"])? == json!([]),
         "export still listed"
     );
+    Ok(())
+}
 
-    let list = d.ok(&["backup", "list", vm.name()])?;
+/// Writes to a writable export land in its overlay; the backup does not change.
+fn writable_export(s: &Story, id: &str) -> Result<()> {
+    let export = s.d.ok(&["export", id, "--writable"])?;
+    ensure!(export["writable"] == true, "{export}");
+    let uri = export["uri"].as_str().context("export uri")?.to_string();
+    let src = s.dir.path().join("ones.raw");
+    std::fs::write(&src, vec![0xa5u8; MIB as usize])?;
+    tool(
+        "nbdcopy",
+        &["--destination-is-zero", src.to_str().context("path")?, &uri],
+    )
+    .or_else(|_| tool("nbdcopy", &[src.to_str().context("path")?, &uri]))?;
+    let back = s.dir.path().join("back.raw");
+    tool("nbdcopy", &[&uri, back.to_str().context("path")?])?;
+    let data = std::fs::read(&back)?;
     ensure!(
-        list.as_array().map(|a| a.len()) == Some(2),
+        data[..MIB as usize].iter().all(|&b| b == 0xa5),
+        "write did not land"
+    );
+    ensure!(
+        data[MIB as usize..] == s.model.disk(&s.disk)?[MIB as usize..],
+        "writable export changed bytes it was not asked to"
+    );
+    s.d.ok(&["export", "close", &export["id"].to_string()])?;
+    for f in [src, back] {
+        std::fs::remove_file(f)?;
+    }
+    let overlays = s.d.data.join("work/overlays");
+    ensure!(
+        std::fs::read_dir(&overlays)?.next().is_none(),
+        "overlay left after close in {}",
+        overlays.display()
+    );
+    Ok(())
+}
+
+fn restore_as_domain(s: &Story, id: &str) -> Result<()> {
+    let name = format!("{}-copy", s.vm.name());
+    let _guard = DefinedDomain(name.clone());
+    let job = s.d.ok(&["restore", id, "--as-domain", &name])?;
+    ensure!(job["state"] == "succeeded", "restore as domain: {job}");
+    let state = s.vm.virsh(&["domstate", &name])?;
+    ensure!(
+        state.trim() == "shut off",
+        "restored domain state {state:?}"
+    );
+    let (code, _) = s.d.cli(&["restore", id, "--as-domain", s.vm.name()])?;
+    ensure!(
+        code == 1,
+        "an existing domain name must be refused (409): {code}"
+    );
+    Ok(())
+}
+
+/// Refused while running and without --confirm; then the shut-off VM's disk is the backup's.
+fn restore_onto_vm(s: &Story, id: &str, at: &Model) -> Result<()> {
+    let (code, _) = s.d.cli(&["restore", id, "--onto-vm", "--confirm"])?;
+    ensure!(
+        code == 1,
+        "restore onto a running vm must be refused: {code}"
+    );
+    s.vm.shutdown()?;
+    let (code, _) = s.d.cli(&["restore", id, "--onto-vm"])?;
+    ensure!(
+        code == 1,
+        "restore onto a vm without --confirm must be refused: {code}"
+    );
+    let job = s.d.ok(&["restore", id, "--onto-vm", "--confirm"])?;
+    ensure!(job["state"] == "succeeded", "restore onto vm: {job}");
+    let image = read_image(s.vm.disk_path(&s.disk)?, "qcow2", 0, SIZE)?;
+    ensure!(
+        image == at.disk(&s.disk)?,
+        "vm disk differs from the backup"
+    );
+    Ok(())
+}
+
+fn verify_prune_and_stop(s: Story, full_id: &str, inc_id: &str) -> Result<()> {
+    let list = s.d.ok(&["backup", "list", s.vm.name()])?;
+    ensure!(
+        list.as_array().map(Vec::len) == Some(2),
         "backup list: {list}"
     );
-    let verify = d.ok(&["verify", "--full"])?;
+    let verify = s.d.ok(&["verify", "--full"])?;
     ensure!(
         verify["ok"] == true && verify["backups"] == 2,
         "verify: {verify}"
     );
-
-    let prune = d.ok(&["prune", "--keep-last", "1"])?;
-    ensure!(
-        prune["removed"] == serde_json::json!([full_id]),
-        "prune: {prune}"
-    );
-    ensure!(
-        prune["kept"] == serde_json::json!([inc_id]),
-        "prune: {prune}"
-    );
-    d.ok(&["gc"])?;
-    let verify = d.ok(&["verify", "--full"])?;
+    let prune = s.d.ok(&["prune", "--keep-last", "1"])?;
+    ensure!(prune["removed"] == json!([full_id]), "prune: {prune}");
+    ensure!(prune["kept"] == json!([inc_id]), "prune: {prune}");
+    s.d.ok(&["gc"])?;
+    let verify = s.d.ok(&["verify", "--full"])?;
     ensure!(
         verify["ok"] == true && verify["backups"] == 1,
         "verify after gc: {verify}"
     );
-
-    let (code, _) = d.cli(&["backup", "show", "20200101-nope"])?;
+    let (code, _) = s.d.cli(&["backup", "show", "20200101-nope"])?;
     ensure!(code == 4, "unknown backup exit code {code}");
-
-    let mut d = d;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(d.child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )?;
-    let status = d.child.wait()?;
-    ensure!(status.success(), "daemon exit after SIGTERM: {status}");
+    let mut d = s.d;
+    ensure!(d.terminate()?, "daemon exit after SIGTERM");
     Ok(())
 }
 
 /// No libvirt job, no checkpoint beyond those of committed backups, no scratch file.
-fn assert_nothing_left(vm: &TestVm, data: &std::path::Path, committed: usize) -> Result<()> {
+fn assert_nothing_left(vm: &TestVm, data: &Path, committed: usize) -> Result<()> {
     let job = vm.virsh(&["domjobinfo", vm.name()])?;
     ensure!(job.contains("None"), "a libvirt job is left: {job}");
     let cps = vm.virsh(&["checkpoint-list", vm.name(), "--name"])?;
     let n = cps.lines().filter(|l| !l.trim().is_empty()).count();
     ensure!(n <= committed, "checkpoints left behind: {cps}");
-    let work = data.join("work");
-    let left: Vec<_> = walk(&work)?;
+    let left: Vec<_> = files(&data.join("work"))?;
     ensure!(left.is_empty(), "scratch files left: {left:?}");
     Ok(())
 }
 
-fn walk(dir: &std::path::Path) -> Result<Vec<PathBuf>> {
+fn files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir)? {
         let p = e?.path();
         if p.is_dir() {
-            out.extend(walk(&p)?);
+            out.extend(files(&p)?);
         } else {
             out.push(p);
         }
@@ -256,26 +311,21 @@ fn sigterm_during_a_backup_leaves_nothing_and_the_next_backup_succeeds() -> Resu
     vm.write_pattern(&disk, 0, 64 * MIB, 7)?;
     vm.sync()?;
     let dir = tempfile::tempdir()?;
-    let data = dir.path().join("data");
-    let mut d = Daemon::start(dir.path())?;
+    let mut d = Daemon::start(dir.path(), "")?;
+    let data = d.data.clone();
     let job = d.ok(&["backup", vm.name(), "--full"])?;
     ensure!(job["state"] == "queued", "{job}");
     std::thread::sleep(std::time::Duration::from_millis(150));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(d.child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )?;
-    let status = d.child.wait()?;
-    ensure!(status.success(), "daemon exit after SIGTERM: {status}");
+    ensure!(d.terminate()?, "daemon exit after SIGTERM");
     drop(d);
 
-    let d = Daemon::start(dir.path())?;
+    let d = Daemon::start(dir.path(), "")?;
     // The job was cancelled (nothing committed) unless it won the race and committed.
-    let committed = d.ok(&["backup", "list"])?.as_array().map_or(0, |a| a.len());
+    let committed = d.ok(&["backup", "list"])?.as_array().map_or(0, Vec::len);
     assert_nothing_left(&vm, &data, committed)?;
     let next = d.ok(&["backup", vm.name(), "--wait"])?;
     ensure!(next["state"] == "succeeded", "backup after SIGTERM: {next}");
-    let verify = d.ok(&["verify", "--full"])?;
+    let verify: Value = d.ok(&["verify", "--full"])?;
     ensure!(verify["ok"] == true, "verify: {verify}");
     assert_nothing_left(&vm, &data, 1)?;
     Ok(())

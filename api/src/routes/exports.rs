@@ -1,7 +1,11 @@
-//! Export routes: serve a backup disk read-only over NBD (the answer carries the NBD URI),
-//! list open exports, close one. Writable exports are not wired yet.
+//! Export routes: serve a backup disk over NBD, read-only or writable through a copy-on-write
+//! overlay (the answer carries the NBD URI, `nbds://` with the client's certificate directory
+//! when the NBD server speaks TLS), list open exports, close one. Writes to a writable export
+//! land only in its overlay file under the daemon's work directory, removed at close; the
+//! backup never changes.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use axum::extract::{Path, State};
@@ -20,8 +24,13 @@ use crate::state::SharedState;
 /// The daemon's NBD server and the exports the API opened on it.
 pub struct Exports {
     server: Arc<Server>,
-    /// `nbd://host:port`, the base of every export URI.
+    /// `nbd://host:port` (or `nbds://`), the base of every export URI.
     base_uri: String,
+    /// With TLS: the directory holding `ca-cert.pem` for clients (libnbd's
+    /// `tls-certificates`, QEMU's `tls-creds-x509 dir=`).
+    tls_dir: Option<PathBuf>,
+    /// Where writable exports keep their overlays (default: none, writable refused).
+    overlay_dir: Option<PathBuf>,
     open: Mutex<BTreeMap<u64, ExportInfo>>,
     next: Mutex<u64>,
 }
@@ -40,9 +49,53 @@ impl Exports {
         Exports {
             server,
             base_uri,
+            tls_dir: None,
+            overlay_dir: None,
             open: Mutex::new(BTreeMap::new()),
             next: Mutex::new(1),
         }
+    }
+
+    /// Export URIs name `dir` as the clients' TLS certificate directory.
+    pub fn with_tls_certificates(mut self, dir: PathBuf) -> Self {
+        self.tls_dir = Some(dir);
+        self
+    }
+
+    /// Writable exports keep their copy-on-write overlays in `dir`.
+    pub fn with_overlay_dir(mut self, dir: PathBuf) -> Self {
+        self.overlay_dir = Some(dir);
+        self
+    }
+
+    fn uri(&self, name: &str) -> String {
+        match &self.tls_dir {
+            Some(d) => format!("{}/{name}?tls-certificates={}", self.base_uri, d.display()),
+            None => format!("{}/{name}", self.base_uri),
+        }
+    }
+
+    /// A name is served once: several read-only opens share it, a writable one is alone.
+    fn check_free(&self, name: &str, writable: bool) -> ApiResult<()> {
+        let open = self.open.lock().expect("exports lock");
+        match open.values().find(|i| i.name == name) {
+            Some(i) if writable || i.writable => Err(ApiError::conflict(format!(
+                "{name} is already exported (export {}{}); close it first",
+                i.id,
+                if i.writable { ", writable" } else { "" }
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn options(&self, writable: bool) -> ApiResult<ExportOptions> {
+        if !writable {
+            return Ok(ExportOptions::default());
+        }
+        let dir = self.overlay_dir.as_ref().ok_or_else(|| {
+            ApiError::unavailable("writable exports are disabled (no overlay directory)")
+        })?;
+        Ok(ExportOptions::writable(dir))
     }
 }
 
@@ -53,6 +106,10 @@ pub struct OpenExport {
     pub backup: String,
     /// Disk target (`vda`); default: the backup's first disk.
     pub disk: Option<String>,
+    /// Accept writes into a copy-on-write overlay (dropped at close; the backup is never
+    /// changed).
+    #[serde(default)]
+    pub writable: bool,
 }
 
 /// An open export.
@@ -91,7 +148,7 @@ pub async fn list(
     ))
 }
 
-/// Serves a backup disk read-only over NBD.
+/// Serves a backup disk over NBD, read-only or writable (copy-on-write overlay).
 #[utoipa::path(post, path = "/api/v1/exports", tag = "exports", request_body = OpenExport,
     responses((status = 201, body = ExportInfo), (status = 404, body = crate::error::ErrorBody)),
     security(("bearer" = [])))]
@@ -119,10 +176,11 @@ pub async fn open(
     };
     let name = ExportName::new(&m.vm.name, &disk, &id)
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let export = RepoExport::open(&st.repo, &name, ExportOptions::default())
+    let text = name.to_string();
+    ex.check_free(&text, req.writable)?;
+    let export = RepoExport::open(&st.repo, &name, ex.options(req.writable)?)
         .await
         .map_err(|e| ApiError::not_found(e.to_string()))?;
-    let text = name.to_string();
     ex.server.add_export(text.clone(), export);
     let n = {
         let mut n = ex.next.lock().expect("exports lock");
@@ -131,9 +189,9 @@ pub async fn open(
     };
     let info = ExportInfo {
         id: n,
-        uri: format!("{}/{}", ex.base_uri, text),
+        uri: ex.uri(&text),
         name: text,
-        writable: false,
+        writable: req.writable,
     };
     ex.open
         .lock()
@@ -158,13 +216,17 @@ pub async fn close(
     let id = p
         .map(|Path(i)| i)
         .map_err(|_| ApiError::bad_request("export id must be a positive integer"))?;
-    let info = ex
-        .open
-        .lock()
-        .expect("exports lock")
-        .remove(&id)
-        .ok_or_else(|| ApiError::not_found(format!("export {id} does not exist")))?;
-    ex.server.remove_export(&info.name);
+    let (info, shared) = {
+        let mut open = ex.open.lock().expect("exports lock");
+        let info = open
+            .remove(&id)
+            .ok_or_else(|| ApiError::not_found(format!("export {id} does not exist")))?;
+        let shared = open.values().any(|i| i.name == info.name);
+        (info, shared)
+    };
+    if !shared {
+        ex.server.remove_export(&info.name);
+    }
     tracing::info!(export = %info.name, "export closed");
     Ok(StatusCode::NO_CONTENT)
 }

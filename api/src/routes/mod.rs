@@ -9,6 +9,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod policies;
 pub mod repo;
+pub mod restores;
 pub mod tokens;
 pub mod vms;
 
@@ -78,6 +79,7 @@ impl Modify for Bearer {
         backups::list, backups::show, backups::delete, backups::protect,
         jobs::list, jobs::show, jobs::cancel, jobs::events,
         exports::list, exports::open, exports::close,
+        restores::start,
         policies::apply, policies::list, policies::show, policies::delete,
         repo::stats, repo::verify, repo::prune, repo::gc,
         tokens::create, tokens::list, tokens::revoke,
@@ -121,6 +123,7 @@ pub fn app(state: SharedState) -> Router {
         .route("/jobs/{id}/events", get(jobs::events))
         .route("/exports", get(exports::list).post(exports::open))
         .route("/exports/{id}", delete(exports::close))
+        .route("/restores", post(restores::start))
         .route("/policies", get(policies::list).post(policies::apply))
         .route(
             "/policies/{name}",

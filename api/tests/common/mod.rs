@@ -54,9 +54,12 @@ pub async fn api() -> Api {
     let work = dir.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
     let audit = api::audit::AuditLog::open(&dir.path().join("audit.log")).unwrap();
+    let restores = dir.path().join("restores");
+    std::fs::create_dir_all(&restores).unwrap();
     let state = Arc::new(
         AppState::new(repo, Arc::new(hv), tokens, work, 2)
             .with_audit(audit)
+            .with_restore_dirs(vec![restores])
             .with_exports(api::routes::exports::Exports::new(
                 proxy::nbd::Server::new(proxy::nbd::ServerOptions::default()),
                 "nbd://127.0.0.1:1".into(),

@@ -157,6 +157,21 @@ impl LibvirtHypervisor {
             .await
     }
 
+    /// Defines a new persistent domain (not started) from `domain_xml`; returns its name.
+    /// libvirt refuses a name or UUID it already has.
+    pub async fn define_domain(&self, domain_xml: &str) -> Result<String> {
+        let xml = domain_xml.to_string();
+        self.worker
+            .call(move |c| {
+                let dom = c
+                    .define_domain_xml(&xml)
+                    .map_err(virt_err("defining a restored domain".into()))?;
+                dom.name()
+                    .map_err(virt_err("name of the restored domain".into()))
+            })
+            .await
+    }
+
     /// Whether a job (e.g. a backup) is running on the VM.
     pub async fn has_job(&self, vm: &str) -> Result<bool> {
         let vm = vm.to_string();

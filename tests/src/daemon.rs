@@ -1,0 +1,169 @@
+//! A real `sluice serve` for end-to-end runs, driven only through the `sluice` CLI.
+//!
+//! Owns starting the daemon on a throwaway data directory (free loopback ports for the API and
+//! NBD, TLS on, the fingerprint and first admin token read from what it prints and writes),
+//! running CLI verbs against it, and killing it when dropped (pass or panic). It does not
+//! know any API route: everything goes through the CLI, as an operator would.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+
+/// The `sluice` binary: `$SLUICE_BIN`, else beside the running executable (a `target/*/`
+/// binary) or one directory up (a test in `target/*/deps/`).
+pub fn sluice_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("SLUICE_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let here = exe.parent().context("executable path")?;
+    let candidates = [here.join("sluice"), here.join("../sluice")];
+    candidates
+        .iter()
+        .find(|p| p.exists())
+        .cloned()
+        .with_context(|| {
+            format!(
+                "no sluice binary beside {}: run `cargo build -p api` (or `make test`)",
+                exe.display()
+            )
+        })
+}
+
+/// A running `sluice serve`, killed when dropped.
+pub struct Daemon {
+    child: Child,
+    /// `https://127.0.0.1:PORT`.
+    pub url: String,
+    /// The first admin token.
+    pub token: String,
+    /// SHA-256 of the TLS certificate, as printed.
+    pub fingerprint: String,
+    /// Its data directory.
+    pub data: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    /// Starts a daemon keeping its data under `dir/data` (reused across restarts), with
+    /// `extra` appended to its configuration file.
+    pub fn start(dir: &Path, extra: &str) -> Result<Daemon> {
+        let free = || -> Result<u16> {
+            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port())
+        };
+        let (port, nbd) = (free()?, free()?);
+        let data = dir.join("data");
+        let cfg = dir.join("sluice.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "data_dir = {data:?}\nlisten = \"127.0.0.1:{port}\"\nnbd_listen = \"127.0.0.1:{nbd}\"\nlibvirt_uri = \"qemu:///system\"\n{extra}"
+            ),
+        )?;
+        let mut child = Command::new(sluice_bin()?)
+            .env(
+                "RUST_LOG",
+                // libnbd sends an IP address as TLS SNI, which rustls warns about.
+                std::env::var("SLUICE_TEST_LOG").unwrap_or("warn,rustls=error".into()),
+            )
+            .args(["serve", "-c"])
+            .arg(&cfg)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let out = child.stdout.take().context("daemon stdout")?;
+        let mut d = Daemon {
+            child,
+            url: String::new(),
+            token: String::new(),
+            fingerprint: String::new(),
+            data,
+        };
+        d.read_banner(out)?;
+        d.token = std::fs::read_to_string(d.data.join("admin.token"))?
+            .trim()
+            .to_string();
+        Ok(d)
+    }
+
+    /// Reads the fingerprint and URL the daemon prints, then keeps draining its stdout.
+    fn read_banner(&mut self, out: std::process::ChildStdout) -> Result<()> {
+        let mut lines = BufReader::new(out).lines();
+        for line in lines.by_ref() {
+            let line = line?;
+            if let Some(fp) = line.strip_prefix("tls certificate sha256 fingerprint: ") {
+                self.fingerprint = fp.trim().to_string();
+            }
+            if let Some(url) = line.strip_prefix("sluice listening on ") {
+                self.url = url.trim().to_string();
+                break;
+            }
+        }
+        ensure!(!self.url.is_empty(), "sluice serve exited before listening");
+        ensure!(
+            !self.fingerprint.is_empty(),
+            "sluice serve printed no fingerprint"
+        );
+        std::thread::spawn(move || lines.for_each(drop));
+        Ok(())
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns whether it exited with success.
+    pub fn terminate(&mut self) -> Result<bool> {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        Ok(self.child.wait()?.success())
+    }
+
+    /// `sluice ARGS` with this daemon's URL, token and fingerprint in the environment.
+    pub fn command(&self, args: &[&str]) -> Result<Command> {
+        let mut c = Command::new(sluice_bin()?);
+        c.args(args)
+            .env("SLUICE_URL", &self.url)
+            .env("SLUICE_TOKEN", &self.token)
+            .env("SLUICE_FINGERPRINT", &self.fingerprint);
+        Ok(c)
+    }
+
+    /// Runs `sluice ARGS --json`; returns (exit code, parsed stdout).
+    pub fn cli(&self, args: &[&str]) -> Result<(i32, Value)> {
+        let out: Output = self.command(args)?.arg("--json").output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v = serde_json::from_str(&text).unwrap_or(Value::Null);
+        let code = out.status.code().unwrap_or(-1);
+        if code != 0 {
+            eprintln!(
+                "sluice {args:?} -> {code}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok((code, v))
+    }
+
+    /// `cli`, failing unless the exit code is 0.
+    pub fn ok(&self, args: &[&str]) -> Result<Value> {
+        let (code, v) = self.cli(args)?;
+        if code != 0 {
+            bail!("sluice {args:?} exited with {code}");
+        }
+        Ok(v)
+    }
+}
