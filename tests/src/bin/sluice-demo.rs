@@ -10,11 +10,12 @@
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use serde_json::Value;
 use testbed::daemon::Daemon;
 use testbed::inspect::compare_images;
@@ -43,37 +44,69 @@ fn leftovers() -> std::sync::MutexGuard<'static, Leftovers> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Blocks SIGINT and SIGTERM in every thread and tears everything down when one arrives.
-/// (Child processes start with an empty signal mask, so the daemon still gets its own.)
+/// The signal that asked the demo to stop (0: none yet).
+static SIGNALLED: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn note_signal(sig: libc::c_int) {
+    SIGNALLED.store(sig, Ordering::SeqCst);
+}
+
+/// On SIGINT or SIGTERM, a watcher thread tears everything down and exits with 130.
+/// (Handlers are reset at exec, so the daemon and tools keep their own signal handling.)
 fn on_signal_clean_up() -> Result<()> {
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGTERM);
-    set.thread_block()?;
-    std::thread::spawn(move || {
-        let sig = set.wait().unwrap_or(Signal::SIGINT);
-        eprintln!("\n{sig}: stopping the daemon and removing the demo VM and files");
-        let l = std::mem::take(&mut *leftovers());
-        if let Some(pid) = l.daemon {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGTERM);
-            std::thread::sleep(std::time::Duration::from_secs(2));
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+    let action = SigAction::new(
+        SigHandler::Handler(note_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores into an atomic, which is async-signal-safe.
+        unsafe { sigaction(sig, &action) }?;
+    }
+    std::thread::spawn(|| loop {
+        let sig = SIGNALLED.load(Ordering::SeqCst);
+        if sig != 0 {
+            clean_up_and_exit(sig);
         }
-        if let Some(vm) = l.vm {
-            teardown_domain(&vm);
-        }
-        for d in l.dirs {
-            let _ = std::fs::remove_dir_all(d);
-        }
-        std::process::exit(130);
+        std::thread::sleep(Duration::from_millis(100));
     });
     Ok(())
+}
+
+fn clean_up_and_exit(sig: i32) -> ! {
+    let name = Signal::try_from(sig).map_or("signal", Signal::as_str);
+    eprintln!("\n{name}: stopping the daemon and removing the demo VM and files");
+    let l = std::mem::take(&mut *leftovers());
+    if let Some(pid) = l.daemon {
+        let pid = nix::unistd::Pid::from_raw(pid as i32);
+        let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
+        let start = Instant::now();
+        while nix::sys::signal::kill(pid, None).is_ok() && start.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+    }
+    if let Some(vm) = l.vm {
+        teardown_domain(&vm);
+    }
+    for d in l.dirs {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    eprintln!("cleaned up");
+    std::process::exit(130);
 }
 
 fn main() -> Result<()> {
     on_signal_clean_up()?;
     let start = Instant::now();
     let r = story(start);
+    if SIGNALLED.load(Ordering::SeqCst) != 0 {
+        // The watcher is cleaning up and will exit.
+        loop {
+            std::thread::park();
+        }
+    }
     // Dropping the daemon and the VM (inside `story`) already cleaned up; forget them.
     *leftovers() = Leftovers::default();
     match &r {
