@@ -22,7 +22,7 @@ use crate::auth::{Role, TokenStore};
 use crate::config::Config;
 use crate::routes::exports::Exports;
 use crate::state::AppState;
-use proxy::nbd::{Identity, Server, ServerOptions, ServerTls};
+use proxy::nbd::{Server, ServerOptions, ServerTls};
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
@@ -79,15 +79,12 @@ async fn start_nbd(cfg: &Config, addr: std::net::SocketAddr) -> anyhow::Result<E
     if !(addr.ip().is_loopback() || private) {
         bail!("nbd_listen {addr}: a non-loopback NBD server needs nbd_tls and nbd_client_ca (client certificates)");
     }
-    let tls = if cfg.nbd_tls {
-        let (cert, key) = ensure_cert(&cfg.data_dir)?;
-        let identity = Identity {
-            cert_file: cert,
-            key_file: key,
-        };
-        Some(ServerTls::new(&identity, cfg.nbd_client_ca.as_deref())?)
+    let (tls, client_dir) = if cfg.nbd_tls {
+        let (identity, dir) = crate::routes::exports::nbd_tls_material(&cfg.data_dir, addr.ip())?;
+        let tls = ServerTls::new(&identity, cfg.nbd_client_ca.as_deref())?;
+        (Some(tls), Some(dir))
     } else {
-        None
+        (None, None)
     };
     let server = Server::new(ServerOptions {
         tls_required: tls.is_some(),
@@ -109,19 +106,10 @@ async fn start_nbd(cfg: &Config, addr: std::net::SocketAddr) -> anyhow::Result<E
     let scheme = if cfg.nbd_tls { "nbds" } else { "nbd" };
     println!("nbd exports on {scheme}://{bound}");
     let ex = Exports::new(server, format!("{scheme}://{bound}")).with_overlay_dir(overlays);
-    if !cfg.nbd_tls {
-        return Ok(ex);
-    }
-    Ok(ex.with_tls_certificates(nbd_client_dir(&cfg.data_dir)?))
-}
-
-/// `<data_dir>/nbd-tls/ca-cert.pem`: the daemon's certificate, which clients trust.
-fn nbd_client_dir(data: &Path) -> anyhow::Result<std::path::PathBuf> {
-    let dir = data.join("nbd-tls");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::copy(data.join("tls-cert.pem"), dir.join("ca-cert.pem"))
-        .context("copying the certificate for nbd clients")?;
-    Ok(dir)
+    Ok(match client_dir {
+        Some(dir) => ex.with_tls_certificates(dir),
+        None => ex,
+    })
 }
 
 /// The configured restore directories; the default one is created.

@@ -156,6 +156,7 @@ fn read_export_over_tls(s: &Story, id: &str) -> Result<()> {
         size.trim() == SIZE.to_string(),
         "nbdinfo --size {uri}: {size:?}"
     );
+    qemu_img_over_tls(&uri)?;
     let plain = uri.replacen("nbds://", "nbd://", 1);
     let refused = Command::new("nbdinfo").args(["--size", &plain]).output()?;
     ensure!(!refused.status.success(), "plain NBD was served: {plain}");
@@ -172,6 +173,31 @@ fn read_export_over_tls(s: &Story, id: &str) -> Result<()> {
         s.d.ok(&["export", "list"])? == json!([]),
         "export still listed"
     );
+    Ok(())
+}
+
+/// QEMU reads the export over TLS with the certificate directory the URI names (as in
+/// docs/api.md).
+fn qemu_img_over_tls(uri: &str) -> Result<()> {
+    let rest = uri.strip_prefix("nbds://").context("nbds uri")?;
+    let (addr, rest) = rest.split_once('/').context("uri path")?;
+    let (export, dir) = rest
+        .split_once("?tls-certificates=")
+        .context("uri certificate directory")?;
+    let (host, port) = addr.split_once(':').context("uri port")?;
+    let info = tool(
+        "qemu-img",
+        &[
+            "info",
+            "--output=json",
+            "--object",
+            &format!("tls-creds-x509,id=tls0,dir={dir},endpoint=client"),
+            "--image-opts",
+            &format!("driver=nbd,host={host},port={port},export={export},tls-creds=tls0"),
+        ],
+    )?;
+    let v: Value = serde_json::from_str(&info)?;
+    ensure!(v["virtual-size"] == SIZE, "qemu-img info over tls: {info}");
     Ok(())
 }
 

@@ -5,13 +5,16 @@
 //! backup never changes.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path as FsPath, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
-use proxy::nbd::Server;
+use proxy::nbd::{Identity, Server};
 use proxy::restore::{ExportName, ExportOptions, RepoExport};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -97,6 +100,65 @@ impl Exports {
         })?;
         Ok(ExportOptions::writable(dir))
     }
+}
+
+/// The NBD server's TLS material under `<data_dir>`, made on first use: a CA certificate
+/// for clients in `nbd-tls/ca-cert.pem` (the directory libnbd's `tls-certificates=` and QEMU's
+/// `tls-creds-x509 dir=` take) and the server's certificate and key, signed by that CA, in
+/// `nbd-tls-server/` (key 0600). The CA key is not kept: delete both directories to rotate.
+/// QEMU insists on a CA certificate with basic constraints, so the API's self-signed
+/// certificate cannot serve here.
+pub fn nbd_tls_material(data: &FsPath, ip: IpAddr) -> anyhow::Result<(Identity, PathBuf)> {
+    let client_dir = data.join("nbd-tls");
+    let server_dir = data.join("nbd-tls-server");
+    let identity = Identity {
+        cert_file: server_dir.join("server-cert.pem"),
+        key_file: server_dir.join("server-key.pem"),
+    };
+    if !identity.cert_file.exists() || !client_dir.join("ca-cert.pem").exists() {
+        make_nbd_certs(&client_dir, &server_dir, ip)?;
+    }
+    Ok((identity, client_dir))
+}
+
+fn make_nbd_certs(client_dir: &FsPath, server_dir: &FsPath, ip: IpAddr) -> anyhow::Result<()> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "sluice nbd ca");
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca, ca_key);
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    if !ip.is_loopback() && !ip.is_unspecified() {
+        names.push(ip.to_string());
+    }
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(names)?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "sluice nbd server");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    let cert = params.signed_by(&key, &issuer)?;
+    std::fs::create_dir_all(client_dir)?;
+    std::fs::create_dir_all(server_dir)?;
+    std::fs::set_permissions(server_dir, std::fs::Permissions::from_mode(0o700))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(server_dir.join("server-key.pem"))?;
+    f.write_all(key.serialize_pem().as_bytes())?;
+    std::fs::write(server_dir.join("server-cert.pem"), cert.pem())?;
+    std::fs::write(client_dir.join("ca-cert.pem"), ca_cert.pem())?;
+    Ok(())
 }
 
 /// Body of an export request.
