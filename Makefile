@@ -29,7 +29,7 @@ test: deps guest
 
 demo: deps guest
 	$(CARGO) build --release -p api --bin sluice -p integration-tests --bin sluice-demo
-	./target/release/sluice-demo
+	"$${CARGO_TARGET_DIR:-target}/release/sluice-demo"
 
 bench: deps guest
 	@bash scripts/bench.sh

@@ -13,24 +13,11 @@ use anyhow::{ensure, Context, Result};
 use serde_json::{json, Value};
 use testbed::daemon::Daemon;
 use testbed::inspect::compare_images;
+use testbed::peers::run as tool;
 use testbed::{read_image, teardown_domain, Model, TestVm, VmSpec};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
-
-/// Runs a tool; fails naming its stderr, or `make deps` when it is missing.
-fn tool(name: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(name)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {name} (install it: make deps)"))?;
-    ensure!(
-        out.status.success(),
-        "{name} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// Writes the model's image of `disk` to a raw file.
 fn model_file(model: &Model, disk: &str, path: &Path) -> Result<String> {

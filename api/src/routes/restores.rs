@@ -431,7 +431,13 @@ async fn copy_disks(
     let planned = disk_sizes(st, disks).await?;
     h.progress.bytes_planned.store(planned, Ordering::Relaxed);
     let poll = tokio::spawn(poll_progress(staging.dir.clone(), h.progress.clone()));
-    let r = copy_each(st, disks, staging, format, h).await;
+    let r = async {
+        for (name, target) in disks {
+            copy_one(st, name, staging.file(target), format, h).await?;
+        }
+        Ok(())
+    }
+    .await;
     poll.abort();
     if r.is_ok() {
         h.progress.bytes_done.store(planned, Ordering::Relaxed);
@@ -440,28 +446,23 @@ async fn copy_disks(
     r
 }
 
-async fn copy_each(
+/// One disk's copy; on cancel the blocking copy is let end, then discarded.
+async fn copy_one(
     st: &SharedState,
-    disks: &[(ExportName, PathBuf)],
-    staging: &Staging,
+    name: &ExportName,
+    file: PathBuf,
     format: RestoreFormat,
     h: &JobHandle,
 ) -> Result<(), (String, bool)> {
-    for (name, target) in disks {
-        let file = staging.file(target);
-        let run = restore_disk(&st.repo, name, file, format.image());
-        tokio::pin!(run);
-        let out = tokio::select! {
-            r = &mut run => r,
-            _ = h.cancel.cancelled() => {
-                // The copy runs on a blocking thread: let it end, then discard it.
-                let _ = run.await;
-                return Err(("restore cancelled; nothing was written".into(), true));
-            }
-        };
-        out.map_err(|e| (e.to_string(), false))?;
+    let run = restore_disk(&st.repo, name, file, format.image());
+    tokio::pin!(run);
+    tokio::select! {
+        r = &mut run => r.map(drop).map_err(|e| (e.to_string(), false)),
+        _ = h.cancel.cancelled() => {
+            let _ = run.await;
+            Err(("restore cancelled; nothing was written".into(), true))
+        }
     }
-    Ok(())
 }
 
 async fn disk_sizes(

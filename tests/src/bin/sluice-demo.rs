@@ -9,16 +9,16 @@
 //! VM, exports and files are removed at the end, on error, and on Ctrl-C or SIGTERM.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use serde_json::Value;
 use testbed::daemon::Daemon;
 use testbed::inspect::compare_images;
+use testbed::peers::run;
 use testbed::{teardown_domain, Model, TestVm, VmSpec};
 
 const MIB: u64 = 1 << 20;
@@ -247,15 +247,4 @@ impl Demo {
         println!("Images are identical.");
         Ok(())
     }
-}
-
-fn run(tool: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(tool)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {tool} (install it: make deps)"))?;
-    if !out.status.success() {
-        bail!("{tool}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
