@@ -84,6 +84,14 @@ async fn restore_done(a: &Api, body: serde_json::Value) -> serde_json::Value {
     panic!("restore job {id} did not end");
 }
 
+/// The pid of a process that has exited.
+fn dead_pid() -> u32 {
+    let mut c = std::process::Command::new("true").spawn().unwrap();
+    let pid = c.id();
+    c.wait().unwrap();
+    pid
+}
+
 fn restores(a: &Api) -> PathBuf {
     a.dir.path().join("restores")
 }
@@ -102,6 +110,10 @@ fn listing(dir: &Path) -> Vec<String> {
 async fn a_disk_restores_to_raw_and_qcow2_and_is_never_overwritten_unless_asked() {
     let a = api().await;
     let m = seed(&a).await;
+    // What a daemon killed mid-restore leaves: swept by the next restore into that directory.
+    let stale = restores(&a).join(format!(".sluice-restore-{}-1", dead_pid()));
+    std::fs::create_dir(&stale).unwrap();
+    std::fs::write(stale.join("half.raw"), b"partial").unwrap();
     let raw = restores(&a).join("src.raw");
     let body = serde_json::json!({"backup": m.id.to_string(), "to": raw, "format": "raw"});
     let job = restore_done(&a, body.clone()).await;

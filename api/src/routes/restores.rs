@@ -504,6 +504,27 @@ async fn poll_progress(dir: PathBuf, progress: Arc<Progress>) {
     }
 }
 
+/// Prefix of staging directories: `.sluice-restore-PID-JOB`.
+const STAGING: &str = ".sluice-restore-";
+
+fn sweep_dead_staging(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix(STAGING)
+            .and_then(|r| r.split_once('-'))
+            .and_then(|(p, _)| p.parse::<u32>().ok());
+        let dead = pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists());
+        if dead {
+            tracing::warn!(dir = %e.path().display(), "removing a restore staging directory left by a dead daemon");
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// A private directory beside the targets (same filesystem, so placing is a rename); removed
 /// with whatever it still holds when dropped.
 struct Staging {
@@ -511,9 +532,12 @@ struct Staging {
 }
 
 impl Staging {
+    /// `.sluice-restore-PID-JOB` beside `target`; first removes those a daemon that no
+    /// longer runs left behind (killed with `kill -9` mid-restore).
     fn new(target: &Path, job: u64) -> Result<Staging, (String, bool)> {
         let parent = target.parent().unwrap_or(Path::new("/"));
-        let dir = parent.join(format!(".sluice-restore-{job}"));
+        sweep_dead_staging(parent);
+        let dir = parent.join(format!("{STAGING}{}-{job}", std::process::id()));
         std::fs::create_dir(&dir)
             .map_err(|e| (format!("creating {}: {e}", dir.display()), false))?;
         Ok(Staging { dir })
