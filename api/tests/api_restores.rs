@@ -8,8 +8,8 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use axum::http::StatusCode;
-use catalog::{BackupSpec, CommitInfo, Consistency, DiskSpec, Manifest, VmIdentity};
-use common::{api, call, Api};
+use catalog::Manifest;
+use common::{api, call, seed_backup, Api};
 
 const SIZE: usize = 1 << 20;
 
@@ -33,34 +33,7 @@ async fn seed(a: &Api) -> Manifest {
 
 /// The same, as a backup of VM `vm` (the test driver's `test` has the same UUID).
 async fn seed_vm(a: &Api, vm: &str) -> Manifest {
-    let (repo, vm) = (a.state.repo.clone(), vm.to_string());
-    tokio::task::spawn_blocking(move || {
-        let w = repo
-            .begin_backup(BackupSpec {
-                vm: VmIdentity {
-                    name: vm,
-                    uuid: "6695eb01-f6a4-8304-79aa-97f2502e193f".into(),
-                },
-                disks: vec![DiskSpec {
-                    target: "vda".into(),
-                    size: SIZE as u64,
-                    checkpoint: None,
-                }],
-                parent: None,
-                started: 1_700_000_000,
-            })
-            .unwrap();
-        w.put_chunks(0, 0, &data()).unwrap();
-        w.commit(CommitInfo {
-            domain_xml: DOMAIN_XML.into(),
-            mode: catalog::BackupMode::Full,
-            consistency: Consistency::Crash,
-            finished: 1_700_000_001,
-        })
-        .unwrap()
-    })
-    .await
-    .unwrap()
+    seed_backup(a, vm, data(), DOMAIN_XML).await
 }
 
 async fn restore(a: &Api, body: serde_json::Value) -> (StatusCode, serde_json::Value) {

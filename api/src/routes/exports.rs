@@ -65,8 +65,14 @@ impl Exports {
         self
     }
 
-    /// Writable exports keep their copy-on-write overlays in `dir`.
+    /// Writable exports keep their copy-on-write overlays in `dir`, a directory of their own.
+    /// Exports do not survive a restart, so whatever an earlier run left there (killed with
+    /// its exports open) is removed.
     pub fn with_overlay_dir(mut self, dir: PathBuf) -> Self {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            tracing::warn!(file = %e.path().display(), "removing an overlay left by an earlier run");
+            let _ = std::fs::remove_file(e.path());
+        }
         self.overlay_dir = Some(dir);
         self
     }

@@ -56,14 +56,19 @@ pub async fn api() -> Api {
     let audit = api::audit::AuditLog::open(&dir.path().join("audit.log")).unwrap();
     let restores = dir.path().join("restores");
     std::fs::create_dir_all(&restores).unwrap();
+    let overlays = dir.path().join("overlays");
+    std::fs::create_dir_all(&overlays).unwrap();
     let state = Arc::new(
         AppState::new(repo, Arc::new(hv), tokens, work, 2)
             .with_audit(audit)
             .with_restore_dirs(vec![restores])
-            .with_exports(api::routes::exports::Exports::new(
-                proxy::nbd::Server::new(proxy::nbd::ServerOptions::default()),
-                "nbd://127.0.0.1:1".into(),
-            )),
+            .with_exports(
+                api::routes::exports::Exports::new(
+                    proxy::nbd::Server::new(proxy::nbd::ServerOptions::default()),
+                    "nbd://127.0.0.1:1".into(),
+                )
+                .with_overlay_dir(overlays),
+            ),
     );
     Api {
         app: app(state.clone()),
@@ -101,4 +106,38 @@ pub async fn call(
     let json = serde_json::from_slice(&bytes)
         .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&bytes).into()));
     (status, json)
+}
+
+/// Commits a one-disk backup (`vda`, `data`) of VM `vm` with domain definition `xml`
+/// (libvirt's test driver has no disks to back up; the repository is real).
+pub async fn seed_backup(a: &Api, vm: &str, data: Vec<u8>, xml: &str) -> catalog::Manifest {
+    use catalog::{BackupSpec, CommitInfo, Consistency, DiskSpec, VmIdentity};
+    let (repo, vm, xml) = (a.state.repo.clone(), vm.to_string(), xml.to_string());
+    tokio::task::spawn_blocking(move || {
+        let w = repo
+            .begin_backup(BackupSpec {
+                vm: VmIdentity {
+                    name: vm,
+                    uuid: "6695eb01-f6a4-8304-79aa-97f2502e193f".into(),
+                },
+                disks: vec![DiskSpec {
+                    target: "vda".into(),
+                    size: data.len() as u64,
+                    checkpoint: None,
+                }],
+                parent: None,
+                started: 1_700_000_000,
+            })
+            .unwrap();
+        w.put_chunks(0, 0, &data).unwrap();
+        w.commit(CommitInfo {
+            domain_xml: xml,
+            mode: catalog::BackupMode::Full,
+            consistency: Consistency::Crash,
+            finished: 1_700_000_001,
+        })
+        .unwrap()
+    })
+    .await
+    .unwrap()
 }
