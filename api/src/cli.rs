@@ -390,7 +390,22 @@ fn export_line(v: &Value) {
     } else {
         "read-only"
     };
-    println!("export {} ({mode}): {}", s(&v["id"]), s(&v["uri"]));
+    let uri = s(&v["uri"]);
+    println!("export {} ({mode}): {uri}", s(&v["id"]));
+    if let Some(hint) = qemu_hint(&uri) {
+        println!("  qemu-img/qemu: {hint}");
+    }
+}
+
+/// QEMU does not read libnbd's `tls-certificates=` from a URI: the options it needs instead.
+fn qemu_hint(uri: &str) -> Option<String> {
+    let rest = uri.strip_prefix("nbds://")?;
+    let (addr, rest) = rest.split_once('/')?;
+    let (export, dir) = rest.split_once("?tls-certificates=")?;
+    let (host, port) = addr.rsplit_once(':')?;
+    Some(format!(
+        "--object tls-creds-x509,id=tls0,dir={dir},endpoint=client --image-opts driver=nbd,host={host},port={port},export={export},tls-creds=tls0"
+    ))
 }
 
 fn s(v: &Value) -> String {
@@ -457,5 +472,22 @@ fn job_table(v: &Value) {
             s(&r["mode"]),
             s(&r["message"])
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::qemu_hint;
+
+    #[test]
+    fn tls_export_uris_get_the_qemu_options() {
+        let uri = "nbds://127.0.0.1:10809/web-1/vda@20261122T073940Z-77d97d12?tls-certificates=/var/lib/sluice/nbd-tls";
+        assert_eq!(
+            qemu_hint(uri).unwrap(),
+            "--object tls-creds-x509,id=tls0,dir=/var/lib/sluice/nbd-tls,endpoint=client \
+             --image-opts driver=nbd,host=127.0.0.1,port=10809,\
+             export=web-1/vda@20261122T073940Z-77d97d12,tls-creds=tls0"
+        );
+        assert_eq!(qemu_hint("nbd://127.0.0.1:10809/web-1/vda@x"), None);
     }
 }
