@@ -460,13 +460,14 @@ fn backup_table(v: &Value) {
 
 fn job_table(v: &Value) {
     println!(
-        "{:>5} {:<16} {:<10} {:<6} MESSAGE",
-        "ID", "VM", "STATE", "MODE"
+        "{:>5} {:<8} {:<24} {:<10} {:<9} MESSAGE",
+        "ID", "KIND", "VM", "STATE", "MODE"
     );
     for r in rows(v) {
         println!(
-            "{:>5} {:<16} {:<10} {:<6} {}",
+            "{:>5} {:<8} {:<24} {:<10} {:<9} {}",
             s(&r["id"]),
+            s(&r["kind"]),
             s(&r["vm"]),
             s(&r["state"]),
             s(&r["mode"]),

@@ -168,6 +168,7 @@ impl Demo {
         self.show_read(&incr, "incremental")?;
         self.export(&incr)?;
         self.restore(&incr, &model)?;
+        self.sluice(&["job", "list"])?;
         self.sluice(&["verify", "--full"])?;
         drop(self.d);
         println!("\nstopped the daemon; removing domain {vm}, its checkpoints and every demo file");
