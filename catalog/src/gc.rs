@@ -7,16 +7,18 @@
 //! catalog forgets a pack before storage deletes it (reopen re-indexes leftovers).
 
 use crate::backend::LockMode;
+use crate::bloom::Bloom;
 use crate::db::Location;
 use crate::error::{Error, Result};
 use crate::format::blob;
 use crate::format::index;
 use crate::format::manifest::Manifest;
 use crate::format::pack::{PackBuilder, PackEntry};
-use crate::ids::{BackupId, ChunkDigest, PackId};
+use crate::ids::{BackupId, PackId};
 use crate::repo::Repository;
 use crate::retention::{self, Candidate, Decision, RetentionPolicy};
-use std::collections::{BTreeMap, HashSet};
+use crate::scratch::Scratch;
+use std::collections::BTreeMap;
 
 /// What prune decided and did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -51,7 +53,8 @@ impl Default for GcOptions {
 /// What GC found and did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GcReport {
-    /// Distinct live blobs (chunks and index blocks).
+    /// Distinct live blobs (chunks and index blocks), as the mark filter counted them:
+    /// may fall short by its false-positive rate (about 0.8 %, see `bloom`).
     pub live_blobs: u64,
     /// Packs examined.
     pub packs: u64,
@@ -106,9 +109,9 @@ impl Repository {
     /// mostly-dead ones. Takes the exclusive lock (see the crate docs).
     pub fn gc(&self, opts: GcOptions) -> Result<GcReport> {
         let _lock = self.lock(LockMode::Exclusive, opts.wait)?;
-        let live = self.mark()?;
+        let (live, live_blobs) = self.mark()?;
         let mut rep = GcReport {
-            live_blobs: live.len() as u64,
+            live_blobs,
             ..Default::default()
         };
         let mut out = PackBuilder::new();
@@ -125,33 +128,45 @@ impl Repository {
         Ok(rep)
     }
 
-    /// Every index block and chunk referenced by a committed manifest. Any unreadable
-    /// manifest or index block stops GC: it cannot know what that backup needs.
-    fn mark(&self) -> Result<HashSet<ChunkDigest>> {
-        let mut live = HashSet::new();
+    /// Every index block and chunk referenced by a committed manifest, in a Bloom filter
+    /// sized from the catalog's blob count (memory ~1.25 bytes per blob, capped; a false
+    /// positive keeps a dead blob, never drops a live one), and how many it took in. Index
+    /// blocks already walked are skipped exactly, through the on-disk scratch set: a false
+    /// "seen" there would leave chunks unmarked. Any unreadable manifest or index block
+    /// stops GC: it cannot know what that backup needs.
+    fn mark(&self) -> Result<(Bloom, u64)> {
+        let scratch = Scratch::open(&self.inner.opts.catalog_path)?;
+        let blobs = self.catalog().chunk_count()?;
+        let seed = (crate::ids::random_u32() as u64) << 32 | crate::ids::random_u32() as u64;
+        let mut live = Bloom::for_items(blobs, seed)?;
+        tracing::debug!(blobs, filter_bytes = live.bytes(), "gc mark filter");
+        let mut count = 0u64;
         for id in self.manifest_ids()? {
             let m = self.manifest(&id).map_err(|e| e.context("gc stopped"))?;
             for d in &m.disks {
                 let chunks = index::chunk_count(d.size, d.chunk_size);
                 for (b, bid) in d.index_blocks.iter().enumerate() {
-                    if !live.insert(*bid) {
+                    if !scratch.first_visit(bid)? {
                         continue;
                     }
+                    count += live.insert(bid) as u64;
                     let n = index::ids_in_block(b as u64, chunks, d.index_block_len);
                     let ids = self
                         .load_index_block(bid, n)
                         .map_err(|e| e.context(format!("gc stopped: backup {id}")))?;
-                    live.extend(ids.into_iter().filter(|x| !x.is_zero()));
+                    for x in ids.iter().filter(|x| !x.is_zero()) {
+                        count += live.insert(x) as u64;
+                    }
                 }
             }
         }
-        Ok(live)
+        Ok((live, count))
     }
 
     fn sweep_pack(
         &self,
         pack: PackId,
-        live: &HashSet<ChunkDigest>,
+        live: &Bloom,
         opts: &GcOptions,
         out: &mut PackBuilder,
         rep: &mut GcReport,

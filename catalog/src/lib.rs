@@ -46,6 +46,7 @@
 //! `pread`/`write`, and no benchmark here has shown a need yet.
 
 pub mod backend;
+mod bloom;
 mod db;
 mod error;
 pub mod format;
@@ -54,6 +55,7 @@ mod ids;
 mod reader;
 mod repo;
 pub mod retention;
+mod scratch;
 mod verify;
 mod writer;
 

@@ -4,15 +4,19 @@
 //! hashed) and that every chunk is located in a stored pack; `Full` also re-reads and
 //! re-hashes every chunk; `Sample` re-hashes a deterministic percentage (by digest). Every
 //! problem names each backup, disk and offset it affects.
+//!
+//! Memory does not grow with the repository: the distinct chunks to check and the index
+//! blocks already walked live in an on-disk scratch set (`scratch`), and chunks are checked
+//! one pack at a time in the catalog's pack order. Only problems are kept in RAM.
 
 use crate::backend::LockMode;
 use crate::error::{ErrorKind, Result};
 use crate::format::blob;
 use crate::format::index;
-use crate::format::manifest::Manifest;
 use crate::ids::{BackupId, ChunkDigest, PackId};
 use crate::repo::Repository;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use crate::scratch::Scratch;
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 /// How deep to check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,10 +94,10 @@ const AFFECTED_CAP: usize = 10_000;
 
 struct Walk {
     report: VerifyReport,
-    manifests: Vec<Manifest>,
-    /// Index blocks already decoded: block id -> ids.
-    blocks_ok: HashSet<ChunkDigest>,
-    needed: HashSet<ChunkDigest>,
+    /// Backups whose manifest decoded (re-read to name affected offsets).
+    read_ok: Vec<BackupId>,
+    /// Index blocks visited and chunks needed, on disk.
+    scratch: Scratch,
 }
 
 impl Repository {
@@ -106,9 +110,8 @@ impl Repository {
         };
         let mut w = Walk {
             report: VerifyReport::default(),
-            manifests: Vec::new(),
-            blocks_ok: HashSet::new(),
-            needed: HashSet::new(),
+            read_ok: Vec::new(),
+            scratch: Scratch::open(&self.inner.opts.catalog_path)?,
         };
         for id in &ids {
             self.walk_backup(id, &mut w)?;
@@ -147,69 +150,57 @@ impl Repository {
         for d in &m.disks {
             let chunks = index::chunk_count(d.size, d.chunk_size);
             for (b, bid) in d.index_blocks.iter().enumerate() {
-                if w.blocks_ok.contains(bid) {
+                if !w.scratch.first_visit(bid)? {
                     continue;
                 }
                 let n = index::ids_in_block(b as u64, chunks, d.index_block_len);
                 match self.load_index_block(bid, n) {
-                    Ok(ids) => {
-                        w.needed.extend(ids.into_iter().filter(|x| !x.is_zero()));
-                        w.blocks_ok.insert(*bid);
-                    }
+                    Ok(ids) => w.scratch.add_needed(&ids)?,
                     Err(e) if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::NotFound) => {
-                        push_problem(w, *bid, e.kind(), e.to_string());
+                        push_problem(&mut w.report, *bid, e.kind(), e.to_string());
                     }
                     Err(e) => return Err(e),
                 }
             }
         }
-        w.manifests.push(m);
+        w.read_ok.push(m.id);
         Ok(())
     }
 
-    /// Check presence (and contents per `mode`); returns the bad digests' problem indexes.
+    /// Check presence (and contents per `mode`), one pack at a time; returns the bad
+    /// digests' problem indexes.
     fn check_chunks(&self, mode: VerifyMode, w: &mut Walk) -> Result<HashMap<ChunkDigest, usize>> {
         let stored: HashSet<PackId> = self.stored_packs()?.into_iter().collect();
-        let mut by_pack: BTreeMap<(PackId, u64), (ChunkDigest, u32)> = BTreeMap::new();
-        let needed: Vec<ChunkDigest> = w.needed.iter().copied().collect();
-        w.report.chunks = needed.len() as u64;
-        for d in needed {
-            let loc = self.catalog().lookup(&d)?;
-            match loc {
-                Some(l) if stored.contains(&l.pack) => {
-                    if sampled(&d, mode) {
-                        by_pack.insert((l.pack, l.offset), (d, l.length));
+        w.report.chunks = w.scratch.needed_count()?;
+        let Walk {
+            report, scratch, ..
+        } = w;
+        scratch.for_each_unlocated(|d| {
+            let detail = format!("chunk {d} is not located in any pack");
+            push_problem(report, d, ErrorKind::NotFound, detail);
+            Ok(())
+        })?;
+        scratch.for_each_pack(|pack, group| {
+            if !stored.contains(&pack) {
+                for (d, _) in group {
+                    let detail = format!("chunk {d}: pack {pack} is missing");
+                    push_problem(report, d, ErrorKind::NotFound, detail);
+                }
+                return Ok(());
+            }
+            for (d, l) in group.into_iter().filter(|(d, _)| sampled(d, mode)) {
+                report.chunks_rehashed += 1;
+                let r = self.read_location(&l).and_then(|b| blob::decode(&b, d));
+                match r {
+                    Ok(_) => {}
+                    Err(e) if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::NotFound) => {
+                        push_problem(report, d, e.kind(), format!("chunk {d}: {e}"))
                     }
+                    Err(e) => return Err(e),
                 }
-                Some(l) => push_problem(
-                    w,
-                    d,
-                    ErrorKind::NotFound,
-                    format!("chunk {d}: pack {} is missing", l.pack),
-                ),
-                None => push_problem(
-                    w,
-                    d,
-                    ErrorKind::NotFound,
-                    format!("chunk {d} is not located in any pack"),
-                ),
             }
-        }
-        for ((pack, offset), (d, len)) in by_pack {
-            w.report.chunks_rehashed += 1;
-            let r = self
-                .inner
-                .backend
-                .get_range(&pack.key(), offset, len as usize)
-                .and_then(|b| blob::decode(&b, d));
-            match r {
-                Ok(_) => {}
-                Err(e) if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::NotFound) => {
-                    push_problem(w, d, e.kind(), format!("chunk {d}: {e}"))
-                }
-                Err(e) => return Err(e),
-            }
-        }
+            Ok(())
+        })?;
         Ok(w.report
             .problems
             .iter()
@@ -223,7 +214,10 @@ impl Repository {
         if bad.is_empty() {
             return;
         }
-        for m in &w.manifests {
+        for id in &w.read_ok {
+            let Ok(m) = self.manifest(id) else {
+                continue;
+            };
             for d in &m.disks {
                 let chunks = index::chunk_count(d.size, d.chunk_size);
                 let span = d.index_block_len as u64 * d.chunk_size as u64;
@@ -267,12 +261,12 @@ fn problem_kind(k: ErrorKind) -> ProblemKind {
     }
 }
 
-fn push_problem(w: &mut Walk, d: ChunkDigest, k: ErrorKind, detail: String) {
-    if w.report.problems.iter().any(|p| p.digest == Some(d)) {
+fn push_problem(report: &mut VerifyReport, d: ChunkDigest, k: ErrorKind, detail: String) {
+    if report.problems.iter().any(|p| p.digest == Some(d)) {
         return;
     }
     tracing::warn!(chunk = %d, %detail, "verify found a problem");
-    w.report.problems.push(Problem {
+    report.problems.push(Problem {
         digest: Some(d),
         kind: problem_kind(k),
         detail,

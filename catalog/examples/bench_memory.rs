@@ -1,0 +1,237 @@
+//! Peak memory of GC and verify as the repository grows: they must stay flat.
+//!
+//! Fabricates a repository of N synthetic chunks (tiny payloads, so millions of them are
+//! cheap; real packs, index blocks and manifests, the catalog built by `Repository::open`),
+//! then runs `open`, `gc` and `verify --quick` each in a fresh child process and prints the
+//! child's peak RSS (`getrusage` `ru_maxrss`). Two backups share all index blocks but one,
+//! so the walks also skip visited blocks.
+//!
+//! `cargo run --release -p catalog --example bench_memory [-- SMALL_M LARGE_M]`
+//! (millions of chunks; default 2 and 8). Scratch goes under `$TMPDIR` (default /tmp).
+
+use anyhow::{bail, Context};
+use catalog::format::blob::{self, BlobHeader, BlobKind, BLOB_HEADER_LEN};
+use catalog::format::index;
+use catalog::format::pack::PackBuilder;
+use catalog::{
+    Backend, BackupId, BackupMode, BackupStats, ChunkDigest, Consistency, DiskManifest, FsBackend,
+    GcOptions, Manifest, RepoConfig, RepoOptions, Repository, VerifyMode, VmIdentity,
+};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--measure") {
+        return measure(&args[2], Path::new(&args[3]));
+    }
+    if args.get(1).map(String::as_str) == Some("--fabricate") {
+        return fabricate(Path::new(&args[3]), args[2].parse()?);
+    }
+    let sizes: Vec<f64> = match args.len() {
+        1 => vec![2.0, 8.0],
+        3 => vec![args[1].parse()?, args[2].parse()?],
+        _ => bail!("usage: bench_memory [SMALL_M LARGE_M]"),
+    };
+    println!("    chunks  phase   peak RSS (VmHWM)  time     result");
+    for m in sizes {
+        let n = ((m * 1e6) as u64).max(1);
+        let dir = tempfile::tempdir()?;
+        let t = Instant::now();
+        child(&["--fabricate", &n.to_string()], dir.path())?;
+        println!("{n:>10}  fabricated in {:.1} s", t.elapsed().as_secs_f64());
+        for phase in ["open", "gc", "verify"] {
+            print!("{n:>10}  {}", child(&["--measure", phase], dir.path())?);
+        }
+        println!(
+            "{n:>10}  (a set of every live digest, as before, holds >= {} MiB)",
+            (n * 32) >> 20
+        );
+    }
+    Ok(())
+}
+
+/// Run this program again with `args` and `dir`; its stdout. Children do the work so that
+/// each peak is its own (a child started by vfork inherits its parent's peak at exec, so the
+/// parent stays small).
+fn child(args: &[&str], dir: &Path) -> anyhow::Result<String> {
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .args(args)
+        .arg(dir)
+        .output()?;
+    if !out.status.success() {
+        bail!("{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn opts(dir: &Path) -> RepoOptions {
+    RepoOptions::new(dir.join("catalog.sqlite"))
+}
+
+fn backend(dir: &Path) -> anyhow::Result<Arc<dyn Backend>> {
+    Ok(Arc::new(FsBackend::open(dir.join("repo"))?))
+}
+
+/// One child: run `phase` and print its peak RSS.
+fn measure(phase: &str, dir: &Path) -> anyhow::Result<()> {
+    let t = Instant::now();
+    let repo = Repository::open(backend(dir)?, opts(dir))?;
+    let result = match phase {
+        "open" => format!("{} backups", repo.backups(None)?.len()),
+        "gc" => {
+            let r = repo.gc(GcOptions::default())?;
+            format!(
+                "live {} packs {} deleted {} repacked {}",
+                r.live_blobs, r.packs, r.packs_deleted, r.packs_repacked
+            )
+        }
+        "verify" => {
+            let r = repo.verify(VerifyMode::Quick, None)?;
+            format!("chunks {} problems {}", r.chunks, r.problems.len())
+        }
+        _ => bail!("unknown phase {phase}"),
+    };
+    println!(
+        "{phase:<7} {:>5} MiB ({:>4} MiB)  {:>6.1} s  {result}",
+        max_rss_kib() >> 10,
+        vm_hwm_kib() >> 10,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn max_rss_kib() -> u64 {
+    // SAFETY: getrusage fills the zeroed struct we pass; no other memory is touched.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    ru.ru_maxrss as u64
+}
+
+/// Peak RSS of this process image from /proc (a cross-check of `ru_maxrss`).
+fn vm_hwm_kib() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A raw (uncompressed) chunk blob for the synthetic payload `i`.
+fn chunk_blob(i: u64) -> (ChunkDigest, Vec<u8>) {
+    let payload = i.to_le_bytes();
+    let digest = ChunkDigest::of(&payload);
+    let h = BlobHeader {
+        kind: BlobKind::Chunk,
+        flags: 0,
+        hash_mode: 0,
+        raw_len: payload.len() as u32,
+        stored_len: payload.len() as u32,
+        digest,
+        checksum: digest.0,
+    };
+    let mut b = Vec::with_capacity(BLOB_HEADER_LEN + payload.len());
+    b.extend_from_slice(&blob::encode_header(&h));
+    b.extend_from_slice(&payload);
+    (digest, b)
+}
+
+struct Packer {
+    backend: Arc<dyn Backend>,
+    pack: PackBuilder,
+    target: u64,
+}
+
+impl Packer {
+    fn add(&mut self, d: ChunkDigest, kind: BlobKind, b: &[u8]) -> anyhow::Result<()> {
+        self.pack.add(d, kind, b);
+        if self.pack.len() as u64 >= self.target {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        if !self.pack.is_empty() {
+            let (id, bytes, _) = std::mem::take(&mut self.pack).finish();
+            self.backend.put(&id.key(), &bytes)?;
+        }
+        Ok(())
+    }
+}
+
+/// Write N chunks, their index blocks and two backups straight into storage, then open the
+/// repository (which indexes every pack into the catalog).
+fn fabricate(dir: &Path, n: u64) -> anyhow::Result<()> {
+    let cfg = RepoConfig::default();
+    drop(Repository::create(backend(dir)?, cfg, opts(dir))?);
+    let mut p = Packer {
+        backend: backend(dir)?,
+        pack: PackBuilder::new(),
+        target: cfg.pack_target,
+    };
+    let block_len = cfg.index_block_len as u64;
+    let mut blocks = Vec::new();
+    let mut ids = Vec::with_capacity(block_len as usize);
+    for i in 0..n {
+        let (d, b) = chunk_blob(i);
+        p.add(d, BlobKind::Chunk, &b)?;
+        ids.push(d);
+        if ids.len() as u64 == block_len || i + 1 == n {
+            blocks.push(index_block(&mut p, &ids)?);
+            ids.clear();
+        }
+    }
+    // The second backup: its first block all zeros, every other block shared.
+    let zeros = vec![ChunkDigest::ZERO; block_len.min(n) as usize];
+    let mut second = blocks.clone();
+    second[0] = index_block(&mut p, &zeros)?;
+    p.flush()?;
+    for (k, b) in [blocks, second].into_iter().enumerate() {
+        let m = manifest(&cfg, n, b, k as i64);
+        p.backend.put(&Manifest::key(&m.id), &m.encode()?)?;
+    }
+    let repo = Repository::open(backend(dir)?, opts(dir))?;
+    let located = repo.with_catalog(|c| c.chunk_count())?;
+    if located < n {
+        bail!("catalog locates {located} blobs, expected at least {n}");
+    }
+    Ok(())
+}
+
+fn index_block(p: &mut Packer, ids: &[ChunkDigest]) -> anyhow::Result<ChunkDigest> {
+    let payload = index::encode(ids);
+    let d = ChunkDigest::of(&payload);
+    let b = blob::encode(BlobKind::Index, d, &payload, 1).context("index block")?;
+    p.add(d, BlobKind::Index, &b)?;
+    Ok(d)
+}
+
+fn manifest(cfg: &RepoConfig, n: u64, blocks: Vec<ChunkDigest>, k: i64) -> Manifest {
+    Manifest {
+        id: BackupId::generate(1_700_000_000 + k),
+        vm: VmIdentity {
+            name: "synthetic".into(),
+            uuid: "00000000-0000-0000-0000-00000000beef".into(),
+        },
+        domain_xml: "<domain/>".into(),
+        started: 1_700_000_000 + k,
+        finished: 1_700_000_000 + k,
+        mode: BackupMode::Full,
+        consistency: Consistency::Crash,
+        disks: vec![DiskManifest {
+            target: "vda".into(),
+            size: n * cfg.chunk_size as u64,
+            chunk_size: cfg.chunk_size,
+            index_block_len: cfg.index_block_len,
+            index_blocks: blocks,
+            checkpoint: None,
+            parent_backup: None,
+        }],
+        stats: BackupStats::default(),
+    }
+}
