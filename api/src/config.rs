@@ -21,6 +21,11 @@ pub struct Config {
     pub libvirt_uri: String,
     /// Backup jobs running at once.
     pub max_jobs: usize,
+    /// Backup jobs running at once against one hypervisor host (default: only `max_jobs`).
+    pub max_jobs_per_host: Option<usize>,
+    /// Bytes per second that all backup jobs together may read from the hypervisors
+    /// (default: unlimited).
+    pub read_limit: Option<u64>,
     /// NBD server for exports of backups (plain NBD: loopback addresses only for now).
     pub nbd_listen: Option<SocketAddr>,
     /// Serve plain HTTP (only allowed on a loopback address).
@@ -43,6 +48,8 @@ impl Default for Config {
             chunk_size: 64 << 10,
             libvirt_uri: "qemu:///system".into(),
             max_jobs: 2,
+            max_jobs_per_host: None,
+            read_limit: None,
             nbd_listen: Some(SocketAddr::from(([127, 0, 0, 1], 10809))),
             insecure_http: false,
             restore_dirs: Vec::new(),
@@ -72,6 +79,20 @@ impl Config {
         }
     }
 
+    /// The hypervisor host of `libvirt_uri` (`qemu+ssh://root@h1:22/system` -> `h1`;
+    /// `localhost` for local URIs), the key of the per-host job limit.
+    pub fn hypervisor_host(&self) -> String {
+        let rest = self.libvirt_uri.split_once("://").map_or("", |(_, r)| r);
+        let authority = rest.split('/').next().unwrap_or("");
+        let host = authority.rsplit('@').next().unwrap_or("");
+        let host = host.split(':').next().unwrap_or("");
+        if host.is_empty() {
+            "localhost".into()
+        } else {
+            host.to_string()
+        }
+    }
+
     /// The repository directory.
     pub fn repo_dir(&self) -> PathBuf {
         self.repository
@@ -94,5 +115,20 @@ mod tests {
             .to_string();
         assert!(err.contains("listn"), "{err}");
         assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn hypervisor_hosts_come_from_the_uri() {
+        let host = |uri: &str| {
+            let c = Config {
+                libvirt_uri: uri.into(),
+                ..Config::default()
+            };
+            c.hypervisor_host()
+        };
+        assert_eq!(host("qemu:///system"), "localhost");
+        assert_eq!(host("qemu+ssh://root@h1:2222/system"), "h1");
+        assert_eq!(host("qemu+tls://kvm-7.example/system"), "kvm-7.example");
+        assert_eq!(host("test:///default"), "localhost");
     }
 }

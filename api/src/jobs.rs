@@ -1,20 +1,26 @@
-//! Background jobs: a registry of backup jobs with bounded concurrency, live progress and
-//! cancel; shutdown cancels every running job and waits for it to release its resources.
+//! Background jobs: a registry of jobs with bounded concurrency (overall, and per hypervisor
+//! host), live progress and cancel; shutdown cancels every running job and waits for it to
+//! release its resources.
 //!
-//! The registry is in memory: after a restart, finished jobs are found as backups.
+//! A job waits in `queued` until it holds a slot of its host, then one of the overall limit
+//! (in that order, so a job blocked by its host does not hold an overall slot). With a
+//! [`JobLog`] every change is also written to the job history, which the next start reads
+//! back (see [`crate::joblog`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use proxy::job::{Progress, ProgressSnapshot};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{oneshot, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use utoipa::ToSchema;
 
 use crate::auth::now;
+use crate::joblog::JobLog;
 use crate::metrics::JobMetrics;
 
 /// Where a job is in its life.
@@ -89,6 +95,9 @@ pub struct JobInfo {
     /// The policy whose schedule started it (none: started through the API).
     #[serde(default)]
     pub policy: Option<String>,
+    /// The hypervisor host it runs against (per-host concurrency limit).
+    #[serde(default)]
+    pub host: String,
     pub progress: JobProgress,
 }
 
@@ -107,6 +116,15 @@ pub struct Jobs {
     entries: Mutex<BTreeMap<u64, Entry>>,
     next: Mutex<u64>,
     slots: Arc<Semaphore>,
+    /// Per-host slots, made on first use (none: no per-host limit).
+    hosts: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Per host, the turn of the last job queued: jobs of one host take their slots in the
+    /// order they were queued (tasks start in any order).
+    turns: Mutex<HashMap<String, oneshot::Receiver<()>>>,
+    limits: JobLimits,
+    /// Host of jobs spawned without one.
+    host: String,
+    log: Option<JobLog>,
     tracker: TaskTracker,
     shutdown: CancellationToken,
     /// Woken whenever a job changes state.
@@ -131,13 +149,64 @@ pub struct JobHandle {
 /// How a job body ended: the backup id, or (message, cancelled?).
 pub type JobOutcome = Result<String, (String, bool)>;
 
+/// Concurrency limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobLimits {
+    /// Jobs running at once, overall.
+    pub overall: usize,
+    /// Jobs running at once against one hypervisor host (none: only the overall limit).
+    pub per_host: Option<usize>,
+}
+
+/// What a queued job is.
+struct Spec<'a> {
+    kind: &'a str,
+    host: &'a str,
+    vm: &'a str,
+    mode: &'a str,
+    policy: Option<&'a str>,
+}
+
 impl Jobs {
-    /// A registry running at most `concurrency` jobs at once.
+    /// A registry in memory running at most `concurrency` jobs at once, on host `local`.
     pub fn new(concurrency: usize) -> Self {
+        let limits = JobLimits {
+            overall: concurrency,
+            per_host: None,
+        };
+        Self::with(limits, "local", None, BTreeMap::new())
+    }
+
+    /// A registry with `limits`, whose jobs run against `host` unless told otherwise, and
+    /// whose history is kept in `log` (read back now: interrupted jobs show as failed).
+    pub fn open(limits: JobLimits, host: &str, log: Option<&Path>) -> std::io::Result<Self> {
+        let Some(path) = log else {
+            return Ok(Self::with(limits, host, None, BTreeMap::new()));
+        };
+        let (log, old) = JobLog::open(path)?;
+        Ok(Self::with(limits, host, Some(log), old))
+    }
+
+    fn with(
+        limits: JobLimits,
+        host: &str,
+        log: Option<JobLog>,
+        old: BTreeMap<u64, JobInfo>,
+    ) -> Self {
+        let next = old.keys().next_back().map_or(1, |id| id + 1);
+        let entries = old
+            .into_iter()
+            .map(|(id, info)| (id, Entry::ended(info)))
+            .collect();
         Jobs {
-            entries: Mutex::new(BTreeMap::new()),
-            next: Mutex::new(1),
-            slots: Arc::new(Semaphore::new(concurrency.max(1))),
+            entries: Mutex::new(entries),
+            next: Mutex::new(next),
+            slots: Arc::new(Semaphore::new(limits.overall.max(1))),
+            hosts: Mutex::new(HashMap::new()),
+            turns: Mutex::new(HashMap::new()),
+            limits,
+            host: host.to_string(),
+            log,
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             changed: Notify::new(),
@@ -167,6 +236,38 @@ impl Jobs {
         F: FnOnce(JobHandle) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = JobOutcome> + Send + 'static,
     {
+        let host = self.host.clone();
+        let spec = Spec {
+            kind,
+            host: &host,
+            vm,
+            mode,
+            policy: None,
+        };
+        self.queue(spec, body)
+    }
+
+    /// Queues a backup job of `vm` on hypervisor host `host`.
+    pub fn spawn_on<F, Fut>(self: &Arc<Self>, host: &str, vm: &str, mode: &str, body: F) -> JobInfo
+    where
+        F: FnOnce(JobHandle) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = JobOutcome> + Send + 'static,
+    {
+        let spec = Spec {
+            kind: "backup",
+            host,
+            vm,
+            mode,
+            policy: None,
+        };
+        self.queue(spec, body)
+    }
+
+    fn queue<F, Fut>(self: &Arc<Self>, spec: Spec<'_>, body: F) -> JobInfo
+    where
+        F: FnOnce(JobHandle) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = JobOutcome> + Send + 'static,
+    {
         let id = {
             let mut n = self.next.lock().expect("jobs lock");
             *n += 1;
@@ -176,17 +277,19 @@ impl Jobs {
         let cancel = self.shutdown.child_token();
         let info = JobInfo {
             id,
-            kind: kind.to_string(),
-            vm: vm.to_string(),
+            kind: spec.kind.to_string(),
+            vm: spec.vm.to_string(),
             state: JobState::Queued,
-            mode: mode.to_string(),
+            mode: spec.mode.to_string(),
             created: now(),
             finished: None,
             message: None,
             backup_id: None,
-            policy: None,
+            policy: spec.policy.map(str::to_string),
+            host: spec.host.to_string(),
             progress: JobProgress::default(),
         };
+        self.persist(&info);
         let entry = Entry {
             info: info.clone(),
             progress: progress.clone(),
@@ -201,8 +304,17 @@ impl Jobs {
             progress,
             cancel,
         };
+        let (mine, next) = oneshot::channel();
+        let turn = Turn {
+            after: self
+                .turns
+                .lock()
+                .expect("jobs lock")
+                .insert(spec.host.to_string(), next),
+            mine,
+        };
         self.tracker
-            .spawn(async move { me.run(handle, body).await });
+            .spawn(async move { me.run(handle, turn, body).await });
         info
     }
 
@@ -218,12 +330,41 @@ impl Jobs {
         F: FnOnce(JobHandle) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = JobOutcome> + Send + 'static,
     {
-        let mut info = self.spawn(vm, mode, body);
-        info.policy = Some(policy.to_string());
-        if let Some(e) = self.entries.lock().expect("jobs lock").get_mut(&info.id) {
-            e.info.policy = info.policy.clone();
+        let host = self.host.clone();
+        let spec = Spec {
+            kind: "backup",
+            host: &host,
+            vm,
+            mode,
+            policy: Some(policy),
+        };
+        self.queue(spec, body)
+    }
+
+    fn persist(&self, info: &JobInfo) {
+        if let Some(log) = &self.log {
+            log.record(info);
         }
-        info
+    }
+
+    /// The slots of `host`, if there is a per-host limit.
+    fn host_slots(&self, host: &str) -> Option<Arc<Semaphore>> {
+        let n = self.limits.per_host?;
+        let mut hosts = self.hosts.lock().expect("jobs lock");
+        let sem = hosts
+            .entry(host.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(n.max(1))));
+        Some(sem.clone())
+    }
+
+    /// Waits for a slot of `host`, then an overall one.
+    async fn slots_for(&self, host: &str) -> Option<Permits> {
+        let host_permit = match self.host_slots(host) {
+            Some(sem) => Some(sem.acquire_owned().await.ok()?),
+            None => None,
+        };
+        let overall = self.slots.clone().acquire_owned().await.ok()?;
+        Some((host_permit, overall))
     }
 
     /// Adds `note` to the message job `id` ends with (e.g. what its retention removed).
@@ -233,16 +374,24 @@ impl Jobs {
         }
     }
 
-    async fn run<F, Fut>(self: Arc<Self>, h: JobHandle, body: F)
+    async fn run<F, Fut>(self: Arc<Self>, h: JobHandle, turn: Turn, body: F)
     where
         F: FnOnce(JobHandle) -> Fut,
         Fut: std::future::Future<Output = JobOutcome>,
     {
         let id = h.id;
+        let host = self.get(id).map(|j| j.host).unwrap_or_default();
+        let in_turn = async {
+            if let Some(before) = turn.after {
+                let _ = before.await; // sent or dropped: the job before has its slots or ended
+            }
+            self.slots_for(&host).await
+        };
         let permit = tokio::select! {
-            p = self.slots.clone().acquire_owned() => p.ok(),
+            p = in_turn => p,
             _ = h.cancel.cancelled() => None,
         };
+        drop(turn.mine);
         let Some(_permit) = permit else {
             self.finish(id, Err(("cancelled before it started".into(), true)));
             return;
@@ -259,6 +408,7 @@ impl Jobs {
             if state == JobState::Running {
                 e.started = Some(Instant::now());
             }
+            self.persist(&e.info);
         }
         self.changed.notify_waiters();
     }
@@ -301,6 +451,7 @@ impl Jobs {
         }
         let ran = e.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
         self.metrics.record(&e.info, ran);
+        self.persist(&e.info);
         tracing::info!(job = id, state = ?e.info.state, "job finished");
         drop(entries);
         self.changed.notify_waiters();
@@ -331,6 +482,34 @@ impl Jobs {
         self.shutdown.cancel();
         self.tracker.close();
         self.tracker.wait().await;
+    }
+}
+
+/// A job's place in its host's queue: it waits for `after` (the job queued before it) and
+/// drops `mine` once it holds its slots, letting the next one try.
+struct Turn {
+    after: Option<oneshot::Receiver<()>>,
+    mine: oneshot::Sender<()>,
+}
+
+/// The permits a running job holds: its host's (if limited) and an overall one.
+type Permits = (
+    Option<tokio::sync::OwnedSemaphorePermit>,
+    tokio::sync::OwnedSemaphorePermit,
+);
+
+impl Entry {
+    /// A job read back from the history.
+    fn ended(info: JobInfo) -> Self {
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        Entry {
+            info,
+            progress: Arc::new(Progress::default()),
+            cancel,
+            note: None,
+            started: None,
+        }
     }
 }
 

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod hv;
+pub mod joblog;
 pub mod jobs;
 pub mod metrics;
 pub mod routes;

@@ -50,7 +50,18 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         None => state,
     };
     let policies = crate::policy::PolicyStore::open(&cfg.data_dir.join("policies"))?;
-    let state = Arc::new(state.with_policies(policies));
+    let limits = crate::jobs::JobLimits {
+        overall: cfg.max_jobs,
+        per_host: cfg.max_jobs_per_host,
+    };
+    let history = cfg.data_dir.join("jobs.jsonl");
+    let jobs = crate::jobs::Jobs::open(limits, &cfg.hypervisor_host(), Some(&history))
+        .with_context(|| format!("reading the job history {}", history.display()))?;
+    let state = state
+        .with_policies(policies)
+        .with_jobs(jobs)
+        .with_read_limit(cfg.read_limit);
+    let state = Arc::new(state);
     let stop_scheduler = tokio_util::sync::CancellationToken::new();
     tokio::spawn(crate::scheduler::run(state.clone(), stop_scheduler.clone()));
     let app = crate::routes::app(state.clone());

@@ -35,6 +35,8 @@ pub struct AppState {
     pub restore_dirs: Vec<PathBuf>,
     /// Installed backup policies (in memory unless [`AppState::with_policies`]).
     pub policies: PolicyStore,
+    /// Paces the reads of every backup job together (none: unlimited).
+    pub read_limit: Option<Arc<proxy::job::RateLimit>>,
     repo_slots: Semaphore,
 }
 
@@ -68,6 +70,7 @@ impl AppState {
             exports: None,
             restore_dirs: Vec::new(),
             policies: PolicyStore::in_memory(),
+            read_limit: None,
             repo_slots: Semaphore::new(REPO_SLOTS),
         }
     }
@@ -93,6 +96,18 @@ impl AppState {
     /// Keeps policies in `store` (persisted under the data directory by `sluice serve`).
     pub fn with_policies(mut self, store: PolicyStore) -> Self {
         self.policies = store;
+        self
+    }
+
+    /// Runs jobs in `jobs` (limits, history) instead of the in-memory registry of `new`.
+    pub fn with_jobs(mut self, jobs: Jobs) -> Self {
+        self.jobs = Arc::new(jobs);
+        self
+    }
+
+    /// Limits the reads of all backup jobs together to `bytes_per_sec`.
+    pub fn with_read_limit(mut self, bytes_per_sec: Option<u64>) -> Self {
+        self.read_limit = bytes_per_sec.map(|b| Arc::new(proxy::job::RateLimit::new(b)));
         self
     }
 

@@ -1,6 +1,6 @@
 //! `/metrics` parses as the Prometheus text format and its numbers move after a real backup
-//! (plain QEMU over QMP: `testbed::qmp::PlainQemu`, no libvirt needed), which the job's
-//! event stream follows to its end.
+//! (plain QEMU over QMP: `testbed::qmp::PlainQemu`, no libvirt needed), whose reads the
+//! read limit paces.
 
 mod common;
 
@@ -80,13 +80,16 @@ async fn metrics_parse_and_move_after_a_backup() -> anyhow::Result<()> {
     let qemu = PlainQemu::start("api-metrics", 32 * MIB, &["write -P 0xaa 0 4M"])?;
     let (hv, _writer) = qemu.connect("vm").await?;
     let work = qemu.dir().join("work");
-    let st = Arc::new(AppState::new(
-        a.state.repo.clone(),
-        Arc::new(hv),
-        TokenStore::open(a.dir.path())?,
-        work,
-        2,
-    ));
+    let st = Arc::new(
+        AppState::new(
+            a.state.repo.clone(),
+            Arc::new(hv),
+            TokenStore::open(a.dir.path())?,
+            work,
+            2,
+        )
+        .with_read_limit(Some(8 * MIB)),
+    );
     let app = app(st.clone());
     let before = scrape(&app, &a.auditor).await;
     assert_eq!(before["sluice_backups_total{result=\"succeeded\"}"], 0.0);
@@ -118,6 +121,9 @@ async fn metrics_parse_and_move_after_a_backup() -> anyhow::Result<()> {
         after["sluice_job_duration_seconds_count{kind=\"backup\"}"],
         1.0
     );
+    // 4 MiB read at 8 MiB/s: the bandwidth limit paced the reads.
+    let took = after["sluice_job_duration_seconds_sum{kind=\"backup\"}"];
+    assert!(took >= 0.4, "a limited backup took {took} s");
     assert_eq!(after["sluice_repository_backups"], 1.0);
     assert_eq!(after["sluice_repository_logical_bytes"], (32 * MIB) as f64);
     assert!(after["sluice_repository_stored_bytes"] > 0.0);

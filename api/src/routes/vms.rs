@@ -160,6 +160,7 @@ pub(crate) async fn backup_job(
 ) -> JobOutcome {
     let mut opts = BackupOptions::new(st.work_dir.clone());
     opts.force_full = mode == BackupModeRequest::Full;
+    opts.read_limit = st.read_limit.clone();
     let run = st
         .hv
         .clone()

@@ -52,6 +52,8 @@ pub struct BackupOptions {
     /// Runs once the point in time is taken, before any byte is read (phase reporting, and
     /// tests that write to the guest during a backup or cancel it half-way).
     pub after_point_in_time: Option<Hook>,
+    /// Paces reads from the hypervisor (shared to limit several jobs together).
+    pub read_limit: Option<Arc<super::RateLimit>>,
 }
 
 /// An async callback of a job.
@@ -69,6 +71,7 @@ impl BackupOptions {
             depth: 16,
             connections: 1,
             after_point_in_time: None,
+            read_limit: None,
         }
     }
 }
@@ -305,6 +308,7 @@ async fn read_all(
             batch_bytes: opts.batch_bytes,
             depth: opts.depth,
             connections: opts.connections,
+            read_limit: opts.read_limit.clone(),
         };
         back_up_disk(job, sink.clone(), progress.clone(), cancel.clone())
     });

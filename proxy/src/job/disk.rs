@@ -37,6 +37,7 @@ pub(crate) struct DiskJob {
     pub batch_bytes: u64,
     pub depth: usize,
     pub connections: usize,
+    pub read_limit: Option<Arc<super::RateLimit>>,
 }
 
 /// What one disk cost.
@@ -242,6 +243,9 @@ impl Ctx {
     }
 
     async fn read(&self, r: Range<u64>) -> Result<bytes::Bytes> {
+        if let Some(limit) = &self.job.read_limit {
+            limit.take(r.end - r.start).await;
+        }
         let data = self
             .client
             .read(r.start, r.end - r.start)

@@ -9,7 +9,9 @@ pub mod backup;
 mod disk;
 mod error;
 mod progress;
+pub mod throttle;
 
 pub use backup::{run_backup, BackupOptions, BackupReport};
 pub use error::{Error, ErrorKind, Result};
 pub use progress::{Progress, ProgressSnapshot};
+pub use throttle::RateLimit;

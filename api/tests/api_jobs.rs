@@ -1,0 +1,150 @@
+//! The job registry: concurrency limits per hypervisor host and overall (waiting jobs show as
+//! queued through the API), and the job history across a restart (finished jobs listed, a
+//! job that was running when the daemon died shown as failed, "daemon restarted").
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use api::jobs::{JobInfo, JobLimits, JobState, Jobs};
+use tokio::sync::oneshot;
+
+/// A job on `host` that runs until its sender is used or dropped.
+fn blocked(jobs: &Arc<Jobs>, host: &str, vm: &str) -> (JobInfo, oneshot::Sender<()>) {
+    let (tx, rx) = oneshot::channel::<()>();
+    let vm = vm.to_string();
+    let info = jobs.spawn_on(host, &vm.clone(), "auto", move |_| async move {
+        let _ = rx.await;
+        Ok(format!("20261122T000000Z-{vm:0>8}"))
+    });
+    (info, tx)
+}
+
+async fn wait_state(jobs: &Jobs, id: u64, want: JobState) {
+    for _ in 0..200 {
+        if jobs.get(id).map(|j| j.state) == Some(want) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("job {id} never reached {want:?}: {:?}", jobs.get(id));
+}
+
+/// Running jobs now, with their hosts.
+fn running(jobs: &Jobs) -> Vec<(u64, String)> {
+    jobs.list()
+        .into_iter()
+        .filter(|j| j.state == JobState::Running)
+        .map(|j| (j.id, j.host))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_host_and_overall_limits_queue_jobs() {
+    let limits = JobLimits {
+        overall: 2,
+        per_host: Some(1),
+    };
+    let jobs = Arc::new(Jobs::open(limits, "h1", None).unwrap());
+    let mut held = Vec::new();
+    for (host, vm) in [("h1", "a1"), ("h1", "a2"), ("h2", "b1"), ("h3", "c1")] {
+        held.push(blocked(&jobs, host, vm));
+    }
+    // Whichever jobs win the race, the limits hold: two running, never two on one host, and
+    // the second job of h1 waits for the first (jobs of a host start in queue order).
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = running(&jobs);
+        assert!(now.len() <= 2, "{now:?}");
+        let mut hosts: Vec<_> = now.iter().map(|(_, h)| h.clone()).collect();
+        hosts.sort();
+        hosts.dedup();
+        assert_eq!(hosts.len(), now.len(), "two jobs on one host: {now:?}");
+    }
+    assert_eq!(running(&jobs).len(), 2, "{:?}", jobs.list());
+    assert_eq!(jobs.get(held[1].0.id).unwrap().state, JobState::Queued);
+    assert_eq!(jobs.get(held[3].0.id).unwrap().host, "h3");
+    // Ending running jobs lets the queued ones run, one slot at a time.
+    let mut senders: Vec<_> = held
+        .iter_mut()
+        .map(|(i, tx)| (i.id, Some(std::mem::replace(tx, oneshot::channel().0))))
+        .collect();
+    for _ in 0..4 {
+        let (id, _) = running(&jobs)[0].clone();
+        let tx = senders.iter_mut().find(|(i, _)| *i == id).unwrap().1.take();
+        tx.unwrap().send(()).unwrap();
+        wait_state(&jobs, id, JobState::Succeeded).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        jobs.list().iter().all(|j| j.state == JobState::Succeeded),
+        "{:?}",
+        jobs.list()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_jobs_are_visible_through_the_api() {
+    let a = common::api().await;
+    let jobs = a.state.jobs.clone();
+    // The test state allows 2 jobs at once: a third waits.
+    let held: Vec<_> = (0..3)
+        .map(|i| blocked(&jobs, "local", &format!("v{i}")))
+        .collect();
+    wait_state(&jobs, held[1].0.id, JobState::Running).await;
+    let (_, j) = common::call(&a.app, "GET", "/api/v1/jobs", Some(&a.auditor), None).await;
+    let queued: Vec<_> = j
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["state"] == "queued")
+        .map(|j| j["vm"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(queued, ["v2"], "{j}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_survives_a_restart_and_names_interrupted_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("jobs.jsonl");
+    let limits = JobLimits {
+        overall: 2,
+        per_host: None,
+    };
+    let first = Arc::new(Jobs::open(limits, "h1", Some(&log)).unwrap());
+    let (done, done_go) = blocked(&first, "h1", "done");
+    let (running, _never) = blocked(&first, "h1", "running");
+    done_go.send(()).unwrap();
+    wait_state(&first, done.id, JobState::Succeeded).await;
+    wait_state(&first, running.id, JobState::Running).await;
+    // A torn line, as a kill -9 in the middle of a write would leave.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"{\"id\":9,\"ki"))
+        .unwrap();
+
+    // The daemon dies (its jobs are never ended) and a new one reads the history.
+    let second = Arc::new(Jobs::open(limits, "h1", Some(&log)).unwrap());
+    let listed = second.list();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    let d = second.get(done.id).unwrap();
+    assert_eq!(d.state, JobState::Succeeded);
+    assert_eq!(d.backup_id.as_deref(), Some("20261122T000000Z-0000done"));
+    let r = second.get(running.id).unwrap();
+    assert_eq!(r.state, JobState::Failed);
+    let msg = r.message.unwrap_or_default();
+    assert!(
+        msg.contains("daemon restarted") && msg.contains("running"),
+        "{msg}"
+    );
+    assert!(r.finished.is_some());
+    let (next, _go) = blocked(&second, "h1", "next");
+    assert_eq!(next.id, running.id + 1, "ids continue after the history");
+    assert!(
+        second.cancel(done.id).is_some(),
+        "cancelling an old job is harmless"
+    );
+    drop(first);
+}
