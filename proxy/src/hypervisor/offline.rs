@@ -2,6 +2,9 @@
 //! also exports the persistent bitmap of the base checkpoint. The next checkpoint is a new
 //! persistent bitmap added with `qemu-img bitmap --add` before the export opens (nothing writes
 //! to a stopped VM's image, so "now" is the same instant for both). The guest is never started.
+//!
+//! Restores write a stopped VM's image the same way, through one writable `qemu-nbd`
+//! ([`open_writable`], a [`WritableImage`] guard), never behind QEMU's back.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

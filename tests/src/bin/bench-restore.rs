@@ -5,7 +5,7 @@
 //!
 //! Content (BENCH_RESTORE_SIZE_MIB, default 1024): per MiB, 1/2 pseudo-random, 1/4 zeroes,
 //! 1/4 repeated text, backed up with catalog's `BackupWriter`. Each reader gets a warm-up
-//! pass, then the best of three runs counts.
+//! pass, then the best of three runs counts; the runs alternate between the two readers.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -85,14 +85,20 @@ fn make(repo: &Repository, raw: &Path) -> Result<catalog::Manifest> {
     })?)
 }
 
-/// Best rate (MB/s) of `nbdcopy URI null:` over RUNS after one warm-up.
-fn nbdcopy_rate(uri: &str) -> Result<f64> {
-    peers::run("nbdcopy", &[uri, "null:"])?;
-    let mut best = 0f64;
-    for _ in 0..RUNS {
-        let t = Instant::now();
+/// Best rates (MB/s) of `nbdcopy URI null:` for each of `uris`: one warm-up each, then RUNS
+/// rounds that take the readers in turn, so a burst of load elsewhere on the machine hits
+/// both sides alike.
+fn nbdcopy_rates(uris: &[String]) -> Result<Vec<f64>> {
+    for uri in uris {
         peers::run("nbdcopy", &[uri, "null:"])?;
-        best = best.max(size() as f64 / t.elapsed().as_secs_f64() / 1e6);
+    }
+    let mut best = vec![0f64; uris.len()];
+    for _ in 0..RUNS {
+        for (uri, best) in uris.iter().zip(best.iter_mut()) {
+            let t = Instant::now();
+            peers::run("nbdcopy", &[uri, "null:"])?;
+            *best = best.max(size() as f64 / t.elapsed().as_secs_f64() / 1e6);
+        }
     }
     Ok(best)
 }
@@ -146,8 +152,8 @@ fn main() -> Result<()> {
         &dir.path().join("qemu.sock"),
     )?;
 
-    let ours_rate = nbdcopy_rate(&ours.uri(&name.to_string()))?;
-    let qemu_rate = nbdcopy_rate(&peer.uri("bench"))?;
+    let rates = nbdcopy_rates(&[ours.uri(&name.to_string()), peer.uri("bench")])?;
+    let (ours_rate, qemu_rate) = (rates[0], rates[1]);
     println!("nbdcopy from our export:        {ours_rate:8.0} MB/s");
     println!("nbdcopy from qemu-nbd (qcow2):  {qemu_rate:8.0} MB/s");
     println!(
