@@ -1,8 +1,6 @@
 //! The CLI verbs: each is one or a few API calls, printed as a table or, with `--json`, as
 //! the API's JSON. Exit codes: 0 ok, 1 error, 3 refused (401/403), 4 not found, 5 job failed.
 
-use std::time::Duration;
-
 use anyhow::Context;
 use clap::Subcommand;
 use serde_json::{json, Value};
@@ -258,7 +256,7 @@ async fn dispatch(c: &Client, verb: Verb, as_json: bool) -> anyhow::Result<i32> 
                 out(&job, &|_| println!("job {jid} queued: restore of {id}"));
                 return Ok(0);
             }
-            return wait_job(c, jid, &format!("restore {id}"), as_json).await;
+            return crate::cli_ops::wait_job(c, jid, &format!("restore {id}"), as_json).await;
         }
         Verb::Job { cmd } => match cmd {
             JobCmd::List => out(&c.call("GET", "/jobs", None).await?, &job_table),
@@ -322,46 +320,7 @@ async fn backup(
         }
         return Ok(0);
     }
-    wait_job(c, id, &format!("backup {vm}"), as_json).await
-}
-
-/// Polls job `id` to its end with a progress bar (none with `--json`); prints the end state.
-/// Exit code 0 if it succeeded, 5 if not.
-async fn wait_job(c: &Client, id: u64, label: &str, as_json: bool) -> anyhow::Result<i32> {
-    let bar = (!as_json).then(|| {
-        let b = indicatif::ProgressBar::new(0);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        b.set_message(label.to_string());
-        b
-    });
-    let end = loop {
-        let j = c.call("GET", &format!("/jobs/{id}"), None).await?;
-        if let Some(b) = &bar {
-            b.set_length(j["progress"]["bytes_planned"].as_u64().unwrap_or(0));
-            b.set_position(j["progress"]["bytes_done"].as_u64().unwrap_or(0));
-        }
-        if matches!(
-            j["state"].as_str(),
-            Some("succeeded" | "failed" | "cancelled")
-        ) {
-            break j;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-    };
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
-    if as_json {
-        println!("{}", serde_json::to_string_pretty(&end)?);
-    } else {
-        println!("job {id} {}: {}", s(&end["state"]), s(&end["message"]));
-    }
-    Ok(if end["state"] == "succeeded" { 0 } else { 5 })
+    crate::cli_ops::wait_job(c, id, &format!("backup {vm}"), as_json).await
 }
 
 fn verify_lines(v: &Value) {

@@ -1,11 +1,13 @@
 //! The CLI's HTTP client of the API: one HTTP/1 connection per request, over TLS pinned to
-//! the server certificate's SHA-256 fingerprint (or plain HTTP for `http://` URLs).
+//! the server certificate's SHA-256 fingerprint (or plain HTTP for `http://` URLs), and a
+//! reader of Server-Sent Events streams (a job's progress).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context};
 use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
+use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::TokioIo;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
@@ -39,6 +41,43 @@ impl Client {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> anyhow::Result<serde_json::Value> {
+        let resp = self.request(method, path, body).await?;
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        let json: serde_json::Value = if bytes.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .context("the server answered with something other than JSON")?
+        };
+        if status >= 400 {
+            return Err(api_error(status, &json).into());
+        }
+        Ok(json)
+    }
+
+    /// Opens the Server-Sent Events stream at `path` (e.g. `/jobs/7/events`).
+    pub async fn events(&self, path: &str) -> anyhow::Result<EventStream> {
+        let resp = self.request("GET", path, None).await?;
+        let status = resp.status().as_u16();
+        if status >= 400 {
+            let bytes = resp.into_body().collect().await?.to_bytes();
+            let json = serde_json::from_slice(&bytes).unwrap_or_default();
+            return Err(api_error(status, &json).into());
+        }
+        Ok(EventStream {
+            body: resp.into_body(),
+            buf: Vec::new(),
+        })
+    }
+
+    /// Sends one request on a new connection; the answer's body is not read yet.
+    async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<hyper::Response<Incoming>> {
         let (tls, rest) = if let Some(r) = self.url.strip_prefix("https://") {
             (true, r)
         } else if let Some(r) = self.url.strip_prefix("http://") {
@@ -63,27 +102,12 @@ impl Client {
         }
         let data = body.map(|b| b.to_string()).unwrap_or_default();
         let req = req.body(Full::new(Bytes::from(data)))?;
-        let (status, bytes) = if tls {
+        if tls {
             let stream = self.tls_connect(host, tcp).await?;
-            send(TokioIo::new(stream), req).await?
+            send(TokioIo::new(stream), req).await
         } else {
-            send(TokioIo::new(tcp), req).await?
-        };
-        let json: serde_json::Value = if bytes.is_empty() {
-            serde_json::Value::Null
-        } else {
-            serde_json::from_slice(&bytes)
-                .context("the server answered with something other than JSON")?
-        };
-        if status >= 400 {
-            return Err(ClientError {
-                status,
-                code: json["error"]["code"].as_str().unwrap_or("").into(),
-                message: json["error"]["message"].as_str().unwrap_or("").into(),
-            }
-            .into());
+            send(TokioIo::new(tcp), req).await
         }
-        Ok(json)
     }
 
     async fn tls_connect(
@@ -113,16 +137,98 @@ impl Client {
     }
 }
 
-async fn send<I>(io: I, req: hyper::Request<Full<Bytes>>) -> anyhow::Result<(u16, Bytes)>
+fn api_error(status: u16, json: &serde_json::Value) -> ClientError {
+    ClientError {
+        status,
+        code: json["error"]["code"].as_str().unwrap_or("").into(),
+        message: json["error"]["message"].as_str().unwrap_or("").into(),
+    }
+}
+
+async fn send<I>(
+    io: I,
+    req: hyper::Request<Full<Bytes>>,
+) -> anyhow::Result<hyper::Response<Incoming>>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
     tokio::spawn(conn);
-    let resp = sender.send_request(req).await?;
-    let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await?.to_bytes();
-    Ok((status, bytes))
+    Ok(sender.send_request(req).await?)
+}
+
+/// Longest event the CLI accepts (a job's JSON is well under 4 KiB).
+const MAX_EVENT: usize = 1024 * 1024;
+/// Longest silence before a stream counts as broken (the server sends every 500 ms and a
+/// keep-alive every 15 s).
+const STREAM_SILENCE: Duration = Duration::from_secs(30);
+
+/// One Server-Sent Event: its name (`message` when unnamed) and its data.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseEvent {
+    pub name: String,
+    pub data: String,
+}
+
+/// A Server-Sent Events stream being read.
+#[derive(Debug)]
+pub struct EventStream {
+    body: Incoming,
+    buf: Vec<u8>,
+}
+
+impl EventStream {
+    /// The next event; `None` when the server closed the stream. A broken connection, a
+    /// silence over 30 s or an event over 1 MiB is an error.
+    pub async fn next(&mut self) -> anyhow::Result<Option<SseEvent>> {
+        loop {
+            if let Some(ev) = take_event(&mut self.buf) {
+                match ev {
+                    Some(ev) => return Ok(Some(ev)),
+                    None => continue, // comment or keep-alive
+                }
+            }
+            if self.buf.len() > MAX_EVENT {
+                bail!("event stream: an event is over {MAX_EVENT} bytes");
+            }
+            let frame = tokio::time::timeout(STREAM_SILENCE, self.body.frame())
+                .await
+                .map_err(|_| anyhow!("event stream: nothing received for {STREAM_SILENCE:?}"))?;
+            match frame {
+                None => return Ok(None),
+                Some(f) => {
+                    if let Ok(data) = f.context("event stream")?.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Takes one complete event block off `buf`: `None` if none is complete yet, `Some(None)`
+/// for a block without data (a comment).
+fn take_event(buf: &mut Vec<u8>) -> Option<Option<SseEvent>> {
+    let end = buf.windows(2).position(|w| w == b"\n\n")?;
+    let block: Vec<u8> = buf.drain(..end + 2).collect();
+    let block = String::from_utf8_lossy(&block);
+    let (mut name, mut data) = (String::from("message"), None::<String>);
+    for line in block.lines() {
+        let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        let value = value.strip_prefix(' ').unwrap_or(value);
+        match field {
+            "event" => name = value.to_string(),
+            "data" => match &mut data {
+                Some(d) => {
+                    d.push('\n');
+                    d.push_str(value)
+                }
+                None => data = Some(value.to_string()),
+            },
+            _ => {}
+        }
+    }
+    Some(data.map(|data| SseEvent { name, data }))
 }
 
 /// Accepts exactly the certificate whose SHA-256 is pinned.
@@ -182,5 +288,28 @@ impl ServerCertVerifier for Pinned {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{take_event, SseEvent};
+
+    #[test]
+    fn event_blocks_are_split_and_comments_skipped() {
+        let mut buf = b":\n\nevent: end\ndata: {\"a\":1}\n\nevent: progress\nda".to_vec();
+        assert_eq!(take_event(&mut buf), Some(None));
+        let ev = take_event(&mut buf).unwrap().unwrap();
+        assert_eq!(
+            ev,
+            SseEvent {
+                name: "end".into(),
+                data: "{\"a\":1}".into()
+            }
+        );
+        assert_eq!(take_event(&mut buf), None, "incomplete block waits");
+        buf.extend_from_slice(b"ta: x\ndata: y\n\n");
+        let ev = take_event(&mut buf).unwrap().unwrap();
+        assert_eq!((ev.name.as_str(), ev.data.as_str()), ("progress", "x\ny"));
     }
 }
