@@ -388,7 +388,7 @@ fn vm_table(v: &Value) {
         "{:<24} {:<9} {:>5} {:<28}",
         "NAME", "STATE", "DISKS", "LAST BACKUP"
     );
-    for r in rows(v) {
+    for r in rows(v.get("vms").unwrap_or(v)) {
         let disks = r["disks"].as_array().map_or(0, |d| d.len());
         println!(
             "{:<24} {:<9} {:>5} {:<28}",

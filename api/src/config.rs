@@ -1,9 +1,44 @@
-//! The daemon's configuration: one TOML file, every key optional, embedded defaults.
+//! The daemon's configuration: one TOML file, every key optional, embedded defaults; and the
+//! checks on it (every problem named with its line and column).
+//!
+//! The cluster's hypervisors are a `[[hypervisors]]` array (each a libvirt URI or a QMP
+//! socket of one plain QEMU process); the top-level `libvirt_uri` is shorthand for one
+//! libvirt hypervisor named `default`, and no hypervisor at all means `qemu:///system`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use crate::hv::HvSpec;
+use crate::policy::{at, PolicyError};
+
+/// Longest hypervisor name accepted.
+pub const MAX_HV_NAME: usize = 64;
+
+/// Name of the hypervisor the top-level `libvirt_uri` (or the default) describes.
+pub const DEFAULT_HV: &str = "default";
+
+/// One `[[hypervisors]]` entry: a libvirt connection URI, or the QMP socket of one QEMU
+/// process and the name its VM goes by.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HypervisorConfig {
+    /// Unique name: letters, digits, `-`, `_`, `.` (not first).
+    pub name: Spanned<String>,
+    /// `qemu:///system`, `qemu+ssh://user@host/system`, `qemu+tls://host/system`.
+    pub libvirt_uri: Option<String>,
+    /// QMP socket of one plain QEMU process.
+    pub socket: Option<PathBuf>,
+    /// Name of the QMP socket's VM.
+    pub vm: Option<String>,
+    /// The host it runs on, for the per-host job limit (default: from the URI;
+    /// `localhost` for local URIs and QMP sockets).
+    pub host: Option<String>,
+    /// Jobs at once on this hypervisor's host (overrides `max_jobs_per_host` there).
+    pub max_jobs: Option<usize>,
+}
 
 /// `sluice serve` settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -17,8 +52,10 @@ pub struct Config {
     pub repository: Option<PathBuf>,
     /// Chunk size of a new repository, bytes.
     pub chunk_size: u32,
-    /// The hypervisor of this cluster.
-    pub libvirt_uri: String,
+    /// Shorthand for one libvirt hypervisor named `default` (not with `hypervisors`).
+    pub libvirt_uri: Option<String>,
+    /// The hypervisors of this cluster (none, and no `libvirt_uri`: `qemu:///system`).
+    pub hypervisors: Vec<Spanned<HypervisorConfig>>,
     /// Backup jobs running at once.
     pub max_jobs: usize,
     /// Backup jobs running at once against one hypervisor host (default: only `max_jobs`).
@@ -46,7 +83,8 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
             repository: None,
             chunk_size: 64 << 10,
-            libvirt_uri: "qemu:///system".into(),
+            libvirt_uri: None,
+            hypervisors: Vec::new(),
             max_jobs: 2,
             max_jobs_per_host: None,
             read_limit: None,
@@ -67,7 +105,64 @@ impl Config {
         };
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))
+        Config::parse(&text).map_err(|errs| {
+            let all: Vec<String> = errs
+                .iter()
+                .map(|e| format!("{}:{}:{}: {}", path.display(), e.line, e.column, e.message))
+                .collect();
+            anyhow::anyhow!("config {}", all.join("; "))
+        })
+    }
+
+    /// Parses and checks a config file's text; on failure, every problem found.
+    pub fn parse(text: &str) -> Result<Config, Vec<PolicyError>> {
+        let c: Config = toml::from_str(text).map_err(|e| {
+            let msg = e.message().trim_end().to_string();
+            vec![at(text, e.span(), msg)]
+        })?;
+        let errors = c.check(text);
+        if errors.is_empty() {
+            Ok(c)
+        } else {
+            Err(errors)
+        }
+    }
+
+    fn check(&self, text: &str) -> Vec<PolicyError> {
+        let mut errors = Vec::new();
+        if let (Some(_), Some(first)) = (&self.libvirt_uri, self.hypervisors.first()) {
+            let why = "libvirt_uri is shorthand for one hypervisor: with [[hypervisors]], name every hypervisor there and remove libvirt_uri";
+            errors.push(at(text, Some(first.span()), why));
+        }
+        for (i, h) in self.hypervisors.iter().enumerate() {
+            let name = h.get_ref().name.get_ref();
+            if let Err(why) = check_hv_name(name) {
+                errors.push(at(text, Some(h.get_ref().name.span()), why));
+            } else if self.hypervisors[..i]
+                .iter()
+                .any(|o| o.get_ref().name.get_ref() == name)
+            {
+                let why = format!("hypervisor name {name:?} is used twice");
+                errors.push(at(text, Some(h.get_ref().name.span()), why));
+            }
+            if let Err(why) = check_entry(h.get_ref()) {
+                errors.push(at(
+                    text,
+                    Some(h.span()),
+                    format!("hypervisor {name:?}: {why}"),
+                ));
+            }
+        }
+        errors
+    }
+
+    /// The hypervisors of this cluster, as the registry takes them.
+    pub fn hypervisor_specs(&self) -> Vec<HvSpec> {
+        if self.hypervisors.is_empty() {
+            let uri = self.libvirt_uri.as_deref().unwrap_or("qemu:///system");
+            return vec![HvSpec::libvirt(DEFAULT_HV, uri)];
+        }
+        self.hypervisors.iter().map(|h| spec(h.get_ref())).collect()
     }
 
     /// The directories restores may write into.
@@ -79,20 +174,6 @@ impl Config {
         }
     }
 
-    /// The hypervisor host of `libvirt_uri` (`qemu+ssh://root@h1:22/system` -> `h1`;
-    /// `localhost` for local URIs), the key of the per-host job limit.
-    pub fn hypervisor_host(&self) -> String {
-        let rest = self.libvirt_uri.split_once("://").map_or("", |(_, r)| r);
-        let authority = rest.split('/').next().unwrap_or("");
-        let host = authority.rsplit('@').next().unwrap_or("");
-        let host = host.split(':').next().unwrap_or("");
-        if host.is_empty() {
-            "localhost".into()
-        } else {
-            host.to_string()
-        }
-    }
-
     /// The repository directory.
     pub fn repo_dir(&self) -> PathBuf {
         self.repository
@@ -101,34 +182,98 @@ impl Config {
     }
 }
 
+/// The registry's view of a checked entry.
+fn spec(h: &HypervisorConfig) -> HvSpec {
+    let name = h.name.get_ref();
+    let mut spec = match (&h.libvirt_uri, &h.socket) {
+        (Some(uri), _) => HvSpec::libvirt(name, uri),
+        (None, socket) => HvSpec::qmp(
+            name,
+            socket.clone().unwrap_or_default(),
+            h.vm.as_deref().unwrap_or(""),
+        ),
+    };
+    if let Some(host) = &h.host {
+        spec.host = host.clone();
+    }
+    spec.max_jobs = h.max_jobs;
+    spec
+}
+
+fn check_hv_name(name: &str) -> Result<(), String> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if name.is_empty() || name.len() > MAX_HV_NAME {
+        return Err(format!(
+            "hypervisor name must be 1 to {MAX_HV_NAME} characters"
+        ));
+    }
+    if !name.chars().all(ok_char) || name.starts_with('.') {
+        return Err(format!(
+            "hypervisor name {name:?} may only hold letters, digits, `-`, `_` and `.` (not first)"
+        ));
+    }
+    Ok(())
+}
+
+/// An entry names exactly one of a libvirt URI and a QMP socket (with its VM).
+fn check_entry(h: &HypervisorConfig) -> Result<(), String> {
+    let bad_text = |s: &str| s.is_empty() || s.chars().any(|c| c.is_control() || c.is_whitespace());
+    match (&h.libvirt_uri, &h.socket) {
+        (Some(_), Some(_)) => Err("give either libvirt_uri or socket, not both".into()),
+        (None, None) => Err("give libvirt_uri (libvirt) or socket and vm (QMP)".into()),
+        (Some(uri), None) if bad_text(uri) || !uri.contains(":/") => Err(format!(
+            "libvirt_uri {uri:?} is not a libvirt URI (e.g. qemu+ssh://host/system)"
+        )),
+        (Some(_), None) if h.vm.is_some() => Err("vm is only for a QMP socket".into()),
+        (None, Some(sock)) if !sock.is_absolute() => Err(format!(
+            "socket {} must be an absolute path",
+            sock.display()
+        )),
+        (None, Some(_)) => match h.vm.as_deref() {
+            None => Err("a QMP socket needs vm, the name its VM goes by".into()),
+            Some(vm) => crate::extract::validate_name("vm name", vm).map_err(|e| e.message),
+        },
+        _ => Ok(()),
+    }
+    .and_then(|()| match &h.host {
+        Some(host) if bad_text(host) || host.contains('/') => {
+            Err(format!("host {host:?} is not a host name"))
+        }
+        _ => Ok(()),
+    })
+    .and_then(|()| match h.max_jobs {
+        Some(0) => Err("max_jobs must be at least 1".into()),
+        _ => Ok(()),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::Config;
+    use crate::hv::Target;
 
     #[test]
     fn example_file_parses_and_unknown_keys_are_named() {
         let ex = include_str!("../../sluice.example.toml");
-        let c: Config = toml::from_str(ex).expect("example parses");
-        assert_eq!(c.libvirt_uri, "qemu:///system");
-        let err = toml::from_str::<Config>("listn = \"x\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("listn"), "{err}");
-        assert!(err.contains("line 1"), "{err}");
+        let c = Config::parse(ex).expect("example parses");
+        let specs = c.hypervisor_specs();
+        assert!(specs.len() >= 2, "the example names several hypervisors");
+        let err = Config::parse("listn = \"x\"\n").unwrap_err();
+        assert!(err[0].message.contains("listn"), "{err:?}");
+        assert_eq!(err[0].line, 1);
     }
 
     #[test]
-    fn hypervisor_hosts_come_from_the_uri() {
-        let host = |uri: &str| {
-            let c = Config {
-                libvirt_uri: uri.into(),
-                ..Config::default()
-            };
-            c.hypervisor_host()
-        };
-        assert_eq!(host("qemu:///system"), "localhost");
-        assert_eq!(host("qemu+ssh://root@h1:2222/system"), "h1");
-        assert_eq!(host("qemu+tls://kvm-7.example/system"), "kvm-7.example");
-        assert_eq!(host("test:///default"), "localhost");
+    fn no_hypervisor_means_local_libvirt_and_libvirt_uri_is_shorthand() {
+        let specs = Config::parse("").unwrap().hypervisor_specs();
+        assert_eq!(specs.len(), 1);
+        assert_eq!(specs[0].name, "default");
+        assert!(matches!(&specs[0].target, Target::Libvirt { uri } if uri == "qemu:///system"));
+        let c = Config::parse("libvirt_uri = \"qemu+ssh://root@h1/system\"\n").unwrap();
+        let specs = c.hypervisor_specs();
+        assert_eq!(
+            (specs[0].name.as_str(), specs[0].host.as_str()),
+            ("default", "h1")
+        );
     }
 }

@@ -201,6 +201,7 @@ mod tests {
             backup_id: None,
             policy: None,
             host: "h1".into(),
+            hypervisor: None,
             progress: JobProgress::default(),
         }
     }

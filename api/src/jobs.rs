@@ -98,6 +98,9 @@ pub struct JobInfo {
     /// The hypervisor host it runs against (per-host concurrency limit).
     #[serde(default)]
     pub host: String,
+    /// The hypervisor it runs against (none: it needs none, e.g. a restore to a file).
+    #[serde(default)]
+    pub hypervisor: Option<String>,
     pub progress: JobProgress,
 }
 
@@ -150,21 +153,61 @@ pub struct JobHandle {
 pub type JobOutcome = Result<String, (String, bool)>;
 
 /// Concurrency limits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct JobLimits {
     /// Jobs running at once, overall.
     pub overall: usize,
     /// Jobs running at once against one hypervisor host (none: only the overall limit).
     pub per_host: Option<usize>,
+    /// Limits of named hosts, over `per_host` (a hypervisor's own `max_jobs`).
+    pub hosts: HashMap<String, usize>,
 }
 
-/// What a queued job is.
-struct Spec<'a> {
-    kind: &'a str,
-    host: &'a str,
-    vm: &'a str,
-    mode: &'a str,
-    policy: Option<&'a str>,
+impl JobLimits {
+    /// The limit of jobs at once on `host`, if any.
+    pub fn of_host(&self, host: &str) -> Option<usize> {
+        self.hosts.get(host).copied().or(self.per_host)
+    }
+}
+
+/// What a job is: its kind, VM and mode, and what it runs against.
+#[derive(Debug, Clone, Default)]
+pub struct JobSpec {
+    /// `backup` or `restore`.
+    pub kind: String,
+    pub vm: String,
+    pub mode: String,
+    /// The hypervisor it runs against.
+    pub hypervisor: Option<String>,
+    /// The host of that hypervisor (none: the registry's default host).
+    pub host: Option<String>,
+    /// The policy whose schedule started it.
+    pub policy: Option<String>,
+}
+
+impl JobSpec {
+    /// A job of `kind` on `vm` in `mode`.
+    pub fn new(kind: &str, vm: &str, mode: &str) -> Self {
+        JobSpec {
+            kind: kind.into(),
+            vm: vm.into(),
+            mode: mode.into(),
+            ..JobSpec::default()
+        }
+    }
+
+    /// Runs against hypervisor `name` on `host`.
+    pub fn on(mut self, name: &str, host: &str) -> Self {
+        self.hypervisor = Some(name.into());
+        self.host = Some(host.into());
+        self
+    }
+
+    /// Started by policy `name`'s schedule.
+    pub fn for_policy(mut self, name: &str) -> Self {
+        self.policy = Some(name.into());
+        self
+    }
 }
 
 impl Jobs {
@@ -172,7 +215,7 @@ impl Jobs {
     pub fn new(concurrency: usize) -> Self {
         let limits = JobLimits {
             overall: concurrency,
-            per_host: None,
+            ..JobLimits::default()
         };
         Self::with(limits, "local", None, BTreeMap::new())
     }
@@ -220,7 +263,7 @@ impl Jobs {
         F: FnOnce(JobHandle) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = JobOutcome> + Send + 'static,
     {
-        self.spawn_kind("backup", vm, mode, body)
+        self.start(JobSpec::new("backup", vm, mode), body)
     }
 
     /// Queues a job of `kind` (`backup`, `restore`); `body` runs once a slot is free. A
@@ -236,34 +279,11 @@ impl Jobs {
         F: FnOnce(JobHandle) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = JobOutcome> + Send + 'static,
     {
-        let host = self.host.clone();
-        let spec = Spec {
-            kind,
-            host: &host,
-            vm,
-            mode,
-            policy: None,
-        };
-        self.queue(spec, body)
+        self.start(JobSpec::new(kind, vm, mode), body)
     }
 
-    /// Queues a backup job of `vm` on hypervisor host `host`.
-    pub fn spawn_on<F, Fut>(self: &Arc<Self>, host: &str, vm: &str, mode: &str, body: F) -> JobInfo
-    where
-        F: FnOnce(JobHandle) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = JobOutcome> + Send + 'static,
-    {
-        let spec = Spec {
-            kind: "backup",
-            host,
-            vm,
-            mode,
-            policy: None,
-        };
-        self.queue(spec, body)
-    }
-
-    fn queue<F, Fut>(self: &Arc<Self>, spec: Spec<'_>, body: F) -> JobInfo
+    /// Queues the job `spec`; `body` runs once its host's slot and an overall one are free.
+    pub fn start<F, Fut>(self: &Arc<Self>, spec: JobSpec, body: F) -> JobInfo
     where
         F: FnOnce(JobHandle) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = JobOutcome> + Send + 'static,
@@ -275,18 +295,20 @@ impl Jobs {
         };
         let progress = Arc::new(Progress::default());
         let cancel = self.shutdown.child_token();
+        let host = spec.host.unwrap_or_else(|| self.host.clone());
         let info = JobInfo {
             id,
-            kind: spec.kind.to_string(),
-            vm: spec.vm.to_string(),
+            kind: spec.kind,
+            vm: spec.vm,
             state: JobState::Queued,
-            mode: spec.mode.to_string(),
+            mode: spec.mode,
             created: now(),
             finished: None,
             message: None,
             backup_id: None,
-            policy: spec.policy.map(str::to_string),
-            host: spec.host.to_string(),
+            policy: spec.policy,
+            host: host.clone(),
+            hypervisor: spec.hypervisor,
             progress: JobProgress::default(),
         };
         self.persist(&info);
@@ -306,39 +328,12 @@ impl Jobs {
         };
         let (mine, next) = oneshot::channel();
         let turn = Turn {
-            after: self
-                .turns
-                .lock()
-                .expect("jobs lock")
-                .insert(spec.host.to_string(), next),
+            after: self.turns.lock().expect("jobs lock").insert(host, next),
             mine,
         };
         self.tracker
             .spawn(async move { me.run(handle, turn, body).await });
         info
-    }
-
-    /// Queues a backup job started by policy `policy`'s schedule.
-    pub fn spawn_for_policy<F, Fut>(
-        self: &Arc<Self>,
-        vm: &str,
-        mode: &str,
-        policy: &str,
-        body: F,
-    ) -> JobInfo
-    where
-        F: FnOnce(JobHandle) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = JobOutcome> + Send + 'static,
-    {
-        let host = self.host.clone();
-        let spec = Spec {
-            kind: "backup",
-            host: &host,
-            vm,
-            mode,
-            policy: Some(policy),
-        };
-        self.queue(spec, body)
     }
 
     fn persist(&self, info: &JobInfo) {
@@ -349,7 +344,7 @@ impl Jobs {
 
     /// The slots of `host`, if there is a per-host limit.
     fn host_slots(&self, host: &str) -> Option<Arc<Semaphore>> {
-        let n = self.limits.per_host?;
+        let n = self.limits.of_host(host)?;
         let mut hosts = self.hosts.lock().expect("jobs lock");
         let sem = hosts
             .entry(host.to_string())
@@ -365,6 +360,11 @@ impl Jobs {
         };
         let overall = self.slots.clone().acquire_owned().await.ok()?;
         Some((host_permit, overall))
+    }
+
+    /// The concurrency limits.
+    pub fn limits(&self) -> &JobLimits {
+        &self.limits
     }
 
     /// Adds `note` to the message job `id` ends with (e.g. what its retention removed).

@@ -126,7 +126,13 @@ pub fn describe(errors: &[PolicyError]) -> String {
         .join("; ")
 }
 
-fn at(text: &str, span: Option<Range<usize>>, message: impl Into<String>) -> PolicyError {
+/// An error at byte range `span` of `text` (its start), with line and column (also used for
+/// the daemon's config file).
+pub(crate) fn at(
+    text: &str,
+    span: Option<Range<usize>>,
+    message: impl Into<String>,
+) -> PolicyError {
     let offset = span.map_or(0, |s| s.start.min(text.len()));
     let before = text.get(..offset).unwrap_or("");
     let line = before.matches('\n').count() + 1;

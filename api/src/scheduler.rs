@@ -1,21 +1,25 @@
 //! The scheduler of `sluice serve`: once per tick it asks the policy store which policies are
-//! due, expands each policy's globs against the VMs the hypervisor sees, and starts one
-//! backup job per VM through the same job path as `POST /vms/{vm}/backups`. After a
-//! successful scheduled backup it applies the policy's retention to that VM.
+//! due, expands each policy's globs against the VMs every reachable hypervisor sees, and
+//! starts one backup job per (hypervisor, VM) through the same job path as
+//! `POST /vms/{vm}/backups`. A name on two hypervisors is two VMs: both are backed up. An
+//! unreachable hypervisor is logged and skipped. After a successful scheduled backup it
+//! applies the policy's retention to that VM.
 //!
 //! A policy fires at most once per tick, however many firings it missed (a daemon that was
 //! down at 02:00 backs up once when it comes back, not once per missed day). A VM whose
 //! previous job has not ended is skipped for that firing.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{glob_match, now};
 use crate::cron::Schedule;
+use crate::hv::Member;
 use crate::jobs::{JobHandle, JobInfo, JobOutcome};
 use crate::policy::Policy;
-use crate::routes::vms::{backup_job, BackupModeRequest};
+use crate::routes::vms::{backup_job, spawn_backup};
 use crate::state::SharedState;
 
 /// How often the scheduler looks for due policies.
@@ -53,53 +57,54 @@ pub async fn tick(st: &SharedState, now: i64) -> Vec<JobInfo> {
     if due.is_empty() {
         return Vec::new();
     }
-    let vms = match st.hv.list().await {
-        Ok(d) => d.into_iter().map(|d| d.name).collect::<Vec<_>>(),
-        Err(e) => {
-            tracing::error!("scheduler: listing VMs: {e}");
-            return Vec::new();
+    let mut vms: Vec<(Arc<Member>, Vec<String>)> = Vec::new();
+    for (m, r) in st.hypervisors.list_all().await {
+        match r {
+            Ok(d) => vms.push((m, d.into_iter().map(|d| d.name).collect())),
+            Err(e) => tracing::error!("scheduler: listing VMs: {e}"),
         }
-    };
-    let busy: Vec<String> = st
+    }
+    let busy: Vec<(Option<String>, String)> = st
         .jobs
         .list()
         .into_iter()
         .filter(|j| !j.state.is_final())
-        .map(|j| j.vm)
+        .map(|j| (j.hypervisor, j.vm))
         .collect();
     let mut started = Vec::new();
     for p in &due {
-        let chosen = select_vms(&p.vms, &vms);
-        if chosen.is_empty() {
-            tracing::warn!(policy = %p.name, "policy fired but selects no VM");
-        }
-        for vm in chosen {
-            if busy.iter().any(|b| b == vm) {
-                tracing::warn!(policy = %p.name, vm, "previous job still running; skipped");
-                continue;
+        let mut any = false;
+        for (m, names) in &vms {
+            for vm in select_vms(&p.vms, names) {
+                any = true;
+                if busy
+                    .iter()
+                    .any(|(h, b)| b == vm && h.as_deref() == Some(m.name()))
+                {
+                    tracing::warn!(policy = %p.name, vm, "previous job still running; skipped");
+                    continue;
+                }
+                tracing::info!(policy = %p.name, vm, hypervisor = m.name(), "scheduled backup");
+                started.push(spawn_backup(st, m.clone(), vm, p.mode, Some(p.clone())));
             }
-            started.push(start(st, p, vm));
+        }
+        if !any {
+            tracing::warn!(policy = %p.name, "policy fired but selects no VM");
         }
     }
     started
 }
 
-fn start(st: &SharedState, p: &Policy, vm: &str) -> JobInfo {
-    let mode = if p.mode == BackupModeRequest::Full {
-        "full"
-    } else {
-        "auto"
-    };
-    tracing::info!(policy = %p.name, vm, mode, "scheduled backup");
-    let (state, policy, name) = (st.clone(), p.clone(), vm.to_string());
-    st.jobs.spawn_for_policy(vm, mode, &p.name, move |h| {
-        policy_job(state, policy, name, h)
-    })
-}
-
-async fn policy_job(st: SharedState, p: Policy, vm: String, h: JobHandle) -> JobOutcome {
+/// A scheduled backup of `vm` on `m`, then the policy's retention.
+pub(crate) async fn policy_job(
+    st: SharedState,
+    p: Policy,
+    m: Arc<Member>,
+    vm: String,
+    h: JobHandle,
+) -> JobOutcome {
     let id = h.id;
-    let backup = backup_job(st.clone(), vm.clone(), p.mode, h).await?;
+    let backup = backup_job(st.clone(), m, vm.clone(), p.mode, h).await?;
     if let Some(ret) = p.retention {
         let note = match prune_vm(&st, &backup, ret.into()).await {
             Ok(n) => format!(

@@ -1,4 +1,5 @@
-//! `sluice serve`: opens the repository and hypervisor, writes the first admin token,
+//! `sluice serve`: opens the repository, names the hypervisors (connected on first use, so
+//! one that is down does not stop the daemon), writes the first admin token,
 //! makes or loads the TLS certificate, serves the API, and on SIGTERM/SIGINT cancels running
 //! jobs and waits for them to release their resources before exiting.
 
@@ -12,7 +13,6 @@ use axum::Router;
 use catalog::{FsBackend, RepoConfig, RepoOptions, Repository};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
-use proxy::hypervisor::libvirt::LibvirtHypervisor;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -20,6 +20,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::audit::AuditLog;
 use crate::auth::{Role, TokenStore};
 use crate::config::Config;
+use crate::hv::Hypervisors;
 use crate::routes::exports::Exports;
 use crate::state::AppState;
 use proxy::nbd::{Server, ServerOptions, ServerTls};
@@ -35,15 +36,13 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
     let repo = open_repo(&cfg).await?;
-    let hv = LibvirtHypervisor::connect(&cfg.libvirt_uri)
-        .await
-        .with_context(|| format!("connecting to {}", cfg.libvirt_uri))?;
+    let hypervisors = Hypervisors::new(cfg.hypervisor_specs());
     let tokens = TokenStore::open(&cfg.data_dir)?;
     first_admin_token(&tokens, &cfg.data_dir)?;
     let work = cfg.data_dir.join("work");
     std::fs::create_dir_all(&work)?;
     let audit = AuditLog::open(&cfg.data_dir.join("audit.log")).context("opening audit.log")?;
-    let state = AppState::new(repo, Arc::new(hv), tokens, work, cfg.max_jobs).with_audit(audit);
+    let state = AppState::new(repo, hypervisors, tokens, work, cfg.max_jobs).with_audit(audit);
     let state = state.with_restore_dirs(restore_dirs(&cfg)?);
     let state = match cfg.nbd_listen {
         Some(addr) => state.with_exports(start_nbd(&cfg, addr).await?),
@@ -53,9 +52,10 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let limits = crate::jobs::JobLimits {
         overall: cfg.max_jobs,
         per_host: cfg.max_jobs_per_host,
+        hosts: state.hypervisors.host_limits(),
     };
     let history = cfg.data_dir.join("jobs.jsonl");
-    let jobs = crate::jobs::Jobs::open(limits, &cfg.hypervisor_host(), Some(&history))
+    let jobs = crate::jobs::Jobs::open(limits, "localhost", Some(&history))
         .with_context(|| format!("reading the job history {}", history.display()))?;
     let state = state
         .with_policies(policies)

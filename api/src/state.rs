@@ -11,7 +11,7 @@ use tokio::sync::Semaphore;
 use crate::audit::AuditLog;
 use crate::auth::TokenStore;
 use crate::error::{ApiError, ApiResult};
-use crate::hv::Hv;
+use crate::hv::Hypervisors;
 use crate::jobs::Jobs;
 use crate::policy::PolicyStore;
 use crate::routes::exports::Exports;
@@ -22,7 +22,8 @@ const REPO_SLOTS: usize = 4;
 /// Everything a handler can reach.
 pub struct AppState {
     pub repo: Repository,
-    pub hv: Arc<dyn Hv>,
+    /// The cluster's hypervisors, by name.
+    pub hypervisors: Hypervisors,
     pub jobs: Arc<Jobs>,
     pub tokens: TokenStore,
     /// Scratch directory of backup jobs.
@@ -52,17 +53,17 @@ impl std::fmt::Debug for AppState {
 pub type SharedState = Arc<AppState>;
 
 impl AppState {
-    /// State over an opened repository and hypervisor.
+    /// State over an opened repository and the cluster's hypervisors.
     pub fn new(
         repo: Repository,
-        hv: Arc<dyn Hv>,
+        hypervisors: Hypervisors,
         tokens: TokenStore,
         work_dir: PathBuf,
         concurrency: usize,
     ) -> Self {
         AppState {
             repo,
-            hv,
+            hypervisors,
             jobs: Arc::new(Jobs::new(concurrency)),
             tokens,
             work_dir,

@@ -150,13 +150,19 @@ async fn vm_list_shows_the_hypervisors_domains() {
     let a = api().await;
     let (s, j) = call(&a.app, "GET", "/api/v1/vms", Some(&a.auditor), None).await;
     assert_eq!(s, StatusCode::OK);
-    let names: Vec<_> = j
+    let names: Vec<_> = j["vms"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|v| v["name"].as_str().unwrap())
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap(),
+                v["hypervisor"].as_str().unwrap(),
+            )
+        })
         .collect();
-    assert!(names.contains(&"test"), "{j}");
+    assert!(names.contains(&("test", "local")), "{j}");
+    assert_eq!(j["unreachable"], serde_json::json!([]), "{j}");
     let (s, j) = call(&a.app, "GET", "/api/v1/repository", Some(&a.auditor), None).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(j["backups"], 0);

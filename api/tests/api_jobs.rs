@@ -7,14 +7,15 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use api::jobs::{JobInfo, JobLimits, JobState, Jobs};
+use api::jobs::{JobInfo, JobLimits, JobSpec, JobState, Jobs};
 use tokio::sync::oneshot;
 
 /// A job on `host` that runs until its sender is used or dropped.
 fn blocked(jobs: &Arc<Jobs>, host: &str, vm: &str) -> (JobInfo, oneshot::Sender<()>) {
     let (tx, rx) = oneshot::channel::<()>();
     let vm = vm.to_string();
-    let info = jobs.spawn_on(host, &vm.clone(), "auto", move |_| async move {
+    let spec = JobSpec::new("backup", &vm, "auto").on(host, host);
+    let info = jobs.start(spec, move |_| async move {
         let _ = rx.await;
         Ok(format!("20261122T000000Z-{vm:0>8}"))
     });
@@ -45,6 +46,7 @@ async fn per_host_and_overall_limits_queue_jobs() {
     let limits = JobLimits {
         overall: 2,
         per_host: Some(1),
+        ..JobLimits::default()
     };
     let jobs = Arc::new(Jobs::open(limits, "h1", None).unwrap());
     let mut held = Vec::new();
@@ -111,8 +113,9 @@ async fn the_history_survives_a_restart_and_names_interrupted_jobs() {
     let limits = JobLimits {
         overall: 2,
         per_host: None,
+        ..JobLimits::default()
     };
-    let first = Arc::new(Jobs::open(limits, "h1", Some(&log)).unwrap());
+    let first = Arc::new(Jobs::open(limits.clone(), "h1", Some(&log)).unwrap());
     let (done, done_go) = blocked(&first, "h1", "done");
     let (running, _never) = blocked(&first, "h1", "running");
     done_go.send(()).unwrap();

@@ -26,6 +26,12 @@ fn routes(missing_backup: &str) -> Vec<(&'static str, String, Option<&'static st
             None,
             [OK, OK, OK, FB, FB],
         ),
+        (
+            "GET",
+            "/api/v1/hypervisors".into(),
+            None,
+            [OK, OK, OK, FB, FB],
+        ),
         ("GET", "/api/v1/vms".into(), None, [OK, OK, OK, FB, FB]),
         ("GET", "/api/v1/vms/test".into(), None, [OK, OK, OK, FB, FB]),
         (

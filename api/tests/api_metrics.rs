@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use api::auth::TokenStore;
+use api::hv::{HvSpec, Hypervisors};
 use api::{app, AppState};
 use axum::http::StatusCode;
 use common::{api, call};
@@ -83,7 +84,10 @@ async fn metrics_parse_and_move_after_a_backup() -> anyhow::Result<()> {
     let st = Arc::new(
         AppState::new(
             a.state.repo.clone(),
-            Arc::new(hv),
+            Hypervisors::default().with_connected(
+                HvSpec::qmp("qemu", qemu.dir().join("qmp.sock"), "vm"),
+                Arc::new(hv),
+            ),
             TokenStore::open(a.dir.path())?,
             work,
             2,

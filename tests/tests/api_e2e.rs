@@ -106,7 +106,8 @@ fn the_cli_drives_backup_export_restore_verify_and_prune_through_the_daemon() ->
     let mut s = start_story()?;
     let vms = s.d.ok(&["vm", "list"])?;
     ensure!(
-        vms.as_array()
+        vms["vms"]
+            .as_array()
             .is_some_and(|l| l.iter().any(|v| v["name"] == s.vm.name())),
         "vm list lacks {}: {vms}",
         s.vm.name()

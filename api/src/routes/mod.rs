@@ -5,6 +5,7 @@
 
 pub mod backups;
 pub mod exports;
+pub mod hypervisors;
 pub mod jobs;
 pub mod metrics;
 pub mod policies;
@@ -75,6 +76,7 @@ impl Modify for Bearer {
     modifiers(&Bearer),
     paths(
         health, openapi, metrics::metrics,
+        hypervisors::list,
         vms::list, vms::show, vms::trigger,
         backups::list, backups::show, backups::delete, backups::protect,
         jobs::list, jobs::show, jobs::cancel, jobs::events,
@@ -111,6 +113,7 @@ pub fn app(state: SharedState) -> Router {
     let v1 = Router::new()
         .route("/health", get(health))
         .route("/openapi.json", get(openapi))
+        .route("/hypervisors", get(hypervisors::list))
         .route("/vms", get(vms::list))
         .route("/vms/{vm}", get(vms::show))
         .route("/vms/{vm}/backups", post(vms::trigger))

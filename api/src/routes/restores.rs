@@ -30,7 +30,8 @@ use utoipa::ToSchema;
 use crate::auth::{Action, Caller};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{validate_name, ApiJson};
-use crate::jobs::{JobHandle, JobInfo, JobOutcome};
+use crate::hv::{Hv, Member};
+use crate::jobs::{JobHandle, JobInfo, JobOutcome, JobSpec};
 use crate::state::SharedState;
 
 /// Longest target path accepted, bytes.
@@ -85,6 +86,10 @@ pub struct RestoreRequest {
     /// The explicit confirmation that `onto_vm` overwrites the VM's disks.
     #[serde(default)]
     pub confirm: bool,
+    /// The libvirt hypervisor `as_domain` defines the domain on, or whose VM `onto_vm`
+    /// writes to. Default: the hypervisor of the backed-up VM (found by its uuid), or the
+    /// only libvirt hypervisor. A QMP hypervisor is refused.
+    pub hypervisor: Option<String>,
 }
 
 /// A restore as its job will do it.
@@ -95,11 +100,13 @@ enum Plan {
         overwrite: bool,
     },
     Domain {
+        hv: Arc<Member>,
         new_name: String,
         xml: String,
         disks: Vec<(ExportName, PathBuf)>,
     },
     Onto {
+        hv: Arc<Member>,
         vm: String,
         backup: BackupId,
         disks: Vec<String>,
@@ -123,7 +130,7 @@ pub async fn start(
     let format = req.format.unwrap_or_default();
     let (plan, mode) = match (&req.to, &req.as_domain, req.onto_vm) {
         (Some(to), None, false) => (file_plan(&st, &m, &req, to)?, "to-file"),
-        (None, Some(n), false) => (domain_plan(&st, &m, n, format).await?, "as-domain"),
+        (None, Some(n), false) => (domain_plan(&st, &m, &req, n).await?, "as-domain"),
         (None, None, true) => (onto_plan(&st, &m, &req).await?, "onto-vm"),
         _ => {
             return Err(ApiError::bad_request(
@@ -131,10 +138,12 @@ pub async fn start(
             ))
         }
     };
+    let mut spec = JobSpec::new("restore", &m.vm.name, mode);
+    if let Plan::Domain { hv, .. } | Plan::Onto { hv, .. } = &plan {
+        spec = spec.on(hv.name(), &hv.spec.host);
+    }
     let state = st.clone();
-    let info = st.jobs.spawn_kind("restore", &m.vm.name, mode, move |h| {
-        run(state, plan, format, h)
-    });
+    let info = st.jobs.start(spec, move |h| run(state, plan, format, h));
     Ok((StatusCode::ACCEPTED, Json(info)))
 }
 
@@ -169,14 +178,66 @@ fn pick_disk(m: &Manifest, disk: Option<&str>) -> ApiResult<String> {
     }
 }
 
+/// The libvirt hypervisor a restore of `m` works on: the one `req` names, else the one whose
+/// VM has the backup's uuid, else the only libvirt one.
+async fn restore_hv(
+    st: &SharedState,
+    m: &Manifest,
+    req: &RestoreRequest,
+) -> ApiResult<Arc<Member>> {
+    let hvs = &st.hypervisors;
+    let chosen = match &req.hypervisor {
+        Some(name) => {
+            validate_name("hypervisor name", name)?;
+            hvs.named(name)?.clone()
+        }
+        None => own_hv(st, m).await?,
+    };
+    if !chosen.is_libvirt() {
+        return Err(ApiError::bad_request(format!(
+            "hypervisor {} is a QMP socket of one QEMU process: restoring as a domain or onto a vm needs a libvirt hypervisor; name one with \"hypervisor\"",
+            chosen.name()
+        )));
+    }
+    Ok(chosen)
+}
+
+/// The hypervisor whose VM is the one backup `m` was taken of, else the only libvirt one.
+async fn own_hv(st: &SharedState, m: &Manifest) -> ApiResult<Arc<Member>> {
+    let mut own = Vec::new();
+    for (hv, r) in st.hypervisors.list_all().await {
+        if r.is_ok_and(|d| d.iter().any(|d| d.uuid == m.vm.uuid)) {
+            own.push(hv);
+        }
+    }
+    if own.len() == 1 {
+        return Ok(own.remove(0));
+    }
+    let libvirt: Vec<_> = st
+        .hypervisors
+        .all()
+        .iter()
+        .filter(|h| h.is_libvirt())
+        .collect();
+    match libvirt.as_slice() {
+        [only] => Ok((*only).clone()),
+        _ => Err(ApiError::bad_request(format!(
+            "vm {} of backup {} is on no single reachable hypervisor: name the libvirt hypervisor to restore on with \"hypervisor\"",
+            m.vm.name, m.id
+        ))),
+    }
+}
+
 async fn domain_plan(
     st: &SharedState,
     m: &Manifest,
+    req: &RestoreRequest,
     new_name: &str,
-    format: RestoreFormat,
 ) -> ApiResult<Plan> {
     validate_name("domain name", new_name)?;
-    let existing = st.hv.list().await?;
+    let format = req.format.unwrap_or_default();
+    let hv = restore_hv(st, m, req).await?;
+    let existing = hv.list().await?;
     if existing.iter().any(|d| d.name == new_name) {
         return Err(ApiError::conflict(format!(
             "domain {new_name} already exists; choose another name"
@@ -192,6 +253,7 @@ async fn domain_plan(
         disks.push((name, target));
     }
     Ok(Plan::Domain {
+        hv,
         new_name: new_name.to_string(),
         xml: m.domain_xml.clone(),
         disks,
@@ -205,7 +267,14 @@ async fn onto_plan(st: &SharedState, m: &Manifest, req: &RestoreRequest) -> ApiR
         None => Vec::new(),
     };
     let vm = &m.vm.name;
-    let dom = st.hv.domain(vm).await?;
+    let hv = restore_hv(st, m, req).await?;
+    let dom = hv.domain(vm).await.map_err(|e| match e.kind() {
+        proxy::hypervisor::ErrorKind::NotFound => ApiError::not_found(format!(
+            "vm {vm} not found on hypervisor {}; restore it as a new domain instead",
+            hv.name()
+        )),
+        _ => e.into(),
+    })?;
     if dom.uuid != m.vm.uuid {
         return Err(ApiError::conflict(format!(
             "vm {vm} is not the vm backup {} was taken of (uuid {}); restore it as a new domain instead",
@@ -224,6 +293,7 @@ async fn onto_plan(st: &SharedState, m: &Manifest, req: &RestoreRequest) -> ApiR
         )));
     }
     Ok(Plan::Onto {
+        hv,
         vm: vm.clone(),
         backup: m.id.clone(),
         disks,
@@ -314,22 +384,38 @@ async fn run(st: SharedState, plan: Plan, format: RestoreFormat, h: JobHandle) -
             ))
         }
         Plan::Domain {
+            hv,
             new_name,
             xml,
             disks,
-        } => domain_job(&st, &new_name, &xml, &disks, format, &h).await,
-        Plan::Onto { vm, backup, disks } => onto_job(&st, vm, backup, disks, h).await,
+        } => {
+            let job = DomainJob {
+                hv: &hv,
+                new_name: &new_name,
+                xml: &xml,
+                disks: &disks,
+            };
+            domain_job(&st, job, format, &h).await
+        }
+        Plan::Onto {
+            hv,
+            vm,
+            backup,
+            disks,
+        } => onto_job(&st, &hv, vm, backup, disks, h).await,
     }
 }
 
 async fn onto_job(
     st: &SharedState,
+    hv: &Member,
     vm: String,
     backup: BackupId,
     disks: Vec<String>,
     h: JobHandle,
 ) -> JobOutcome {
-    let lv = libvirt(st).map_err(|e| (e.to_string(), false))?;
+    let conn = hv.hv().await.map_err(|e| (e.to_string(), false))?;
+    let lv = libvirt(&*conn, hv).map_err(|e| (e, false))?;
     let mut opts = OntoVmOptions::new(
         &vm,
         backup.clone(),
@@ -356,21 +442,32 @@ async fn onto_job(
     ))
 }
 
-fn libvirt(st: &SharedState) -> Result<&LibvirtHypervisor, &'static str> {
-    st.hv
-        .as_any()
+fn libvirt<'a>(conn: &'a dyn Hv, hv: &Member) -> Result<&'a LibvirtHypervisor, String> {
+    conn.as_any()
         .downcast_ref::<LibvirtHypervisor>()
-        .ok_or("this needs the libvirt hypervisor")
+        .ok_or_else(|| format!("hypervisor {} is not a libvirt hypervisor", hv.name()))
+}
+
+/// What a restore as a new domain defines, and where.
+struct DomainJob<'a> {
+    hv: &'a Member,
+    new_name: &'a str,
+    xml: &'a str,
+    disks: &'a [(ExportName, PathBuf)],
 }
 
 async fn domain_job(
     st: &SharedState,
-    new_name: &str,
-    xml: &str,
-    disks: &[(ExportName, PathBuf)],
+    job: DomainJob<'_>,
     format: RestoreFormat,
     h: &JobHandle,
 ) -> JobOutcome {
+    let DomainJob {
+        hv,
+        new_name,
+        xml,
+        disks,
+    } = job;
     let first = &disks
         .first()
         .ok_or(("the backup has no disks".to_string(), false))?
@@ -385,7 +482,7 @@ async fn domain_job(
             format: format.image(),
         })
         .collect();
-    let names: Vec<String> = match st.hv.list().await {
+    let names: Vec<String> = match hv.list().await {
         Ok(d) => d.into_iter().map(|d| d.name).collect(),
         Err(e) => return Err((e.to_string(), false)),
     };
@@ -400,7 +497,7 @@ async fn domain_job(
     for (_, p) in disks {
         staging.place(p, false)?;
     }
-    if let Err(e) = define(st, &new_xml).await {
+    if let Err(e) = define(hv, &new_xml).await {
         for (_, p) in disks {
             let _ = std::fs::remove_file(p);
         }
@@ -414,8 +511,9 @@ async fn domain_job(
     ))
 }
 
-async fn define(st: &SharedState, xml: &str) -> Result<String, String> {
-    let lv = libvirt(st)?;
+async fn define(hv: &Member, xml: &str) -> Result<String, String> {
+    let conn = hv.hv().await.map_err(|e| e.to_string())?;
+    let lv = libvirt(&*conn, hv)?;
     lv.define_domain(xml).await.map_err(|e| e.to_string())
 }
 

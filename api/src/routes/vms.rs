@@ -1,8 +1,13 @@
-//! VM routes: list what the hypervisor sees, with each VM's last backup; trigger a backup.
+//! VM routes: list what the cluster's hypervisors see, with each VM's hypervisor and last
+//! backup (naming the hypervisors that could not be asked); show one; trigger a backup.
+//!
+//! A VM name is resolved by [`crate::hv::Hypervisors::locate`]: `?hypervisor=NAME` picks
+//! the hypervisor, and a name present on several hypervisors without it is a 409.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use catalog::BackupRow;
@@ -13,9 +18,11 @@ use utoipa::ToSchema;
 
 use super::backups::{summary, BackupSummary};
 use crate::auth::{Action, Caller};
+use crate::error::ApiError;
 use crate::error::ApiResult;
-use crate::extract::{OptJson, VmName};
-use crate::jobs::{JobHandle, JobInfo, JobOutcome};
+use crate::extract::{validate_name, OptJson, VmName};
+use crate::hv::Member;
+use crate::jobs::{JobHandle, JobInfo, JobOutcome, JobSpec};
 use crate::state::SharedState;
 
 /// One disk of a VM.
@@ -31,11 +38,48 @@ pub struct VmDisk {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct VmInfo {
     pub name: String,
+    /// The hypervisor it runs on.
+    pub hypervisor: String,
     pub uuid: String,
     /// `running`, `paused`, `shutoff` or `other`.
     pub state: String,
     pub disks: Vec<VmDisk>,
     pub last_backup: Option<BackupSummary>,
+}
+
+/// A hypervisor whose VMs could not be listed.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Unreachable {
+    pub hypervisor: String,
+    pub error: String,
+}
+
+/// The VMs of every reachable hypervisor, and the hypervisors that could not be asked.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VmList {
+    pub vms: Vec<VmInfo>,
+    /// Empty when every hypervisor answered.
+    pub unreachable: Vec<Unreachable>,
+}
+
+/// Which hypervisor a VM name means (needed only when it is on several).
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct HvQuery {
+    /// Hypervisor name (see `GET /api/v1/hypervisors`).
+    pub hypervisor: Option<String>,
+}
+
+type QueryResult = Result<Query<HvQuery>, axum::extract::rejection::QueryRejection>;
+
+/// The checked `hypervisor` of a query.
+fn hv_query(q: QueryResult) -> ApiResult<Option<String>> {
+    let Query(q) =
+        q.map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))?;
+    if let Some(h) = &q.hypervisor {
+        validate_name("hypervisor name", h)?;
+    }
+    Ok(q.hypervisor)
 }
 
 /// How to take a backup.
@@ -66,10 +110,11 @@ fn state_name(s: VmState) -> &'static str {
     }
 }
 
-fn vm_info(d: DomainInfo, last: &HashMap<String, BackupRow>) -> VmInfo {
+fn vm_info(hv: &str, d: DomainInfo, last: &HashMap<String, BackupRow>) -> VmInfo {
     VmInfo {
         last_backup: last.get(&d.uuid).map(|r| summary(r, &d.name)),
         name: d.name,
+        hypervisor: hv.to_string(),
         uuid: d.uuid,
         state: state_name(d.state).into(),
         disks: d
@@ -98,62 +143,103 @@ async fn last_backups(st: &SharedState) -> ApiResult<HashMap<String, BackupRow>>
     Ok(last)
 }
 
-/// Every VM the hypervisor sees.
+/// Every VM of every reachable hypervisor; the others are named in `unreachable`.
 #[utoipa::path(get, path = "/api/v1/vms", tag = "vms",
-    responses((status = 200, body = [VmInfo]), (status = 401, body = crate::error::ErrorBody)),
+    responses((status = 200, body = VmList), (status = 401, body = crate::error::ErrorBody)),
     security(("bearer" = [])))]
-pub async fn list(State(st): State<SharedState>, caller: Caller) -> ApiResult<Json<Vec<VmInfo>>> {
+pub async fn list(State(st): State<SharedState>, caller: Caller) -> ApiResult<Json<VmList>> {
     caller.allow(Action::Read, None)?;
-    let doms = st.hv.list().await?;
+    let listings = st.hypervisors.list_all().await;
     let last = last_backups(&st).await?;
-    Ok(Json(doms.into_iter().map(|d| vm_info(d, &last)).collect()))
+    let mut out = VmList {
+        vms: Vec::new(),
+        unreachable: Vec::new(),
+    };
+    for (m, r) in listings {
+        match r {
+            Ok(doms) => out
+                .vms
+                .extend(doms.into_iter().map(|d| vm_info(m.name(), d, &last))),
+            Err(e) => out.unreachable.push(Unreachable {
+                hypervisor: m.name().to_string(),
+                error: e.to_string(),
+            }),
+        }
+    }
+    Ok(Json(out))
 }
 
 /// One VM.
 #[utoipa::path(get, path = "/api/v1/vms/{vm}", tag = "vms",
-    params(("vm" = String, Path, description = "VM name")),
-    responses((status = 200, body = VmInfo), (status = 404, body = crate::error::ErrorBody)),
+    params(("vm" = String, Path, description = "VM name"), HvQuery),
+    responses((status = 200, body = VmInfo), (status = 404, body = crate::error::ErrorBody),
+        (status = 409, description = "the name is on several hypervisors: give ?hypervisor=", body = crate::error::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn show(
     State(st): State<SharedState>,
     caller: Caller,
     VmName(vm): VmName,
+    q: QueryResult,
 ) -> ApiResult<Json<VmInfo>> {
     caller.allow(Action::Read, Some(&vm))?;
-    let dom = st.hv.domain(&vm).await?;
+    let on = hv_query(q)?;
+    let (m, dom) = st.hypervisors.locate(&vm, on.as_deref()).await?;
     let last = last_backups(&st).await?;
-    Ok(Json(vm_info(dom, &last)))
+    Ok(Json(vm_info(m.name(), dom, &last)))
 }
 
 /// Starts a backup of a VM; answers with the queued job.
 #[utoipa::path(post, path = "/api/v1/vms/{vm}/backups", tag = "vms",
-    params(("vm" = String, Path, description = "VM name")),
+    params(("vm" = String, Path, description = "VM name"), HvQuery),
     request_body = BackupRequest,
-    responses((status = 202, body = JobInfo), (status = 404, body = crate::error::ErrorBody)),
+    responses((status = 202, body = JobInfo), (status = 404, body = crate::error::ErrorBody),
+        (status = 409, description = "the name is on several hypervisors: give ?hypervisor=", body = crate::error::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn trigger(
     State(st): State<SharedState>,
     caller: Caller,
     VmName(vm): VmName,
+    q: QueryResult,
     OptJson(req): OptJson<BackupRequest>,
 ) -> ApiResult<(StatusCode, Json<JobInfo>)> {
     caller.allow(Action::Backup, Some(&vm))?;
-    st.hv.domain(&vm).await?;
-    let mode = if req.mode == BackupModeRequest::Full {
+    let on = hv_query(q)?;
+    let (m, _) = st.hypervisors.locate(&vm, on.as_deref()).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(spawn_backup(&st, m, &vm, req.mode, None)),
+    ))
+}
+
+/// Queues a backup of `vm` on hypervisor `m` (started by `policy`, if given).
+pub(crate) fn spawn_backup(
+    st: &SharedState,
+    m: Arc<Member>,
+    vm: &str,
+    mode: BackupModeRequest,
+    policy: Option<crate::policy::Policy>,
+) -> JobInfo {
+    let name = if mode == BackupModeRequest::Full {
         "full"
     } else {
         "auto"
     };
-    let state = st.clone();
-    let name = vm.clone();
-    let info = st
-        .jobs
-        .spawn(&vm, mode, move |h| backup_job(state, name, req.mode, h));
-    Ok((StatusCode::ACCEPTED, Json(info)))
+    let mut spec = JobSpec::new("backup", vm, name).on(m.name(), &m.spec.host);
+    if let Some(p) = &policy {
+        spec = spec.for_policy(&p.name);
+    }
+    let (state, vm) = (st.clone(), vm.to_string());
+    st.jobs.start(spec, move |h| async move {
+        match policy {
+            Some(p) => crate::scheduler::policy_job(state, p, m, vm, h).await,
+            None => backup_job(state, m, vm, mode, h).await,
+        }
+    })
 }
 
 pub(crate) async fn backup_job(
     st: SharedState,
+    m: Arc<Member>,
     vm: String,
     mode: BackupModeRequest,
     h: JobHandle,
@@ -161,10 +247,8 @@ pub(crate) async fn backup_job(
     let mut opts = BackupOptions::new(st.work_dir.clone());
     opts.force_full = mode == BackupModeRequest::Full;
     opts.read_limit = st.read_limit.clone();
-    let run = st
-        .hv
-        .clone()
-        .backup(st.repo.clone(), vm, opts, h.progress, h.cancel);
+    let hv = m.hv().await.map_err(|e| (e.to_string(), false))?;
+    let run = hv.backup(st.repo.clone(), vm, opts, h.progress, h.cancel);
     match run.await {
         Ok(rep) => Ok(rep.manifest.id.to_string()),
         Err(e) => Err((e.to_string(), e.kind() == ErrorKind::Cancelled)),

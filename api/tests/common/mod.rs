@@ -6,13 +6,13 @@
 use std::sync::Arc;
 
 use api::auth::{Role, TokenStore};
+use api::hv::{HvSpec, Hypervisors};
 use api::{app, AppState, SharedState};
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
 use catalog::{FsBackend, RepoConfig, RepoOptions, Repository};
 use http_body_util::BodyExt;
-use proxy::hypervisor::libvirt::LibvirtHypervisor;
 use tower::ServiceExt;
 
 pub struct Api {
@@ -28,7 +28,13 @@ pub struct Api {
     pub dir: tempfile::TempDir,
 }
 
+/// The API over libvirt's `test:///default` as hypervisor `local`.
 pub async fn api() -> Api {
+    api_with(vec![HvSpec::libvirt("local", "test:///default")]).await
+}
+
+/// The API over the hypervisors `specs` (connected on first use).
+pub async fn api_with(specs: Vec<HvSpec>) -> Api {
     let dir = tempfile::tempdir().unwrap();
     let backend = Arc::new(FsBackend::open(dir.path().join("repo")).unwrap());
     let repo = Repository::create(
@@ -37,7 +43,6 @@ pub async fn api() -> Api {
         RepoOptions::new(dir.path().join("catalog.sqlite")),
     )
     .unwrap();
-    let hv = LibvirtHypervisor::connect("test:///default").await.unwrap();
     let tokens = TokenStore::open(dir.path()).unwrap();
     let mk = |role, vms: &[&str]| {
         tokens
@@ -59,7 +64,7 @@ pub async fn api() -> Api {
     let overlays = dir.path().join("overlays");
     std::fs::create_dir_all(&overlays).unwrap();
     let state = Arc::new(
-        AppState::new(repo, Arc::new(hv), tokens, work, 2)
+        AppState::new(repo, Hypervisors::new(specs), tokens, work, 2)
             .with_audit(audit)
             .with_restore_dirs(vec![restores])
             .with_exports(
