@@ -5,15 +5,23 @@
 //! `pwrite` into a file sized with `set_len`. Qcow2 is that raw file converted by
 //! `qemu-img convert -O qcow2` (which keeps holes unallocated), then the raw file is removed;
 //! see docs/restore.md for why. Never overwrites an existing file.
+//!
+//! A [`FileRestoreControl`] gives a restore live progress (`bytes_done` of `bytes_planned`,
+//! zero chunks counted as done) and a cancel token, checked between batches of
+//! [`BATCH`] chunks and while `qemu-img` converts; a cancelled restore removes its partial
+//! files and returns [`ErrorKind::Cancelled`].
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use catalog::{DiskReader, Repository};
+use tokio_util::sync::CancellationToken;
+
+use crate::job::Progress;
 
 use super::error::{Error, ErrorKind, Result};
 use super::name::ExportName;
@@ -39,6 +47,18 @@ pub struct RestoreReport {
 }
 
 const WORKERS: usize = 2;
+/// Chunks a worker takes at a time; cancel is checked between batches.
+pub const BATCH: u64 = 32;
+
+/// Cancel and live progress of a restore to a file. Several restores may share one (a job
+/// restoring several disks): each adds its disk to `bytes_planned` unless the caller planned
+/// it already, and adds every chunk it finishes to `bytes_done` (data also to `bytes_read`,
+/// zero chunks to `bytes_zero`).
+#[derive(Debug, Clone, Default)]
+pub struct FileRestoreControl {
+    pub cancel: CancellationToken,
+    pub progress: Arc<Progress>,
+}
 
 /// Restore disk `name` of `repo` to a new file at `path`.
 pub async fn restore_disk(
@@ -46,6 +66,17 @@ pub async fn restore_disk(
     name: &ExportName,
     path: PathBuf,
     format: ImageFormat,
+) -> Result<RestoreReport> {
+    restore_disk_with(repo, name, path, format, FileRestoreControl::default()).await
+}
+
+/// [`restore_disk`] with cancel and live progress.
+pub async fn restore_disk_with(
+    repo: &Repository,
+    name: &ExportName,
+    path: PathBuf,
+    format: ImageFormat,
+    control: FileRestoreControl,
 ) -> Result<RestoreReport> {
     let (repo, name) = (repo.clone(), name.clone());
     tokio::task::spawn_blocking(move || {
@@ -58,7 +89,7 @@ pub async fn restore_disk(
             )));
         }
         let reader = repo.open_disk(&name.backup, &name.disk).map_err(ctx)?;
-        restore_to_file(&reader, &path, format)
+        restore_to_file_with(&reader, &path, format, &control)
     })
     .await
     .map_err(|e| Error::task("restore to file", e))?
@@ -70,6 +101,17 @@ pub fn restore_to_file(
     path: &Path,
     format: ImageFormat,
 ) -> Result<RestoreReport> {
+    restore_to_file_with(reader, path, format, &FileRestoreControl::default())
+}
+
+/// [`restore_to_file`] with cancel and live progress: on cancel the partial file is removed
+/// and the error is [`ErrorKind::Cancelled`].
+pub fn restore_to_file_with(
+    reader: &DiskReader,
+    path: &Path,
+    format: ImageFormat,
+    control: &FileRestoreControl,
+) -> Result<RestoreReport> {
     let start = Instant::now();
     if path.exists() {
         return Err(Error::new(
@@ -77,15 +119,20 @@ pub fn restore_to_file(
             format!("restore target {} already exists", path.display()),
         ));
     }
+    let p = &control.progress;
+    let done_before = p.bytes_done.load(Ordering::Relaxed);
+    p.bytes_planned
+        .fetch_max(done_before + reader.size(), Ordering::Relaxed);
     let data_bytes = match format {
-        ImageFormat::Raw => write_raw(reader, path)?,
+        ImageFormat::Raw => write_raw(reader, path, control)?,
         ImageFormat::Qcow2 => {
             let name = path
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             let tmp = path.with_file_name(format!(".{name}.{}.sluice-raw", std::process::id()));
-            let r = write_raw(reader, &tmp).and_then(|n| convert_qcow2(&tmp, path).map(|()| n));
+            let r = write_raw(reader, &tmp, control)
+                .and_then(|n| convert_qcow2(&tmp, path, &control.cancel).map(|()| n));
             let _ = std::fs::remove_file(&tmp);
             r?
         }
@@ -98,14 +145,15 @@ pub fn restore_to_file(
 }
 
 /// Write the non-zero chunks into a new sparse raw file; returns the data bytes written.
-fn write_raw(reader: &DiskReader, path: &Path) -> Result<u64> {
+/// On any error (cancel included) the file is removed.
+fn write_raw(reader: &DiskReader, path: &Path, control: &FileRestoreControl) -> Result<u64> {
     let what = || format!("restore to {}", path.display());
     let file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(path)
         .map_err(|e| Error::io(what(), e))?;
-    let r = fill(reader, &file, path).and_then(|n| {
+    let r = fill(reader, &file, path, control).and_then(|n| {
         file.set_len(reader.size())
             .map_err(|e| Error::io(what(), e))?;
         file.sync_all().map_err(|e| Error::io(what(), e))?;
@@ -117,24 +165,37 @@ fn write_raw(reader: &DiskReader, path: &Path) -> Result<u64> {
     r
 }
 
-fn fill(reader: &DiskReader, file: &File, path: &Path) -> Result<u64> {
+fn fill(
+    reader: &DiskReader,
+    file: &File,
+    path: &Path,
+    control: &FileRestoreControl,
+) -> Result<u64> {
     let next = AtomicU64::new(0);
     let written = AtomicU64::new(0);
     let stop = AtomicBool::new(false);
     let failure: Mutex<Option<Error>> = Mutex::new(None);
-    let cs = reader.chunk_size() as u64;
+    let fail = |e: Error| {
+        stop.store(true, Ordering::Relaxed);
+        failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_or_insert(e);
+    };
     let work = || {
         while !stop.load(Ordering::Relaxed) {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            if i >= reader.chunk_count() {
-                return;
+            if control.cancel.is_cancelled() {
+                return fail(cancelled(path, &written));
             }
-            if let Err(e) = copy_chunk(reader, file, path, i, cs, &written) {
-                stop.store(true, Ordering::Relaxed);
-                failure
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .get_or_insert(e);
+            let first = next.fetch_add(BATCH, Ordering::Relaxed);
+            let end = (first + BATCH).min(reader.chunk_count());
+            for i in first..end {
+                if let Err(e) = copy_chunk(reader, file, path, i, control, &written) {
+                    return fail(e);
+                }
+            }
+            if end == reader.chunk_count() {
+                return;
             }
         }
     };
@@ -149,42 +210,244 @@ fn fill(reader: &DiskReader, file: &File, path: &Path) -> Result<u64> {
     }
 }
 
+fn cancelled(path: &Path, written: &AtomicU64) -> Error {
+    Error::new(
+        ErrorKind::Cancelled,
+        format!(
+            "restore to {} cancelled after {} data bytes; the partial file is removed",
+            path.display(),
+            written.load(Ordering::Relaxed)
+        ),
+    )
+}
+
 fn copy_chunk(
     reader: &DiskReader,
     file: &File,
     path: &Path,
     i: u64,
-    cs: u64,
+    control: &FileRestoreControl,
     written: &AtomicU64,
 ) -> Result<()> {
     let ctx = |e| Error::catalog(format!("restore to {}", path.display()), e);
+    let cs = reader.chunk_size() as u64;
+    let span = cs.min(reader.size().saturating_sub(i * cs));
+    let p = &control.progress;
     if reader.is_zero(i).map_err(ctx)? {
+        Progress::add(&p.bytes_zero, span);
+        Progress::add(&p.bytes_done, span);
         return Ok(());
     }
     let data = reader.read_chunk(i).map_err(ctx)?;
     file.write_all_at(&data, i * cs)
         .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
     written.fetch_add(data.len() as u64, Ordering::Relaxed);
+    Progress::add(&p.bytes_read, data.len() as u64);
+    Progress::add(&p.bytes_done, span);
     Ok(())
 }
 
-fn convert_qcow2(raw: &Path, out: &Path) -> Result<()> {
-    let res = std::process::Command::new("qemu-img")
+/// `qemu-img convert` of `raw` into a new qcow2 `out`; killed (and `out` removed) on cancel.
+fn convert_qcow2(raw: &Path, out: &Path, cancel: &CancellationToken) -> Result<()> {
+    let mut child = std::process::Command::new("qemu-img")
         .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
         .arg(raw)
         .arg(out)
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .map_err(|e| Error::io("run qemu-img (install qemu-utils: make deps)", e))?;
-    if !res.status.success() {
+    let status = loop {
+        if cancel.is_cancelled() {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::fs::remove_file(out);
+            return Err(Error::new(
+                ErrorKind::Cancelled,
+                format!(
+                    "restore to {} cancelled while converting to qcow2; nothing is left",
+                    out.display()
+                ),
+            ));
+        }
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(Error::io("wait for qemu-img", e)),
+        }
+    };
+    if !status.success() {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
         let _ = std::fs::remove_file(out);
         return Err(Error::new(
             ErrorKind::Io,
             format!(
                 "qemu-img convert to {} failed: {}",
                 out.display(),
-                String::from_utf8_lossy(&res.stderr).trim()
+                err.trim()
             ),
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use catalog::{
+        BackupMode, BackupSpec, CommitInfo, Consistency, DiskSpec, FsBackend, RepoConfig,
+        RepoOptions, VmIdentity,
+    };
+
+    const CS: u64 = 64 << 10;
+
+    /// The disk's bytes: `chunks` chunks, every fourth one zero, the last one short.
+    fn disk(chunks: u64) -> Vec<u8> {
+        let mut data = vec![0u8; (chunks * CS - CS / 2) as usize];
+        for (i, c) in data.chunks_mut(CS as usize).enumerate() {
+            if i % 4 != 3 {
+                c.iter_mut()
+                    .enumerate()
+                    .for_each(|(j, b)| *b = (i * 7 + j / 512) as u8 | 1);
+            }
+        }
+        data
+    }
+
+    /// A one-disk backup in a repository on disk: `chunks` chunks, every fourth one zero, the
+    /// last one short (half a chunk).
+    fn reader(dir: &Path, chunks: u64) -> DiskReader {
+        let backend = Arc::new(FsBackend::open(dir.join("repo")).unwrap());
+        let opts = RepoOptions::new(dir.join("catalog.sqlite"));
+        let repo = Repository::create(backend, RepoConfig::default(), opts).unwrap();
+        let size = chunks * CS - CS / 2;
+        let w = repo
+            .begin_backup(BackupSpec {
+                vm: VmIdentity {
+                    name: "v".into(),
+                    uuid: "u".into(),
+                },
+                disks: vec![DiskSpec {
+                    target: "vda".into(),
+                    size,
+                    checkpoint: None,
+                }],
+                parent: None,
+                started: 1,
+            })
+            .unwrap();
+        w.put_chunks(0, 0, &disk(chunks)).unwrap();
+        let m = w
+            .commit(CommitInfo {
+                domain_xml: "<domain/>".into(),
+                mode: BackupMode::Full,
+                consistency: Consistency::Crash,
+                finished: 2,
+            })
+            .unwrap();
+        repo.open_disk(&m.id, "vda").unwrap()
+    }
+
+    fn leftovers(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "repo" && n != "catalog.sqlite" && !n.starts_with("catalog.sqlite-"))
+            .collect()
+    }
+
+    #[test]
+    fn progress_reaches_the_plan_and_the_file_is_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = reader(dir.path(), 40);
+        for format in [ImageFormat::Raw, ImageFormat::Qcow2] {
+            let out = dir.path().join(format!("out-{format:?}"));
+            let control = FileRestoreControl::default();
+            let rep = restore_to_file_with(&r, &out, format, &control).unwrap();
+            let p = control.progress.snapshot();
+            assert_eq!(p.bytes_planned, r.size(), "{format:?}");
+            assert_eq!(p.bytes_done, r.size(), "{format:?}");
+            assert_eq!(
+                p.bytes_zero,
+                9 * CS + CS / 2,
+                "{format:?}: every fourth chunk"
+            );
+            assert_eq!(p.bytes_read, rep.data_bytes, "{format:?}");
+            assert_eq!(p.bytes_read + p.bytes_zero, r.size(), "{format:?}");
+            if format == ImageFormat::Raw {
+                assert!(
+                    std::fs::read(&out).unwrap() == disk(40),
+                    "raw file equals the disk"
+                );
+            }
+            std::fs::remove_file(&out).unwrap();
+        }
+        // Two disks sharing one control after the caller planned both: the plan holds.
+        let control = FileRestoreControl::default();
+        control
+            .progress
+            .bytes_planned
+            .store(2 * r.size(), Ordering::Relaxed);
+        for n in ["a", "b"] {
+            restore_to_file_with(&r, &dir.path().join(n), ImageFormat::Raw, &control).unwrap();
+        }
+        let p = control.progress.snapshot();
+        assert_eq!(
+            (p.bytes_planned, p.bytes_done),
+            (2 * r.size(), 2 * r.size())
+        );
+    }
+
+    #[test]
+    fn a_cancelled_restore_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = reader(dir.path(), 40);
+        for format in [ImageFormat::Raw, ImageFormat::Qcow2] {
+            let out = dir.path().join("out");
+            let control = FileRestoreControl::default();
+            control.cancel.cancel();
+            let e = restore_to_file_with(&r, &out, format, &control).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Cancelled, "{format:?}: {e}");
+            assert!(
+                leftovers(dir.path()).is_empty(),
+                "{:?}",
+                leftovers(dir.path())
+            );
+        }
+    }
+
+    #[test]
+    fn a_restore_cancelled_midway_stops_and_removes_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = reader(dir.path(), 512);
+        let out = dir.path().join("out.raw");
+        let control = FileRestoreControl::default();
+        let watcher = {
+            let c = control.clone();
+            std::thread::spawn(move || {
+                while c.progress.bytes_done.load(Ordering::Relaxed) == 0 {
+                    std::thread::yield_now();
+                }
+                c.cancel.cancel();
+            })
+        };
+        let e = restore_to_file_with(&r, &out, ImageFormat::Raw, &control).unwrap_err();
+        watcher.join().unwrap();
+        assert_eq!(e.kind(), ErrorKind::Cancelled, "{e}");
+        assert!(e.to_string().contains("out.raw"), "{e}");
+        let done = control.progress.bytes_done.load(Ordering::Relaxed);
+        assert!(
+            done < r.size() / 2,
+            "stopped early: {done} of {} bytes",
+            r.size()
+        );
+        assert!(
+            leftovers(dir.path()).is_empty(),
+            "{:?}",
+            leftovers(dir.path())
+        );
+    }
 }
