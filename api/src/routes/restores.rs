@@ -20,9 +20,10 @@ use catalog::{BackupId, Manifest};
 use proxy::hypervisor::libvirt::LibvirtHypervisor;
 use proxy::hypervisor::VmState;
 use proxy::job::Progress;
+use proxy::restore::file::{restore_disk_with, FileRestoreControl};
 use proxy::restore::{
-    restore_disk, restore_onto_vm, ErrorKind as RestoreErrorKind, ExportName, ImageFormat,
-    OntoPath, OntoVmOptions, RestoredDisk,
+    restore_onto_vm, ErrorKind as RestoreErrorKind, ExportName, ImageFormat, OntoPath,
+    OntoVmOptions, RestoredDisk,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -544,7 +545,8 @@ async fn copy_disks(
     r
 }
 
-/// One disk's copy; on cancel the blocking copy is let end, then discarded.
+/// One disk's copy with live progress; on cancel the copy stops at its next batch of chunks
+/// and removes its partial file.
 async fn copy_one(
     st: &SharedState,
     name: &ExportName,
@@ -552,7 +554,11 @@ async fn copy_one(
     format: RestoreFormat,
     h: &JobHandle,
 ) -> Result<(), (String, bool)> {
-    let run = restore_disk(&st.repo, name, file, format.image());
+    let control = FileRestoreControl {
+        cancel: h.cancel.clone(),
+        progress: h.progress.clone(),
+    };
+    let run = restore_disk_with(&st.repo, name, file, format.image(), control);
     tokio::pin!(run);
     tokio::select! {
         r = &mut run => r.map(drop).map_err(|e| (e.to_string(), false)),

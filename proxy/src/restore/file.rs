@@ -50,10 +50,10 @@ const WORKERS: usize = 2;
 /// Chunks a worker takes at a time; cancel is checked between batches.
 pub const BATCH: u64 = 32;
 
-/// Cancel and live progress of a restore to a file. Several restores may share one (a job
-/// restoring several disks): each adds its disk to `bytes_planned` unless the caller planned
-/// it already, and adds every chunk it finishes to `bytes_done` (data also to `bytes_read`,
-/// zero chunks to `bytes_zero`).
+/// Cancel and live progress of a restore to a file. A restore sets `bytes_planned` to its
+/// disk's size if nothing was planned yet (a job restoring several disks with one control
+/// plans their sum first), and adds every chunk it finishes to `bytes_done` (data also to
+/// `bytes_read`, zero chunks to `bytes_zero`).
 #[derive(Debug, Clone, Default)]
 pub struct FileRestoreControl {
     pub cancel: CancellationToken,
@@ -119,10 +119,12 @@ pub fn restore_to_file_with(
             format!("restore target {} already exists", path.display()),
         ));
     }
-    let p = &control.progress;
-    let done_before = p.bytes_done.load(Ordering::Relaxed);
-    p.bytes_planned
-        .fetch_max(done_before + reader.size(), Ordering::Relaxed);
+    let _ = control.progress.bytes_planned.compare_exchange(
+        0,
+        reader.size(),
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
     let data_bytes = match format {
         ImageFormat::Raw => write_raw(reader, path, control)?,
         ImageFormat::Qcow2 => {
