@@ -3,7 +3,9 @@
 //! fields (minute, hour, day of month, month, day of week, with `*`, ranges, steps, lists and
 //! three-letter names; weekday 7 is Sunday like 0), the `@hourly`/`@daily`/`@weekly`/
 //! `@monthly`/`@yearly` macros, and, as in Vixie cron, a day matching either restricted day
-//! field. This module only adapts it to Unix seconds and names what is wrong with a bad one.
+//! field. An optional sixth field in front gives seconds (`*/20 * * * * *`: every 20 s), for
+//! short test schedules; the scheduler looks every 15 s, so firings closer than that merge.
+//! This module only adapts it to Unix seconds and names what is wrong with a bad one.
 
 use chrono::{DateTime, Utc};
 use croner::Cron;
@@ -18,16 +20,18 @@ pub struct Schedule(Cron);
 pub struct CronError(pub String);
 
 impl Schedule {
-    /// Parses a five-field expression or a macro; a schedule that never fires is refused.
+    /// Parses a five-field expression (six with seconds first) or a macro; a schedule that
+    /// never fires is refused.
     pub fn parse(expr: &str) -> Result<Schedule, CronError> {
         let expr = expr.trim();
         let fields = expr.split_whitespace().count();
-        if !expr.starts_with('@') && fields != 5 {
+        if !expr.starts_with('@') && !(5..=6).contains(&fields) {
             return Err(CronError(format!(
-                "a schedule has 5 fields (minute hour day-of-month month day-of-week), {expr:?} has {fields}"
+                "a schedule has 5 fields (minute hour day-of-month month day-of-week), or 6 with seconds first; {expr:?} has {fields}"
             )));
         }
         let cron = Cron::new(expr)
+            .with_seconds_optional()
             .parse()
             .map_err(|e| CronError(format!("schedule {expr:?}: {}", blame(expr, &e))))?;
         let s = Schedule(cron);
@@ -37,7 +41,8 @@ impl Schedule {
         Ok(s)
     }
 
-    /// The first firing strictly after `t` (Unix seconds, UTC), at a whole minute.
+    /// The first firing strictly after `t` (Unix seconds, UTC), at a whole second (a whole
+    /// minute for five fields).
     pub fn next_after(&self, t: i64) -> Option<i64> {
         let start = DateTime::<Utc>::from_timestamp(t, 0)?;
         let next = self.0.find_next_occurrence(&start, false).ok()?;
@@ -45,7 +50,14 @@ impl Schedule {
     }
 }
 
-const FIELDS: [&str; 5] = ["minute", "hour", "day of month", "month", "day of week"];
+const FIELDS: [&str; 6] = [
+    "second",
+    "minute",
+    "hour",
+    "day of month",
+    "month",
+    "day of week",
+];
 
 /// Names the field of `expr` that croner refused (each tried alone, the others `*`), so an
 /// operator reads "minute field \"61\": number out of bounds" rather than the bare error.
@@ -54,10 +66,15 @@ fn blame(expr: &str, err: &croner::errors::CronError) -> String {
     let why = err.to_string();
     let why = why.strip_prefix("Component error: ").unwrap_or(&why);
     let why = why.trim_end_matches('.').to_lowercase();
-    for (i, name) in FIELDS.iter().enumerate() {
-        let mut alone = ["*"; 5];
+    let names = &FIELDS[6 - fields.len().clamp(5, 6)..];
+    for (i, name) in names.iter().enumerate() {
+        let mut alone = vec!["*"; names.len()];
         alone[i] = fields.get(i).copied().unwrap_or("*");
-        if Cron::new(&alone.join(" ")).parse().is_err() {
+        if Cron::new(&alone.join(" "))
+            .with_seconds_optional()
+            .parse()
+            .is_err()
+        {
             return format!("{name} field {:?}: {why}", alone[i]);
         }
     }
@@ -111,6 +128,9 @@ mod tests {
         assert_eq!(next("0 12 29 feb *", t), "2028-02-29T12:00:00Z");
         assert_eq!(next("5,10 1-3/2 * * *", t), "2026-11-23T01:05:00Z");
         assert_eq!(next("10/20 * * * *", t), "2026-11-22T09:10:00Z");
+        // A seconds field in front.
+        assert_eq!(next("*/20 * * * * *", t), "2026-11-22T09:07:20Z");
+        assert_eq!(next("30 0 2 * * *", t), "2026-11-23T02:00:30Z");
     }
 
     #[test]
@@ -128,6 +148,9 @@ mod tests {
     fn bad_expressions_are_named() {
         let e = |s: &str| Schedule::parse(s).unwrap_err().to_string();
         assert!(e("* * * *").contains("5 fields"), "{}", e("* * * *"));
+        assert!(e("* * * * * * *").contains("or 6 with seconds first"));
+        assert!(e("61 * * * * *").contains("second field \"61\": number out of bounds"));
+        assert!(e("0 61 * * * *").contains("minute field \"61\""));
         assert!(e("61 * * * *").contains("minute field \"61\": number out of bounds"));
         assert!(e("* * * foo *").contains("month field \"foo\": invalid number"));
         assert!(e("*/0 * * * *").contains("minute field \"*/0\": step cannot be zero"));
