@@ -2,8 +2,9 @@
 //! checks on it (every problem named with its line and column).
 //!
 //! The cluster's hypervisors are a `[[hypervisors]]` array (each a libvirt URI or a QMP
-//! socket of one plain QEMU process); the top-level `libvirt_uri` is shorthand for one
-//! libvirt hypervisor named `default`, and no hypervisor at all means `qemu:///system`.
+//! socket of one plain QEMU process); the top-level `libvirt_uri` is shorthand for one more
+//! libvirt hypervisor named `default` (listed first), and no hypervisor at all means
+//! `qemu:///system`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -52,7 +53,7 @@ pub struct Config {
     pub repository: Option<PathBuf>,
     /// Chunk size of a new repository, bytes.
     pub chunk_size: u32,
-    /// Shorthand for one libvirt hypervisor named `default` (not with `hypervisors`).
+    /// Shorthand for one more libvirt hypervisor, named `default`.
     pub libvirt_uri: Option<String>,
     /// The hypervisors of this cluster (none, and no `libvirt_uri`: `qemu:///system`).
     pub hypervisors: Vec<Spanned<HypervisorConfig>>,
@@ -130,13 +131,12 @@ impl Config {
 
     fn check(&self, text: &str) -> Vec<PolicyError> {
         let mut errors = Vec::new();
-        if let (Some(_), Some(first)) = (&self.libvirt_uri, self.hypervisors.first()) {
-            let why = "libvirt_uri is shorthand for one hypervisor: with [[hypervisors]], name every hypervisor there and remove libvirt_uri";
-            errors.push(at(text, Some(first.span()), why));
-        }
         for (i, h) in self.hypervisors.iter().enumerate() {
             let name = h.get_ref().name.get_ref();
             if let Err(why) = check_hv_name(name) {
+                errors.push(at(text, Some(h.get_ref().name.span()), why));
+            } else if self.libvirt_uri.is_some() && name == DEFAULT_HV {
+                let why = format!("hypervisor name {DEFAULT_HV:?} is the top-level libvirt_uri's");
                 errors.push(at(text, Some(h.get_ref().name.span()), why));
             } else if self.hypervisors[..i]
                 .iter()
@@ -158,11 +158,16 @@ impl Config {
 
     /// The hypervisors of this cluster, as the registry takes them.
     pub fn hypervisor_specs(&self) -> Vec<HvSpec> {
-        if self.hypervisors.is_empty() {
-            let uri = self.libvirt_uri.as_deref().unwrap_or("qemu:///system");
-            return vec![HvSpec::libvirt(DEFAULT_HV, uri)];
-        }
-        self.hypervisors.iter().map(|h| spec(h.get_ref())).collect()
+        let uri = match (&self.libvirt_uri, self.hypervisors.is_empty()) {
+            (Some(uri), _) => Some(uri.as_str()),
+            (None, true) => Some("qemu:///system"),
+            (None, false) => None,
+        };
+        let default = uri.map(|u| HvSpec::libvirt(DEFAULT_HV, u));
+        default
+            .into_iter()
+            .chain(self.hypervisors.iter().map(|h| spec(h.get_ref())))
+            .collect()
     }
 
     /// The directories restores may write into.

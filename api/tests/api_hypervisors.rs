@@ -95,8 +95,24 @@ vm = "vm7"
         e[0].starts_with("3:1: ") && e[0].contains("libvirt_url"),
         "{e:?}"
     );
-    let mixed = "libvirt_uri = \"qemu:///system\"\n[[hypervisors]]\nname = \"x\"\nlibvirt_uri = \"qemu:///system\"\n";
-    assert!(config_errors(mixed)[0].contains("shorthand"));
+    let mixed = "libvirt_uri = \"qemu:///system\"\n[[hypervisors]]\nname = \"q\"\nsocket = \"/q.sock\"\nvm = \"q\"\n";
+    let names: Vec<_> = Config::parse(mixed)
+        .unwrap()
+        .hypervisor_specs()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(
+        names,
+        ["default", "q"],
+        "libvirt_uri is one more hypervisor"
+    );
+    let clash = mixed.replace("\"q\"\nsocket", "\"default\"\nsocket");
+    let e = config_errors(&clash);
+    assert!(
+        e[0].starts_with("3:8: ") && e[0].contains("libvirt_uri"),
+        "{e:?}"
+    );
 }
 
 #[test]
