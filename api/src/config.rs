@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::hv::HvSpec;
-use crate::policy::{at, PolicyError};
+use crate::policy::{at, check_plain_name, PolicyError};
 
 /// Longest hypervisor name accepted.
 pub const MAX_HV_NAME: usize = 64;
@@ -133,7 +133,7 @@ impl Config {
         let mut errors = Vec::new();
         for (i, h) in self.hypervisors.iter().enumerate() {
             let name = h.get_ref().name.get_ref();
-            if let Err(why) = check_hv_name(name) {
+            if let Err(why) = check_plain_name("hypervisor name", name, MAX_HV_NAME) {
                 errors.push(at(text, Some(h.get_ref().name.span()), why));
             } else if self.libvirt_uri.is_some() && name == DEFAULT_HV {
                 let why = format!("hypervisor name {DEFAULT_HV:?} is the top-level libvirt_uri's");
@@ -203,21 +203,6 @@ fn spec(h: &HypervisorConfig) -> HvSpec {
     }
     spec.max_jobs = h.max_jobs;
     spec
-}
-
-fn check_hv_name(name: &str) -> Result<(), String> {
-    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
-    if name.is_empty() || name.len() > MAX_HV_NAME {
-        return Err(format!(
-            "hypervisor name must be 1 to {MAX_HV_NAME} characters"
-        ));
-    }
-    if !name.chars().all(ok_char) || name.starts_with('.') {
-        return Err(format!(
-            "hypervisor name {name:?} may only hold letters, digits, `-`, `_` and `.` (not first)"
-        ));
-    }
-    Ok(())
 }
 
 /// An entry names exactly one of a libvirt URI and a QMP socket (with its VM).

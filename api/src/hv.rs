@@ -509,16 +509,3 @@ fn pick(
         }
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::uri_host;
-
-    #[test]
-    fn hypervisor_hosts_come_from_the_uri() {
-        assert_eq!(uri_host("qemu:///system"), "localhost");
-        assert_eq!(uri_host("qemu+ssh://root@h1:2222/system"), "h1");
-        assert_eq!(uri_host("qemu+tls://kvm-7.example/system"), "kvm-7.example");
-        assert_eq!(uri_host("test:///default"), "localhost");
-    }
-}

@@ -62,6 +62,8 @@ pub struct Gauges {
     pub logical_bytes: u64,
     pub stored_bytes: u64,
     pub dedup_ratio: f64,
+    /// Each hypervisor's name and whether it answered when last asked.
+    pub hypervisors: Vec<(String, bool)>,
 }
 
 fn state_label(s: JobState) -> &'static str {
@@ -231,4 +233,17 @@ fn gauges(out: &mut String, g: &Gauges) {
         "Logical bytes / stored bytes (dedup, zero skipping and compression).",
         g.dedup_ratio,
     );
+    head(
+        out,
+        "sluice_hypervisor_up",
+        "gauge",
+        "1 if the hypervisor answered when last asked, else 0 (down, or not asked yet).",
+    );
+    for (name, up) in &g.hypervisors {
+        let _ = writeln!(
+            out,
+            "sluice_hypervisor_up{{hypervisor=\"{name}\"}} {}",
+            u8::from(*up)
+        );
+    }
 }

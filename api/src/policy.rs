@@ -195,15 +195,19 @@ pub fn parse(text: &str) -> Result<Policy, Vec<PolicyError>> {
 }
 
 fn check_policy_name(name: &str) -> Result<(), String> {
+    check_plain_name("policy name", name, MAX_POLICY_NAME)
+}
+
+/// A name of 1 to `max` letters, digits, `-`, `_` and `.` (not first), so it is safe in
+/// file names and URLs (policies, hypervisors).
+pub(crate) fn check_plain_name(what: &str, name: &str, max: usize) -> Result<(), String> {
     let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
-    if name.is_empty() || name.len() > MAX_POLICY_NAME {
-        return Err(format!(
-            "policy name must be 1 to {MAX_POLICY_NAME} characters"
-        ));
+    if name.is_empty() || name.len() > max {
+        return Err(format!("{what} must be 1 to {max} characters"));
     }
     if !name.chars().all(ok_char) || name.starts_with('.') {
         return Err(format!(
-            "policy name {name:?} may only hold letters, digits, `-`, `_` and `.` (not first)"
+            "{what} {name:?} may only hold letters, digits, `-`, `_` and `.` (not first)"
         ));
     }
     Ok(())

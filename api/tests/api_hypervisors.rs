@@ -18,6 +18,11 @@ fn err(j: &Value) -> String {
         .to_string()
 }
 
+async fn restore(a: &common::Api, body: &str) -> (StatusCode, Value) {
+    let t = Some(a.admin.as_str());
+    call(&a.app, "POST", "/api/v1/restores", t, Some(body.into())).await
+}
+
 fn config_errors(text: &str) -> Vec<String> {
     Config::parse(text)
         .unwrap_err()
@@ -284,7 +289,6 @@ async fn restores_as_a_domain_refuse_a_qmp_hypervisor() {
     ])
     .await;
     let m = seed_backup(&a, "test", vec![7u8; 65536], "<domain/>").await;
-    let t = Some(a.admin.as_str());
     for body in [
         format!(
             r#"{{"backup":"{}","as_domain":"copy1","hypervisor":"plain"}}"#,
@@ -295,14 +299,7 @@ async fn restores_as_a_domain_refuse_a_qmp_hypervisor() {
             m.id
         ),
     ] {
-        let (s, j) = call(
-            &a.app,
-            "POST",
-            "/api/v1/restores",
-            t,
-            Some(body.into_bytes()),
-        )
-        .await;
+        let (s, j) = restore(&a, &body).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{j}");
         assert!(err(&j).contains("needs a libvirt hypervisor"), "{j}");
     }
@@ -310,14 +307,46 @@ async fn restores_as_a_domain_refuse_a_qmp_hypervisor() {
         r#"{{"backup":"{}","as_domain":"copy1","hypervisor":"nope"}}"#,
         m.id
     );
-    let (s, j) = call(
-        &a.app,
-        "POST",
-        "/api/v1/restores",
-        t,
-        Some(body.into_bytes()),
-    )
-    .await;
+    let (s, j) = restore(&a, &body).await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{j}");
     assert_eq!(a.state.jobs.list().len(), 0, "nothing started");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hypervisor_down_at_start_is_reached_once_it_is_up_and_marked_when_it_dies() {
+    use api::hv::RETRY_AFTER;
+    use testbed::qmp::PlainQemu;
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("later.qmp");
+    let a = api_with(vec![
+        HvSpec::libvirt("local", "test:///default"),
+        HvSpec::qmp("later", link.clone(), "vm"),
+    ])
+    .await;
+    let t = Some(a.auditor.as_str());
+    let state = |j: &Value| j[1]["state"].as_str().unwrap_or("").to_string();
+    let (_, j) = call(&a.app, "GET", "/api/v1/hypervisors", t, None).await;
+    assert_eq!(state(&j), "unreachable", "{j}");
+
+    // QEMU comes up: after RETRY_AFTER the next use connects.
+    let qemu = PlainQemu::start("api-hv-later", 16 << 20, &[]).unwrap();
+    std::os::unix::fs::symlink(qemu.dir().join("qmp.sock"), &link).unwrap();
+    tokio::time::sleep(RETRY_AFTER).await;
+    let (_, j) = call(&a.app, "GET", "/api/v1/hypervisors", t, None).await;
+    assert_eq!(
+        (state(&j).as_str(), &j[1]["vms"]),
+        ("up", &Value::from(1)),
+        "{j}"
+    );
+    let (_, j) = call(&a.app, "GET", "/api/v1/vms", t, None).await;
+    assert_eq!(j["vms"].as_array().unwrap().len(), 2, "{j}");
+
+    // QEMU dies: the next listing marks it unreachable, the other still lists.
+    drop(qemu);
+    let (_, j) = call(&a.app, "GET", "/api/v1/vms", t, None).await;
+    assert_eq!(j["vms"][0]["hypervisor"], "local", "{j}");
+    assert_eq!(j["unreachable"][0]["hypervisor"], "later", "{j}");
+    let (_, j) = call(&a.app, "GET", "/api/v1/hypervisors", t, None).await;
+    assert_eq!(state(&j), "unreachable", "{j}");
+    assert!(j[1]["error"].as_str().unwrap().contains("later"), "{j}");
 }

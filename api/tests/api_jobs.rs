@@ -151,3 +151,54 @@ async fn the_history_survives_a_restart_and_names_interrupted_jobs() {
     );
     drop(first);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hypervisors_of_one_host_share_its_limit_and_two_hosts_run_in_parallel() {
+    use api::hv::{HvSpec, Hypervisors};
+    let mut kvm2 = HvSpec::libvirt("kvm2", "qemu+tls://kvm-2.example/system");
+    kvm2.max_jobs = Some(2);
+    let hvs = Hypervisors::new(vec![
+        HvSpec::libvirt("local", "qemu:///system"),
+        HvSpec::libvirt("local-ssh", "qemu+ssh://root@localhost/system"),
+        kvm2,
+        HvSpec::libvirt("kvm2-ssh", "qemu+ssh://kvm-2.example/system"),
+    ]);
+    let limits = JobLimits {
+        overall: 8,
+        per_host: Some(1),
+        hosts: hvs.host_limits(),
+    };
+    let jobs = Arc::new(Jobs::open(limits, "localhost", None).unwrap());
+    let on = |hv: &str, vm: &str| {
+        let m = hvs.get(hv).unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let spec = JobSpec::new("backup", vm, "auto").on(m.name(), &m.spec.host);
+        let info = jobs.start(spec, move |_| async move {
+            let _ = rx.await;
+            Ok("20261122T000000Z-00000000".to_string())
+        });
+        (info, tx)
+    };
+    let held = [
+        on("local", "a"),
+        on("local-ssh", "b"),
+        on("kvm2", "c"),
+        on("kvm2-ssh", "d"),
+    ];
+    wait_state(&jobs, held[0].0.id, JobState::Running).await;
+    wait_state(&jobs, held[2].0.id, JobState::Running).await;
+    wait_state(&jobs, held[3].0.id, JobState::Running).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // localhost (limit 1): the second URI of the same host waits; kvm-2.example (its
+    // hypervisor's max_jobs = 2) runs both.
+    assert_eq!(jobs.get(held[1].0.id).unwrap().state, JobState::Queued);
+    assert_eq!(jobs.get(held[1].0.id).unwrap().host, "localhost");
+    assert_eq!(
+        jobs.get(held[3].0.id).unwrap().hypervisor.as_deref(),
+        Some("kvm2-ssh")
+    );
+    let [(a, a_go), (b, _b_go), _, _] = held;
+    a_go.send(()).unwrap();
+    wait_state(&jobs, a.id, JobState::Succeeded).await;
+    wait_state(&jobs, b.id, JobState::Running).await;
+}

@@ -132,6 +132,7 @@ async fn metrics_parse_and_move_after_a_backup() -> anyhow::Result<()> {
     assert_eq!(after["sluice_repository_logical_bytes"], (32 * MIB) as f64);
     assert!(after["sluice_repository_stored_bytes"] > 0.0);
     assert!(after["sluice_repository_dedup_ratio"] > 1.0, "{after:?}");
+    assert_eq!(after["sluice_hypervisor_up{hypervisor=\"qemu\"}"], 1.0);
 
     let (s, _) = call(&app, "GET", "/metrics", Some(&a.scoped_in), None).await;
     assert_eq!(

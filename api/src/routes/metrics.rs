@@ -9,6 +9,7 @@ use axum::Json;
 
 use crate::auth::{Action, Caller};
 use crate::error::ApiResult;
+use crate::hv::HvState;
 use crate::jobs::JobState;
 use crate::metrics::Gauges;
 use crate::state::SharedState;
@@ -38,6 +39,12 @@ pub async fn metrics(
         logical_bytes: repo.logical_bytes,
         stored_bytes: repo.stored_bytes,
         dedup_ratio: repo.reduction_ratio,
+        hypervisors: st
+            .hypervisors
+            .all()
+            .iter()
+            .map(|m| (m.name().to_string(), m.info(None).state == HvState::Up))
+            .collect(),
     };
     Ok((
         [(header::CONTENT_TYPE, CONTENT_TYPE)],
