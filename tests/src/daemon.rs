@@ -133,6 +133,31 @@ impl Daemon {
         Ok(self.child.wait()?.success())
     }
 
+    /// `kill -9`: the daemon dies at once, as in a crash (nothing of its own cleans up).
+    pub fn kill(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// Polls `sluice job show ID` until `done` accepts it; fails after `timeout`.
+    pub fn wait_job(
+        &self,
+        id: u64,
+        timeout: std::time::Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        let start = std::time::Instant::now();
+        loop {
+            let j = self.ok(&["job", "show", &id.to_string()])?;
+            if done(&j) {
+                return Ok(j);
+            }
+            ensure!(start.elapsed() < timeout, "job {id} after {timeout:?}: {j}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
     /// `sluice ARGS` with this daemon's URL, token and fingerprint in the environment.
     pub fn command(&self, args: &[&str]) -> Result<Command> {
         let mut c = Command::new(sluice_bin()?);
