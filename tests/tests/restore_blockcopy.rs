@@ -5,28 +5,15 @@
 //! export read back with the same checksums, later writes work, and the local file holds all
 //! of it once the guest is off. The export's overlay is gone with the export.
 
-use std::os::unix::fs::PermissionsExt;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use proxy::nbd::{Server, ServerOptions};
-use proxy::restore::{ExportName, ExportOptions, RepoExport};
 use testbed::bed::{Bed, Model};
-use testbed::peers::ServerThread;
+use testbed::instant::InstantExport;
 use testbed::{read_image, sha256_hex, virsh, TestVm, VmSpec};
 
 const MIB: u64 = 1 << 20;
 const DISK: u64 = 32 * MIB;
-
-/// The libvirt disk element of an NBD export on a unix socket, as vda.
-fn nbd_disk_xml(export: &str, socket: &str) -> String {
-    format!(
-        "<disk type='network' device='disk'><driver name='qemu' type='raw'/>\
-         <source protocol='nbd' name='{export}'><host transport='unix' socket='{socket}'/>\
-         </source><target dev='vda' bus='virtio'/></disk>"
-    )
-}
 
 /// Every `len`-byte range at `offsets` of the guest's vda has the model's checksum.
 fn sums_match(vm: &TestVm, model: &Model, ranges: &[(u64, u64)]) -> Result<()> {
@@ -64,20 +51,10 @@ fn instant_recovery_moves_its_data_back_with_blockcopy() -> Result<()> {
     let backup = bed.backup()?.manifest;
     src.shutdown()?;
 
-    let socket = src.scratch().join("instant.sock");
-    let overlay_dir = src.scratch().join("overlay");
-    std::fs::create_dir(&overlay_dir)?;
-    let server = Server::new(ServerOptions::default());
-    let thread = ServerThread::start(server.clone(), &socket)?;
-    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o777))?;
-    let export_name = ExportName::new(src.name(), "vda", &backup.id)?;
-    let name = export_name.to_string();
-    let opts = ExportOptions::writable(&overlay_dir);
-    let export = RepoExport::open_blocking(&bed.repo, &export_name, &opts)?;
-    server.add_export(name.clone(), Arc::new(export));
-
-    let xml = nbd_disk_xml(&name, &socket.display().to_string());
-    let vm = TestVm::boot(VmSpec::new("rbc-inst").raw_disk(DISK, &xml))?;
+    let instant = InstantExport::serve(&bed.repo, src.scratch(), src.name(), "vda", &backup)?;
+    let name = instant.name().to_string();
+    let overlay_dir = instant.overlay_dir().to_path_buf();
+    let vm = TestVm::boot(VmSpec::new("rbc-inst").raw_disk(DISK, &instant.disk_xml("vda")))?;
     model.write(&vm, "vda", 20 * MIB, 128 << 10, 24)?;
     vm.sync()?;
     let ranges = [(0, MIB), (12 * MIB, MIB), (20 * MIB, MIB), (31 * MIB, MIB)];
@@ -99,8 +76,11 @@ fn instant_recovery_moves_its_data_back_with_blockcopy() -> Result<()> {
     virsh(&copy)?;
     let disks = virsh(&["domblklist", vm.name()])?;
     ensure!(disks.contains(local_s), "vda not pivoted: {disks}");
-    ensure!(server.remove_export(&name), "export {name} was not served");
-    drop(thread);
+    ensure!(
+        instant.server().remove_export(&name),
+        "export {name} was not served"
+    );
+    drop(instant); // the server stops and the last handle on the export goes
     wait_empty(&overlay_dir)?;
 
     sums_match(&vm, &model, &ranges)?;
