@@ -71,7 +71,18 @@ fn a_policy_fires_from_the_scheduler_and_its_retention_prunes() -> Result<()> {
     vm.sync()?;
     let dir = tempfile::tempdir()?;
     let mut d = Daemon::start(dir.path(), "")?;
-    let manual = d.ok(&["backup", vm.name(), "--full", "--wait"])?;
+    // `--wait` follows the job's event stream over TLS to the end, without falling back.
+    let out = d
+        .command(&["backup", vm.name(), "--full", "--wait", "--json"])?
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success(), "backup --wait: {stderr}");
+    ensure!(
+        !stderr.contains("polling"),
+        "the event stream broke: {stderr}"
+    );
+    let manual: Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(manual["state"] == "succeeded", "{manual}");
     let manual = manual["backup_id"]
         .as_str()
         .context("manual backup")?
