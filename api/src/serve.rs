@@ -62,6 +62,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         .with_jobs(jobs)
         .with_read_limit(cfg.read_limit);
     let state = Arc::new(state);
+    announce_hypervisors(&state);
     let stop_scheduler = tokio_util::sync::CancellationToken::new();
     tokio::spawn(crate::scheduler::run(state.clone(), stop_scheduler.clone()));
     let app = crate::routes::app(state.clone());
@@ -83,6 +84,19 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     state.jobs.shutdown().await;
     tracing::info!("every job ended; exiting");
     Ok(())
+}
+
+/// Prints the configured hypervisors and asks each for its VMs in the background, so their
+/// state is known (and a down one logged) before the first request; nothing waits for it.
+fn announce_hypervisors(state: &Arc<AppState>) {
+    for m in state.hypervisors.all() {
+        let kind = if m.is_libvirt() { "libvirt" } else { "qmp" };
+        println!("hypervisor {} ({kind}): {}", m.name(), m.address());
+    }
+    let probe = state.clone();
+    tokio::spawn(async move {
+        probe.hypervisors.list_all().await;
+    });
 }
 
 async fn start_nbd(cfg: &Config, addr: std::net::SocketAddr) -> anyhow::Result<Exports> {

@@ -350,3 +350,32 @@ async fn a_hypervisor_down_at_start_is_reached_once_it_is_up_and_marked_when_it_
     assert_eq!(state(&j), "unreachable", "{j}");
     assert!(j[1]["error"].as_str().unwrap().contains("later"), "{j}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_backs_up_its_vms_on_every_reachable_hypervisor() {
+    let a = api_with(vec![
+        HvSpec::libvirt("a", "test:///default"),
+        HvSpec::libvirt("gone", "qemu+ssh://nonexistent.invalid/system"),
+        HvSpec::libvirt("b", "test:///default"),
+    ])
+    .await;
+    let source = "name = \"all\"\nvms = [\"te*\"]\nschedule = \"* * * * *\"\n";
+    let body = serde_json::json!({ "source": source }).to_string();
+    let t = Some(a.admin.as_str());
+    let (s, j) = call(&a.app, "POST", "/api/v1/policies", t, Some(body.into())).await;
+    assert_eq!(s, StatusCode::OK, "{j}");
+    let now = api::auth::now();
+    let jobs = api::scheduler::tick(&a.state, now + 120).await;
+    let on: Vec<_> = jobs
+        .iter()
+        .map(|j| (j.vm.as_str(), j.hypervisor.as_deref(), j.policy.as_deref()))
+        .collect();
+    // A name on two hypervisors is two VMs; the down hypervisor is skipped, not fatal.
+    assert_eq!(
+        on,
+        [
+            ("test", Some("a"), Some("all")),
+            ("test", Some("b"), Some("all"))
+        ]
+    );
+}
