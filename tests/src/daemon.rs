@@ -158,6 +158,12 @@ impl Daemon {
         }
     }
 
+    /// Files left under the daemon's scratch directory (`DATA/work`), recursively: none once
+    /// every job has ended cleanly.
+    pub fn scratch_files(&self) -> Result<Vec<PathBuf>> {
+        files_under(&self.data.join("work"))
+    }
+
     /// `sluice ARGS` with this daemon's URL, token and fingerprint in the environment.
     pub fn command(&self, args: &[&str]) -> Result<Command> {
         let mut c = Command::new(sluice_bin()?);
@@ -191,4 +197,18 @@ impl Daemon {
         }
         Ok(v)
     }
+}
+
+/// Every file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let p = e?.path();
+        if p.is_dir() {
+            out.extend(files_under(&p)?);
+        } else {
+            out.push(p);
+        }
+    }
+    Ok(out)
 }

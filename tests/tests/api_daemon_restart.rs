@@ -8,7 +8,7 @@
 //!   backup job the dead daemon left, succeeds, equals the guest disk, and leaves no libvirt
 //!   job, extra checkpoint or scratch file.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
@@ -62,15 +62,42 @@ fn eventually<T>(
     }
 }
 
-#[test]
-fn a_policy_fires_from_the_scheduler_and_its_retention_prunes() -> Result<()> {
-    let vm = TestVm::boot(VmSpec::new("api-sched").disk(64 * MIB))?;
+/// A booted guest whose first disk holds `data` bytes of pattern `seed` (tracked by the
+/// model), and a daemon on a fresh data directory with `extra` configuration.
+struct Setup {
+    vm: TestVm,
+    disk: String,
+    model: Model,
+    dir: tempfile::TempDir,
+    d: Daemon,
+}
+
+fn setup(prefix: &str, size: u64, data: u64, seed: u64, extra: &str) -> Result<Setup> {
+    let vm = TestVm::boot(VmSpec::new(prefix).disk(size))?;
     let disk = vm.disks()[0].target.clone();
     let mut model = Model::new(&vm);
-    model.write(&vm, &disk, 0, 4 * MIB, 1)?;
+    model.write(&vm, &disk, 0, data, seed)?;
     vm.sync()?;
     let dir = tempfile::tempdir()?;
-    let mut d = Daemon::start(dir.path(), "")?;
+    let d = Daemon::start(dir.path(), extra)?;
+    Ok(Setup {
+        vm,
+        disk,
+        model,
+        dir,
+        d,
+    })
+}
+
+#[test]
+fn a_policy_fires_from_the_scheduler_and_its_retention_prunes() -> Result<()> {
+    let Setup {
+        vm,
+        disk,
+        mut model,
+        dir,
+        mut d,
+    } = setup("api-sched", 64 * MIB, 4 * MIB, 1, "")?;
     // `--wait` follows the job's event stream over TLS to the end, without falling back.
     let out = d
         .command(&["backup", vm.name(), "--full", "--wait", "--json"])?
@@ -131,20 +158,6 @@ fn a_policy_fires_from_the_scheduler_and_its_retention_prunes() -> Result<()> {
     Ok(())
 }
 
-/// Files under `dir`, recursively.
-fn files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir)? {
-        let p = e?.path();
-        if p.is_dir() {
-            out.extend(files(&p)?);
-        } else {
-            out.push(p);
-        }
-    }
-    Ok(out)
-}
-
 /// Whether libvirt runs a (backup) job on the domain.
 fn libvirt_job(vm: &TestVm) -> Result<bool> {
     Ok(!vm.virsh(&["domjobinfo", vm.name()])?.contains("None"))
@@ -156,13 +169,13 @@ const SLOW: &str = "read_limit = 8388608\n";
 
 #[test]
 fn kill_9_mid_backup_then_restart_fails_the_job_and_the_next_backup_is_exact() -> Result<()> {
-    let vm = TestVm::boot(VmSpec::new("api-kill").disk(256 * MIB))?;
-    let disk = vm.disks()[0].target.clone();
-    let mut model = Model::new(&vm);
-    model.write(&vm, &disk, 0, 64 * MIB, 7)?;
-    vm.sync()?;
-    let dir = tempfile::tempdir()?;
-    let mut d = Daemon::start(dir.path(), SLOW)?;
+    let Setup {
+        vm,
+        disk,
+        model,
+        dir,
+        mut d,
+    } = setup("api-kill", 256 * MIB, 64 * MIB, 7, SLOW)?;
     let job = d.ok(&["backup", vm.name(), "--full"])?;
     let id = job["id"].as_u64().context("job id")?;
     let running = d.wait_job(id, Duration::from_secs(60), |j| {
@@ -202,7 +215,7 @@ fn kill_9_mid_backup_then_restart_fails_the_job_and_the_next_backup_is_exact() -
         cps.len() == 1,
         "one checkpoint (the new backup's) after {checkpoints_before} before: {cps:?}"
     );
-    let left = files(&d.data.join("work"))?;
+    let left = d.scratch_files()?;
     ensure!(left.is_empty(), "scratch files left: {left:?}");
     restore_equals(&d, dir.path(), next_id, &model, &disk)?;
     let verify: Value = d.ok(&["verify", "--full"])?;
