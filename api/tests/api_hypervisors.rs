@@ -8,7 +8,7 @@ mod common;
 use api::config::Config;
 use api::hv::{uri_host, HvSpec};
 use axum::http::StatusCode;
-use common::{api_with, call, seed_backup};
+use common::{api_with, call, seed_backup, seed_backup_of};
 use serde_json::Value;
 
 fn err(j: &Value) -> String {
@@ -378,4 +378,47 @@ async fn a_policy_backs_up_its_vms_on_every_reachable_hypervisor() {
             ("test", Some("b"), Some("all"))
         ]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_of_two_vms_of_one_name_are_both_listed_and_prune_asks_for_the_uuid() {
+    let a = api_with(vec![HvSpec::libvirt("local", "test:///default")]).await;
+    let other = "0d7c5a9e-1111-4222-8333-944455556666";
+    seed_backup(&a, "web", vec![1u8; 65536], "<domain/>").await;
+    seed_backup_of(&a, "web", other, vec![2u8; 65536], "<domain/>").await;
+    let t = Some(a.admin.as_str());
+    let (s, j) = call(&a.app, "GET", "/api/v1/backups?vm=web", t, None).await;
+    assert_eq!(s, StatusCode::OK, "{j}");
+    let mut uuids: Vec<_> = j
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["vm_uuid"].as_str().unwrap())
+        .collect();
+    uuids.sort();
+    assert_eq!(uuids, [other, "6695eb01-f6a4-8304-79aa-97f2502e193f"]);
+    let (s, j) = call(
+        &a.app,
+        "GET",
+        &format!("/api/v1/backups?vm={other}"),
+        t,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, j.as_array().map(Vec::len)),
+        (StatusCode::OK, Some(1)),
+        "{j}"
+    );
+
+    let prune = |vm: &str| {
+        serde_json::json!({ "vm": vm, "keep_last": 1, "dry_run": true })
+            .to_string()
+            .into_bytes()
+    };
+    let (s, j) = call(&a.app, "POST", "/api/v1/prune", t, Some(prune("web"))).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{j}");
+    assert!(err(&j).contains(other), "{j}");
+    let (s, j) = call(&a.app, "POST", "/api/v1/prune", t, Some(prune(other))).await;
+    assert_eq!(s, StatusCode::OK, "{j}");
 }

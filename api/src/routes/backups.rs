@@ -59,7 +59,8 @@ pub struct BackupDetail {
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
-    /// Only this VM's backups (by name).
+    /// Only the backups of VMs of this name (every VM of the name, on any hypervisor: tell
+    /// them apart by `vm_uuid`), or of the VM of this uuid.
     pub vm: Option<String>,
 }
 
@@ -132,6 +133,23 @@ async fn vm_names(st: &SharedState) -> ApiResult<HashMap<String, String>> {
     Ok(vms.into_iter().collect())
 }
 
+/// The uuids of the backed-up VMs called `vm` (or whose uuid is `vm`), sorted: VMs of one
+/// name on several hypervisors are several VMs. None is 404.
+pub(crate) async fn uuids_named(st: &SharedState, vm: &str) -> ApiResult<Vec<String>> {
+    validate_name("vm name", vm)?;
+    let names = vm_names(st).await?;
+    let mut uuids: Vec<String> = names
+        .into_iter()
+        .filter(|(u, n)| n == vm || u == vm)
+        .map(|(u, _)| u)
+        .collect();
+    if uuids.is_empty() {
+        return Err(ApiError::not_found(format!("vm {vm} has no backups")));
+    }
+    uuids.sort();
+    Ok(uuids)
+}
+
 /// Backups, newest first, optionally of one VM.
 #[utoipa::path(get, path = "/api/v1/backups", tag = "backups", params(ListQuery),
     responses((status = 200, body = [BackupSummary]), (status = 404, body = crate::error::ErrorBody)),
@@ -145,15 +163,14 @@ pub async fn list(
     let Query(q) =
         q.map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))?;
     let names = vm_names(&st).await?;
-    let uuid = match &q.vm {
+    let uuids = match &q.vm {
         None => None,
-        Some(vm) => {
-            validate_name("vm name", vm)?;
-            let found = names.iter().find(|(_, n)| *n == vm).map(|(u, _)| u.clone());
-            Some(found.ok_or_else(|| ApiError::not_found(format!("vm {vm} has no backups")))?)
-        }
+        Some(vm) => Some(uuids_named(&st, vm).await?),
     };
-    let mut rows = st.repo(move |r| r.backups(uuid.as_deref())).await?;
+    let mut rows = st.repo(move |r| r.backups(None)).await?;
+    if let Some(u) = uuids {
+        rows.retain(|r| u.contains(&r.vm_uuid));
+    }
     rows.sort_by(|a, b| b.started.cmp(&a.started).then(b.id.cmp(&a.id)));
     let out = rows
         .iter()

@@ -8,7 +8,7 @@ use utoipa::ToSchema;
 
 use crate::auth::{Action, Caller};
 use crate::error::{ApiError, ApiResult};
-use crate::extract::{validate_name, OptJson};
+use crate::extract::OptJson;
 use crate::state::SharedState;
 
 /// Repository figures.
@@ -65,7 +65,8 @@ pub struct VerifyResponse {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PruneRequest {
-    /// Only this VM (default: every VM).
+    /// Only this VM, by name or uuid (default: every VM); a name several backed-up VMs
+    /// carry (on different hypervisors) is refused with 409: give the uuid.
     pub vm: Option<String>,
     #[serde(default)]
     pub keep_last: u32,
@@ -218,13 +219,18 @@ pub async fn prune(
     }
     let uuid = match &req.vm {
         None => None,
-        Some(vm) => {
-            validate_name("vm name", vm)?;
-            let vm2 = vm.clone();
-            let vms = st.repo(|r| r.with_catalog(|c| c.vms())).await?;
-            let u = vms.into_iter().find(|(_, n)| *n == vm2).map(|(u, _)| u);
-            Some(u.ok_or_else(|| ApiError::not_found(format!("vm {vm} has no backups")))?)
-        }
+        Some(vm) => match super::backups::uuids_named(&st, vm).await?.as_slice() {
+            [one] => Some(one.clone()),
+            several => {
+                let mut e = ApiError::conflict(format!(
+                    "vm {vm} names {} backed-up VMs (uuids {}): prune one by its uuid (vm: UUID)",
+                    several.len(),
+                    several.join(", ")
+                ));
+                e.code = "ambiguous_vm";
+                return Err(e);
+            }
+        },
     };
     let dry = req.dry_run;
     let rep = st

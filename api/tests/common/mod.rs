@@ -116,15 +116,24 @@ pub async fn call(
 /// Commits a one-disk backup (`vda`, `data`) of VM `vm` with domain definition `xml`
 /// (libvirt's test driver has no disks to back up; the repository is real).
 pub async fn seed_backup(a: &Api, vm: &str, data: Vec<u8>, xml: &str) -> catalog::Manifest {
+    seed_backup_of(a, vm, "6695eb01-f6a4-8304-79aa-97f2502e193f", data, xml).await
+}
+
+/// `seed_backup` of the VM with `uuid`.
+pub async fn seed_backup_of(
+    a: &Api,
+    vm: &str,
+    uuid: &str,
+    data: Vec<u8>,
+    xml: &str,
+) -> catalog::Manifest {
     use catalog::{BackupSpec, CommitInfo, Consistency, DiskSpec, VmIdentity};
     let (repo, vm, xml) = (a.state.repo.clone(), vm.to_string(), xml.to_string());
+    let uuid = uuid.to_string();
     tokio::task::spawn_blocking(move || {
         let w = repo
             .begin_backup(BackupSpec {
-                vm: VmIdentity {
-                    name: vm,
-                    uuid: "6695eb01-f6a4-8304-79aa-97f2502e193f".into(),
-                },
+                vm: VmIdentity { name: vm, uuid },
                 disks: vec![DiskSpec {
                     target: "vda".into(),
                     size: data.len() as u64,
