@@ -256,14 +256,7 @@ impl Member {
         if let Some(err) = self.recent_failure() {
             return Err(HvError::new(HvErrorKind::Failed, err));
         }
-        let out = match tokio::time::timeout(CONNECT_TIMEOUT, connect(&self.spec.target)).await {
-            Ok(r) => r,
-            Err(_) => Err(HvError::new(
-                HvErrorKind::Failed,
-                format!("no answer within {} s", CONNECT_TIMEOUT.as_secs()),
-            )),
-        };
-        match out {
+        match within(CONNECT_TIMEOUT, connect(&self.spec.target)).await {
             Ok(h) => {
                 *self.conn.lock().expect("hv lock") = Some(h.clone());
                 self.set(HvState::Up, None, None);
@@ -311,14 +304,7 @@ impl Member {
         f: impl FnOnce(Arc<dyn Hv>) -> BoxFuture<'a, proxy::hypervisor::Result<T>>,
     ) -> proxy::hypervisor::Result<T> {
         let hv = self.hv().await?;
-        let r = match tokio::time::timeout(CALL_TIMEOUT, f(hv)).await {
-            Ok(r) => r,
-            Err(_) => Err(HvError::new(
-                HvErrorKind::Failed,
-                format!("no answer within {} s", CALL_TIMEOUT.as_secs()),
-            )),
-        };
-        match r {
+        match within(CALL_TIMEOUT, f(hv)).await {
             Err(e) if e.kind() == HvErrorKind::Failed => Err(self.lost(&e)),
             r => r,
         }
@@ -367,6 +353,19 @@ impl Member {
             max_jobs: host_limit,
         }
     }
+}
+
+/// `fut`'s answer, or a failure once `limit` has passed without one.
+async fn within<T>(
+    limit: Duration,
+    fut: impl std::future::Future<Output = proxy::hypervisor::Result<T>>,
+) -> proxy::hypervisor::Result<T> {
+    tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
+        Err(HvError::new(
+            HvErrorKind::Failed,
+            format!("no answer within {} s", limit.as_secs()),
+        ))
+    })
 }
 
 async fn connect(target: &Target) -> proxy::hypervisor::Result<Arc<dyn Hv>> {
