@@ -1,13 +1,18 @@
-//! Peak memory of GC and verify as the repository grows: they must stay flat.
+//! Peak memory of open, a whole-disk restore read, GC, verify and an incremental backup as
+//! the repository grows: all but the backup must stay flat.
 //!
 //! Fabricates a repository of N synthetic chunks (tiny payloads, so millions of them are
-//! cheap; real packs, index blocks and manifests, the catalog built by `Repository::open`),
-//! then runs `open`, `gc` and `verify --quick` each in a fresh child process and prints the
-//! child's peak RSS (`getrusage` `ru_maxrss`). Two backups share all index blocks but one,
-//! so the walks also skip visited blocks.
+//! cheap; real packs of 512 blobs each, as 32 MiB packs of 64 KiB chunks hold, index blocks
+//! and manifests; the catalog built by `Repository::open`), then runs each phase in a fresh
+//! child process and prints the child's peak RSS (`getrusage` `ru_maxrss` and `VmHWM`).
+//! Two backups share all index blocks of disk `vda` but one, so the walks also skip visited
+//! blocks. The first backup also has disk `vdr` of N chunk positions cycling over 32 real
+//! 64 KiB chunks (distinct index blocks), which the `read` phase reads whole through
+//! `DiskReader::read_at` and checks. The `backup` phase writes an incremental of `vda` on
+//! top of the first backup (one changed chunk): the writer's memory for a parent of N chunks.
 //!
 //! `cargo run --release -p catalog --example bench_memory [-- SMALL_M LARGE_M]`
-//! (millions of chunks; default 2 and 8). Scratch goes under `$TMPDIR` (default /tmp).
+//! (millions of chunks; default 1 and 4). Scratch goes under `$TMPDIR` (default /tmp).
 
 use anyhow::{bail, Context};
 use catalog::format::blob::{self, BlobHeader, BlobKind, BLOB_HEADER_LEN};
@@ -30,7 +35,7 @@ fn main() -> anyhow::Result<()> {
         return fabricate(Path::new(&args[3]), args[2].parse()?);
     }
     let sizes: Vec<f64> = match args.len() {
-        1 => vec![2.0, 8.0],
+        1 => vec![1.0, 4.0],
         3 => vec![args[1].parse()?, args[2].parse()?],
         _ => bail!("usage: bench_memory [SMALL_M LARGE_M]"),
     };
@@ -41,11 +46,11 @@ fn main() -> anyhow::Result<()> {
         let t = Instant::now();
         child(&["--fabricate", &n.to_string()], dir.path())?;
         println!("{n:>10}  fabricated in {:.1} s", t.elapsed().as_secs_f64());
-        for phase in ["open", "gc", "verify"] {
+        for phase in ["open", "read", "gc", "verify", "backup"] {
             print!("{n:>10}  {}", child(&["--measure", phase], dir.path())?);
         }
         println!(
-            "{n:>10}  (a set of every live digest, as before, holds >= {} MiB)",
+            "{n:>10}  (a set of every live digest, or a whole-disk index, holds >= {} MiB)",
             (n * 32) >> 20
         );
     }
@@ -91,6 +96,8 @@ fn measure(phase: &str, dir: &Path) -> anyhow::Result<()> {
             let r = repo.verify(VerifyMode::Quick, None)?;
             format!("chunks {} problems {}", r.chunks, r.problems.len())
         }
+        "read" => read_disk(&repo)?,
+        "backup" => incremental(&repo)?,
         _ => bail!("unknown phase {phase}"),
     };
     println!(
@@ -140,16 +147,23 @@ fn chunk_blob(i: u64) -> (ChunkDigest, Vec<u8>) {
     (digest, b)
 }
 
+/// Blobs per fabricated pack: a 32 MiB pack of 64 KiB chunks.
+const BLOBS_PER_PACK: usize = 512;
+
+/// Real chunks the `vdr` disk cycles over.
+const READ_CHUNKS: u64 = 32;
+
 struct Packer {
     backend: Arc<dyn Backend>,
     pack: PackBuilder,
-    target: u64,
+    blobs: usize,
 }
 
 impl Packer {
     fn add(&mut self, d: ChunkDigest, kind: BlobKind, b: &[u8]) -> anyhow::Result<()> {
         self.pack.add(d, kind, b);
-        if self.pack.len() as u64 >= self.target {
+        self.blobs += 1;
+        if self.blobs >= BLOBS_PER_PACK {
             self.flush()?;
         }
         Ok(())
@@ -159,6 +173,7 @@ impl Packer {
         if !self.pack.is_empty() {
             let (id, bytes, _) = std::mem::take(&mut self.pack).finish();
             self.backend.put(&id.key(), &bytes)?;
+            self.blobs = 0;
         }
         Ok(())
     }
@@ -172,7 +187,7 @@ fn fabricate(dir: &Path, n: u64) -> anyhow::Result<()> {
     let mut p = Packer {
         backend: backend(dir)?,
         pack: PackBuilder::new(),
-        target: cfg.pack_target,
+        blobs: 0,
     };
     let block_len = cfg.index_block_len as u64;
     let mut blocks = Vec::new();
@@ -190,9 +205,16 @@ fn fabricate(dir: &Path, n: u64) -> anyhow::Result<()> {
     let zeros = vec![ChunkDigest::ZERO; block_len.min(n) as usize];
     let mut second = blocks.clone();
     second[0] = index_block(&mut p, &zeros)?;
+    let read_blocks = read_disk_blocks(&mut p, &cfg, n)?;
     p.flush()?;
     for (k, b) in [blocks, second].into_iter().enumerate() {
-        let m = manifest(&cfg, n, b, k as i64);
+        let mut m = manifest(&cfg, n, b, k as i64);
+        if k == 0 {
+            let mut vdr = m.disks[0].clone();
+            vdr.target = "vdr".into();
+            vdr.index_blocks = read_blocks.clone();
+            m.disks.push(vdr);
+        }
         p.backend.put(&Manifest::key(&m.id), &m.encode()?)?;
     }
     let repo = Repository::open(backend(dir)?, opts(dir))?;
@@ -234,4 +256,119 @@ fn manifest(cfg: &RepoConfig, n: u64, blocks: Vec<ChunkDigest>, k: i64) -> Manif
         }],
         stats: BackupStats::default(),
     }
+}
+
+/// The real 64 KiB chunk `k` of the `vdr` disk.
+fn read_chunk(k: u64, cs: usize) -> Vec<u8> {
+    let mut x = (k + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (0..cs)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Store the `vdr` chunks and its index blocks: position i holds chunk i % 32, except that
+/// block b zeroes position k * 40 for every set bit k of b, so every block is distinct.
+fn read_disk_blocks(p: &mut Packer, cfg: &RepoConfig, n: u64) -> anyhow::Result<Vec<ChunkDigest>> {
+    let cs = cfg.chunk_size as usize;
+    let mut digests = Vec::new();
+    for k in 0..READ_CHUNKS {
+        let data = read_chunk(k, cs);
+        let d = ChunkDigest::of(&data);
+        p.add(
+            d,
+            BlobKind::Chunk,
+            &blob::encode(BlobKind::Chunk, d, &data, 1)?,
+        )?;
+        digests.push(d);
+    }
+    let per = cfg.index_block_len as u64;
+    let mut blocks = Vec::new();
+    for b in 0..n.div_ceil(per) {
+        let ids: Vec<ChunkDigest> = (b * per..((b + 1) * per).min(n))
+            .map(|i| {
+                let k = (i % per) as u32;
+                let zero = k.is_multiple_of(40) && k / 40 < 64 && (b >> (k / 40)) & 1 == 1;
+                if zero {
+                    ChunkDigest::ZERO
+                } else {
+                    digests[(i % READ_CHUNKS) as usize]
+                }
+            })
+            .collect();
+        blocks.push(index_block(p, &ids)?);
+    }
+    Ok(blocks)
+}
+
+/// Read the first backup's `vdr` whole in 4 MiB requests, checking the first chunk of each.
+fn read_disk(repo: &Repository) -> anyhow::Result<String> {
+    let first = repo
+        .backups(None)?
+        .into_iter()
+        .min_by_key(|b| b.started)
+        .map(|b| b.id)
+        .context("no backup")?;
+    let r = repo.open_disk(&first, "vdr")?;
+    let cs = r.chunk_size() as u64;
+    let want: Vec<Vec<u8>> = (0..READ_CHUNKS)
+        .map(|k| read_chunk(k, cs as usize))
+        .collect();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut at = 0u64;
+    let t = Instant::now();
+    while at < r.size() {
+        let len = (buf.len() as u64).min(r.size() - at) as usize;
+        r.read_at(at, &mut buf[..len])?;
+        let i = at / cs;
+        let expect = if r.is_zero(i)? {
+            &vec![0u8; cs as usize]
+        } else {
+            &want[(i % READ_CHUNKS) as usize]
+        };
+        if buf[..cs as usize] != expect[..] {
+            bail!("vdr chunk {i} reads wrong");
+        }
+        at += len as u64;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    Ok(format!(
+        "read {} GiB at {:.2} GB/s",
+        r.size() >> 30,
+        r.size() as f64 / secs / 1e9
+    ))
+}
+
+/// An incremental of `vda` on top of the first backup, one chunk changed.
+fn incremental(repo: &Repository) -> anyhow::Result<String> {
+    let first = repo
+        .backups(None)?
+        .into_iter()
+        .min_by_key(|b| b.started)
+        .map(|b| b.id)
+        .context("no backup")?;
+    let m = repo.manifest(&first)?;
+    let vda = &m.disks[0];
+    let w = repo.begin_backup(catalog::BackupSpec {
+        vm: m.vm.clone(),
+        disks: vec![catalog::DiskSpec {
+            target: vda.target.clone(),
+            size: vda.size,
+            checkpoint: None,
+        }],
+        parent: Some(first),
+        started: 1_800_000_000,
+    })?;
+    w.put_chunk(0, 1, &read_chunk(99, vda.chunk_size as usize))?;
+    let out = w.commit(catalog::CommitInfo {
+        domain_xml: "<domain/>".into(),
+        mode: BackupMode::Incremental,
+        consistency: Consistency::Crash,
+        finished: 1_800_000_001,
+    })?;
+    Ok(format!("committed {}", out.id))
 }

@@ -1,13 +1,14 @@
 //! The contract every [`Backend`] must pass, written once and run against each backend
 //! (see `tests/backend_contract.rs`). Panics with a message naming the broken rule.
 
-use super::{Backend, LockMode};
+use super::{Backend, LockMode, RangeRequest};
 use crate::error::ErrorKind;
 
 /// Run every rule against `b`, which must start empty.
 pub fn run(b: &dyn Backend) {
     put_get_overwrite(b);
     ranges(b);
+    batch_ranges(b);
     listing(b);
     deleting(b);
     bad_keys(b);
@@ -44,6 +45,59 @@ fn ranges(b: &dyn Backend) {
     );
     let e = b.get_range("r/none", 0, 1).expect_err("missing");
     assert_eq!(e.kind(), ErrorKind::NotFound);
+}
+
+fn req(key: &str, offset: u64, len: usize) -> RangeRequest {
+    RangeRequest {
+        key: key.into(),
+        offset,
+        len,
+    }
+}
+
+/// `get_ranges`: results in request order, each as `get_range` would answer, bad requests
+/// failing alone; batches longer than any queue depth and ranges of a megabyte.
+fn batch_ranges(b: &dyn Backend) {
+    let big: Vec<u8> = (0..(1u32 << 20) + 7)
+        .map(|i| (i * 7 + i / 251) as u8)
+        .collect();
+    b.put("g/big", &big).expect("put");
+    b.put("g/small", b"abcdefghij").expect("put");
+    assert!(b.get_ranges(&[]).is_empty(), "empty batch");
+    let reqs = vec![
+        req("g/small", 1, 3),
+        req("g/none", 0, 1),
+        req("g/big", 5, 1 << 20),
+        req("g/small", 8, 3),
+        req("g/small", 10, 0),
+        req("../bad", 0, 1),
+        req("g/small", 0, 10),
+    ];
+    let got = b.get_ranges(&reqs);
+    assert_eq!(got.len(), reqs.len(), "one result per request");
+    assert_eq!(got[0].as_deref().expect("first"), b"bcd");
+    assert_eq!(
+        got[1].as_ref().expect_err("missing").kind(),
+        ErrorKind::NotFound
+    );
+    assert!(
+        got[2].as_deref().expect("big") == &big[5..5 + (1 << 20)],
+        "1 MiB range"
+    );
+    assert!(got[3].is_err(), "range past the end must fail alone");
+    assert_eq!(got[4].as_deref().expect("empty"), b"");
+    assert_eq!(
+        got[5].as_ref().expect_err("bad key").kind(),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(got[6].as_deref().expect("last"), b"abcdefghij");
+    let many: Vec<RangeRequest> = (0..200u64)
+        .map(|i| req("g/big", i * 4099, 4096 + i as usize))
+        .collect();
+    for (r, g) in many.iter().zip(b.get_ranges(&many)) {
+        let want = &big[r.offset as usize..r.offset as usize + r.len];
+        assert!(g.expect("batch of 200") == want, "range at {}", r.offset);
+    }
 }
 
 fn listing(b: &dyn Backend) {

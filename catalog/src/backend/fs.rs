@@ -129,6 +129,10 @@ impl Backend for FsBackend {
         Ok(buf)
     }
 
+    fn get_ranges(&self, reqs: &[super::RangeRequest]) -> Vec<Result<Vec<u8>>> {
+        super::uring::read_ranges(&self.root, reqs, super::uring::ReadPath::Auto)
+    }
+
     fn len(&self, key: &str) -> Result<u64> {
         let p = self.path(key)?;
         fs::metadata(&p)

@@ -9,6 +9,7 @@ pub mod contract;
 pub mod fault;
 pub mod fs;
 pub mod mem;
+pub mod uring;
 
 use crate::error::{Error, Result};
 
@@ -41,6 +42,17 @@ impl LockGuard {
     }
 }
 
+/// One ranged read of a batch ([`Backend::get_ranges`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RangeRequest {
+    /// Object key.
+    pub key: String,
+    /// Byte offset in the object.
+    pub offset: u64,
+    /// Bytes to read.
+    pub len: usize,
+}
+
 /// A store of named objects. Keys are `/`-separated segments of `[A-Za-z0-9._-]`.
 pub trait Backend: Send + Sync + 'static {
     /// Store `data` under `key` atomically; durable when this returns (temp name, sync,
@@ -50,6 +62,13 @@ pub trait Backend: Send + Sync + 'static {
     fn get(&self, key: &str) -> Result<Vec<u8>>;
     /// `len` bytes at `offset`; an error if the object is shorter.
     fn get_range(&self, key: &str, offset: u64, len: usize) -> Result<Vec<u8>>;
+    /// Many ranged reads, results in request order, each as [`Backend::get_range`] would
+    /// return it. Backends that can overlap reads (io_uring in `fs`) override this.
+    fn get_ranges(&self, reqs: &[RangeRequest]) -> Vec<Result<Vec<u8>>> {
+        reqs.iter()
+            .map(|r| self.get_range(&r.key, r.offset, r.len))
+            .collect()
+    }
     /// The object's length.
     fn len(&self, key: &str) -> Result<u64>;
     /// Every key starting with `prefix`, sorted.

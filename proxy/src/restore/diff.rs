@@ -29,7 +29,8 @@ pub(crate) fn changed_chunks(new: &DiskReader, old: &DiskReader) -> Result<Bits>
             old.chunk_size()
         )));
     }
-    let (a, b) = (new.digests(), old.digests());
+    let ctx = |e| Error::catalog(format!("index of disk {}", new.manifest().target), e);
+    let (a, b) = (new.digests().map_err(ctx)?, old.digests().map_err(ctx)?);
     let mut bits = Bits::new(a.len() as u64);
     for (i, d) in a.iter().enumerate() {
         if b.get(i) != Some(d) {

@@ -1,0 +1,213 @@
+//! Restore-side read throughput: `pread` against io_uring on the same repository in the
+//! same run.
+//!
+//! Writes one backup of SIZE_MIB of incompressible data (64 KiB chunks, 32 MiB packs) into
+//! a filesystem repository under `$TMPDIR`, then
+//! 1. reads every chunk's blob straight from its pack in a shuffled order, in batches of 32
+//!    (`catalog::backend::uring::read_ranges`, `Pread` against `Auto` = io_uring here),
+//!    alternating the two paths for ROUNDS rounds, and prints each path's best and median;
+//! 2. reads the whole backup disk through `DiskReader::read_at` (4 MiB requests: fetch,
+//!    checksum, blake3 of every chunk) in child processes with and without
+//!    `SLUICE_IO_URING=off`, alternating, and prints GB/s.
+//!
+//! Packs are in the page cache (written just before; the first round warms them): this
+//! measures the syscall path, not the device.
+//!
+//! `cargo run --release -p catalog --example bench_read [-- SIZE_MIB ROUNDS]` (default 1024 5).
+
+use anyhow::{bail, Context};
+use catalog::backend::uring::{self, ReadPath};
+use catalog::backend::RangeRequest;
+use catalog::{
+    BackupMode, BackupSpec, CommitInfo, Consistency, DiskSpec, FsBackend, RepoConfig, RepoOptions,
+    Repository, VmIdentity,
+};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+const CS: usize = 64 << 10;
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--reader") {
+        return reader_child(Path::new(&args[2]));
+    }
+    let mib: usize = args.get(1).map_or(Ok(1024), |s| s.parse())?;
+    let rounds: usize = args.get(2).map_or(Ok(5), |s| s.parse())?;
+    let dir = tempfile::tempdir()?;
+    let t = Instant::now();
+    let repo = fabricate(dir.path(), mib << 20)?;
+    println!(
+        "repository: {mib} MiB of incompressible 64 KiB chunks written in {:.1} s; io_uring {}",
+        t.elapsed().as_secs_f64(),
+        if uring::enabled() {
+            "available"
+        } else {
+            "unavailable (pread only)"
+        }
+    );
+    let reqs = shuffled_requests(&repo)?;
+    let root = dir.path().join("repo");
+    let total: u64 = reqs.iter().map(|r| r.len as u64).sum();
+    run_batches(&root, &reqs, ReadPath::Pread)?; // warm the page cache
+    let (mut pread, mut auto) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        pread.push(total as f64 / run_batches(&root, &reqs, ReadPath::Pread)? / 1e9);
+        auto.push(total as f64 / run_batches(&root, &reqs, ReadPath::Auto)? / 1e9);
+    }
+    println!(
+        "raw blob reads, {} x ~64 KiB shuffled, batches of 32, {rounds} rounds:",
+        reqs.len()
+    );
+    print_row("pread", &mut pread);
+    print_row("io_uring", &mut auto);
+    let (mut rp, mut ru) = (Vec::new(), Vec::new());
+    for _ in 0..rounds.min(3) {
+        rp.push(reader_run(dir.path(), true)?);
+        ru.push(reader_run(dir.path(), false)?);
+    }
+    println!("whole disk through DiskReader::read_at (4 MiB requests), GB/s:");
+    print_row("pread", &mut rp);
+    print_row("io_uring", &mut ru);
+    Ok(())
+}
+
+fn print_row(name: &str, v: &mut [f64]) {
+    v.sort_by(f64::total_cmp);
+    let all: Vec<String> = v.iter().map(|x| format!("{x:.2}")).collect();
+    println!(
+        "  {name:<9} best {:.2} GB/s  median {:.2} GB/s  (all: {})",
+        v[v.len() - 1],
+        v[v.len() / 2],
+        all.join(" ")
+    );
+}
+
+fn opts(dir: &Path) -> RepoOptions {
+    RepoOptions::new(dir.join("catalog.sqlite"))
+}
+
+fn open(dir: &Path) -> anyhow::Result<Repository> {
+    let b = FsBackend::open(dir.join("repo"))?;
+    Ok(Repository::open(Arc::new(b), opts(dir))?)
+}
+
+/// Deterministic incompressible bytes.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn fabricate(dir: &Path, size: usize) -> anyhow::Result<Repository> {
+    let b = FsBackend::open(dir.join("repo"))?;
+    let repo = Repository::create(Arc::new(b), RepoConfig::default(), opts(dir))?;
+    let w = repo.begin_backup(BackupSpec {
+        vm: VmIdentity {
+            name: "bench".into(),
+            uuid: "00000000-0000-0000-0000-0000000000b1".into(),
+        },
+        disks: vec![DiskSpec {
+            target: "vda".into(),
+            size: size as u64,
+            checkpoint: None,
+        }],
+        parent: None,
+        started: 1_700_000_000,
+    })?;
+    let piece = 8 << 20;
+    for (k, start) in (0..size).step_by(piece).enumerate() {
+        let len = piece.min(size - start);
+        w.put_chunks_owned(0, (start / CS) as u64, noise(k as u64 + 1, len))?;
+    }
+    w.commit(CommitInfo {
+        domain_xml: "<domain/>".into(),
+        mode: BackupMode::Full,
+        consistency: Consistency::Crash,
+        finished: 1_700_000_001,
+    })?;
+    Ok(repo)
+}
+
+/// Every chunk's location in the backup, as range requests in a shuffled order.
+fn shuffled_requests(repo: &Repository) -> anyhow::Result<Vec<RangeRequest>> {
+    let id = repo.backups(None)?.first().context("no backup")?.id.clone();
+    let r = repo.open_disk(&id, "vda")?;
+    let mut reqs = Vec::new();
+    for i in 0..r.chunk_count() {
+        let d = r.digest(i)?;
+        let loc = repo
+            .with_catalog(|c| c.lookup(&d))?
+            .with_context(|| format!("chunk {i} not located"))?;
+        reqs.push(RangeRequest {
+            key: loc.pack.key(),
+            offset: loc.offset,
+            len: loc.length as usize,
+        });
+    }
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    for i in (1..reqs.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        reqs.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    Ok(reqs)
+}
+
+/// Read all `reqs` in batches of 32 by `path`; seconds taken.
+fn run_batches(root: &Path, reqs: &[RangeRequest], path: ReadPath) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    for batch in reqs.chunks(32) {
+        for r in uring::read_ranges(root, batch, path) {
+            r?;
+        }
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// Read the disk whole in a child process (so `SLUICE_IO_URING` is read fresh); GB/s.
+fn reader_run(dir: &Path, force_pread: bool) -> anyhow::Result<f64> {
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("--reader").arg(dir);
+    if force_pread {
+        cmd.env(uring::ENV, "off");
+    } else {
+        cmd.env_remove(uring::ENV);
+    }
+    let out = cmd.output()?;
+    if !out.status.success() {
+        bail!("reader child: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let s = String::from_utf8_lossy(&out.stdout);
+    let (on, gbs) = s.trim().split_once(' ').context("reader child output")?;
+    if on == "true" && force_pread {
+        bail!("{}=off did not force pread", uring::ENV);
+    }
+    Ok(gbs.parse()?)
+}
+
+fn reader_child(dir: &Path) -> anyhow::Result<()> {
+    let repo = open(dir)?;
+    let id = repo.backups(None)?.first().context("no backup")?.id.clone();
+    let r = repo.open_disk(&id, "vda")?;
+    let mut buf = vec![0u8; 4 << 20];
+    let t = Instant::now();
+    let mut at = 0;
+    while at < r.size() {
+        let len = (buf.len() as u64).min(r.size() - at) as usize;
+        r.read_at(at, &mut buf[..len])?;
+        at += len as u64;
+    }
+    let gbs = r.size() as f64 / t.elapsed().as_secs_f64() / 1e9;
+    println!("{} {gbs:.3}", uring::enabled());
+    Ok(())
+}
