@@ -4,8 +4,8 @@
 //! batched chunk reads. Memory does not grow with the disk: index blocks are loaded on
 //! demand and kept in a bounded cache instead of the whole chunk-id list (32 bytes per chunk,
 //! 512 MiB for a 1 TiB disk at 64 KiB). A range read fetches the chunks it needs in batches
-//! through [`Backend::get_ranges`](crate::backend::Backend::get_ranges), which the filesystem
-//! backend serves with io_uring where the kernel allows it. Corruption is an error naming the
+//! through [`Backend::get_ranges`](crate::backend::Backend::get_ranges) (for the filesystem
+//! backend: `pread`, or io_uring with `SLUICE_IO_URING=on`). Corruption is an error naming the
 //! chunk, backup, disk and offset; zero chunks read as zeros without touching storage.
 
 use crate::backend::RangeRequest;

@@ -9,18 +9,13 @@ fn fs_backend_passes_contract() {
     contract::run(&FsBackend::open(dir.path().join("store")).unwrap());
 }
 
-/// The contract above ran the io_uring path: it must be the one in use here, unless the
-/// host forbids io_uring and says so with `SLUICE_IO_URING=off` (`backend_pread.rs` runs
-/// the fallback in any case).
+/// Batched reads use `pread` unless asked otherwise (`backend_uring.rs` runs io_uring).
 #[test]
-fn fs_backend_batches_use_io_uring_here() {
+fn fs_backend_batches_use_pread_by_default() {
     use catalog::backend::uring;
-    let forced_off = std::env::var(uring::ENV).is_ok_and(|v| v == "off");
-    assert!(
-        uring::enabled() || forced_off,
-        "io_uring is unavailable on this host; run with {}=off to test the pread path only",
-        uring::ENV
-    );
+    if std::env::var(uring::ENV).is_err() {
+        assert!(!uring::enabled());
+    }
 }
 
 #[test]

@@ -1,11 +1,14 @@
-//! Batched ranged reads of local files: io_uring where the kernel allows it, `pread`
-//! otherwise.
+//! Batched ranged reads of local files: `pread` by default, io_uring on request.
 //!
-//! Owns the runtime probe (a ring is set up and a no-op completed once per process; many
-//! container hosts forbid io_uring with seccomp, and then every batch uses `pread`), the
-//! per-thread ring (depth [`DEPTH`]) and the read loop (short reads resubmitted, every read
-//! in flight reaped before its buffer is released). `SLUICE_IO_URING=off` forces the
-//! `pread` path so both paths can be tested and compared on one machine.
+//! Owns the read loop of [`Backend::get_ranges`](super::Backend::get_ranges) for the
+//! filesystem backend. io_uring (one ring per thread, depth [`DEPTH`], short reads
+//! resubmitted, every read in flight reaped before its buffer is released) is used only
+//! when `SLUICE_IO_URING=on` and a runtime probe passes (a ring is set up and a no-op
+//! completed once per process; many container hosts forbid io_uring with seccomp, and then
+//! `pread` is used). It is off by default because `bench_read` measured no gain on this
+//! machine (docs/benchmarks.md, "Restore reads"): page-cache hits run at the same speed
+//! either way, and cold 64 KiB reads are bound by the device at any depth. Kept, tested
+//! and benchmarked so that a machine where it helps (deep NVMe queues) can turn it on.
 
 use super::{check_range, validate_key, RangeRequest};
 use crate::error::{Error, Result};
@@ -21,7 +24,8 @@ use std::sync::OnceLock;
 /// Reads in flight per ring.
 pub const DEPTH: u32 = 32;
 
-/// Environment variable: `off` (or `0`) forces the `pread` fallback.
+/// Environment variable: `on` (or `1`) uses io_uring where the probe passes; anything
+/// else, or unset, uses `pread`.
 pub const ENV: &str = "SLUICE_IO_URING";
 
 thread_local! {
@@ -32,10 +36,22 @@ thread_local! {
 pub fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| {
-        let off = std::env::var(ENV).is_ok_and(|v| matches!(v.as_str(), "off" | "0" | "no"));
-        let on = !off && probe().is_ok();
-        tracing::debug!(io_uring = on, forced_off = off, "batched read path chosen");
+        let asked = std::env::var(ENV).is_ok_and(|v| matches!(v.as_str(), "on" | "1" | "yes"));
+        let on = asked && probe_ok();
+        tracing::debug!(io_uring = on, asked, "batched read path chosen");
         on
+    })
+}
+
+/// Whether this kernel and sandbox let a process use io_uring (probed once).
+pub fn probe_ok() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| match probe() {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::info!(error = %e, "io_uring unavailable; reads use pread");
+            false
+        }
     })
 }
 
@@ -69,10 +85,12 @@ struct Job<'a> {
 /// How a batch is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadPath {
-    /// io_uring if [`enabled`], else `pread`.
+    /// io_uring if [`enabled`], else `pread` (what the backend uses).
     Auto,
     /// `pread`, one range after another.
     Pread,
+    /// io_uring if [`probe_ok`], whatever the environment says (benchmarks).
+    Uring,
 }
 
 /// Read every range of `reqs` from files under `root` (keys as in the backend), by `path`
@@ -107,7 +125,12 @@ pub fn read_ranges(root: &Path, reqs: &[RangeRequest], path: ReadPath) -> Vec<Re
             Err(e) => out.push(Some(Err(e))),
         }
     }
-    run(&mut jobs, path == ReadPath::Auto && enabled());
+    let uring = match path {
+        ReadPath::Auto => enabled(),
+        ReadPath::Pread => false,
+        ReadPath::Uring => probe_ok(),
+    };
+    run(&mut jobs, uring);
     for (slot, j) in slots.into_iter().zip(jobs) {
         let r = &reqs[slot];
         out[slot] = Some(match j.err {
