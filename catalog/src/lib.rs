@@ -42,8 +42,8 @@
 //! references. Only excluding GC for the writer's whole life makes "a backup that began
 //! before GC and commits after is complete" hold without tracking every reused chunk.
 //!
-//! io_uring is not used: the chunk store reads and writes whole packs or single blobs with
-//! `pread`/`write`, and no benchmark here has shown a need yet.
+//! io_uring is opt-in for batched restore reads only (`SLUICE_IO_URING=on`,
+//! `backend::uring`): `bench_read` measured no gain over `pread` here (docs/benchmarks.md).
 
 pub mod backend;
 mod bloom;
