@@ -307,12 +307,7 @@ fn read_disk_blocks(p: &mut Packer, cfg: &RepoConfig, n: u64) -> anyhow::Result<
 
 /// Read the first backup's `vdr` whole in 4 MiB requests, checking the first chunk of each.
 fn read_disk(repo: &Repository) -> anyhow::Result<String> {
-    let first = repo
-        .backups(None)?
-        .into_iter()
-        .min_by_key(|b| b.started)
-        .map(|b| b.id)
-        .context("no backup")?;
+    let first = first_backup(repo)?;
     let r = repo.open_disk(&first, "vdr")?;
     let cs = r.chunk_size() as u64;
     let want: Vec<Vec<u8>> = (0..READ_CHUNKS)
@@ -345,12 +340,7 @@ fn read_disk(repo: &Repository) -> anyhow::Result<String> {
 
 /// An incremental of `vda` on top of the first backup, one chunk changed.
 fn incremental(repo: &Repository) -> anyhow::Result<String> {
-    let first = repo
-        .backups(None)?
-        .into_iter()
-        .min_by_key(|b| b.started)
-        .map(|b| b.id)
-        .context("no backup")?;
+    let first = first_backup(repo)?;
     let m = repo.manifest(&first)?;
     let vda = &m.disks[0];
     let w = repo.begin_backup(catalog::BackupSpec {
@@ -371,4 +361,13 @@ fn incremental(repo: &Repository) -> anyhow::Result<String> {
         finished: 1_800_000_001,
     })?;
     Ok(format!("committed {}", out.id))
+}
+
+/// The oldest backup (the one with disk `vdr`).
+fn first_backup(repo: &Repository) -> anyhow::Result<BackupId> {
+    repo.backups(None)?
+        .into_iter()
+        .min_by_key(|b| b.started)
+        .map(|b| b.id)
+        .context("no backup")
 }

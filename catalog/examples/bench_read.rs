@@ -26,6 +26,11 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+// The tests' deterministic data generators (`noise`).
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::noise;
+
 const CS: usize = 64 << 10;
 
 fn main() -> anyhow::Result<()> {
@@ -136,20 +141,6 @@ fn opts(dir: &Path) -> RepoOptions {
 fn open(dir: &Path) -> anyhow::Result<Repository> {
     let b = FsBackend::open(dir.join("repo"))?;
     Ok(Repository::open(Arc::new(b), opts(dir))?)
-}
-
-/// Deterministic incompressible bytes.
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 fn fabricate(dir: &Path, size: usize) -> anyhow::Result<Repository> {
