@@ -226,6 +226,35 @@ impl DiskReader {
         })
     }
 
+    /// Call `f` with every position whose digest differs from `older`'s at that position
+    /// (positions past `older`'s end count as different), in order. Index blocks with the
+    /// same id in both are skipped unread, so an incremental's diff reads only the blocks it
+    /// rewrote; memory holds two blocks at a time.
+    pub fn for_each_difference(&self, older: &DiskReader, mut f: impl FnMut(u64)) -> Result<()> {
+        let per = self.disk.index_block_len as u64;
+        let same_shape = per == older.disk.index_block_len as u64;
+        for b in 0..self.index_blocks() {
+            let (lo, hi) = (b * per, ((b + 1) * per).min(self.chunks));
+            let full_in_older = hi <= older.chunks;
+            if same_shape
+                && full_in_older
+                && older.disk.index_blocks.get(b as usize)
+                    == Some(&self.disk.index_blocks[b as usize])
+                && index::ids_in_block(b, older.chunks, per as u32) == (hi - lo) as usize
+            {
+                continue;
+            }
+            let mine = self.block(b)?;
+            for (k, d) in mine.iter().enumerate() {
+                let i = lo + k as u64;
+                if i >= older.chunks || older.digest(i)? != *d {
+                    f(i);
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn chunk_len(&self, i: u64) -> usize {
         let cs = self.disk.chunk_size as u64;
         (self.disk.size - i * cs).min(cs) as usize

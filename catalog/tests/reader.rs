@@ -99,3 +99,45 @@ fn damaged_index_block_fails_only_the_reads_it_covers() {
         );
     }
 }
+
+#[test]
+fn differences_match_a_comparison_of_whole_indexes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_b, repo, d, full) = setup(dir.path());
+    let mut d2 = d.clone();
+    for c in [3usize, 50, 100] {
+        d2[c * CS] ^= 0x5A;
+    }
+    let inc = backup(
+        &repo,
+        &[("vda", &d2)],
+        Some(&full),
+        Some(&[3, 50, 100]),
+        200,
+    )
+    .unwrap();
+    let bigger = [d2.clone(), noise(3, 20 * CS)].concat();
+    let grown = backup(&repo, &[("vda", &bigger)], None, None, 300).unwrap();
+    let open = |m: &Manifest| repo.open_disk(&m.id, "vda").unwrap();
+    for (new, old) in [
+        (&inc, &full),
+        (&full, &inc),
+        (&grown, &inc),
+        (&inc, &grown),
+        (&inc, &inc),
+    ] {
+        let (n, o) = (open(new), open(old));
+        let mut got = Vec::new();
+        n.for_each_difference(&o, |i| got.push(i)).unwrap();
+        let (a, b) = (n.digests().unwrap(), o.digests().unwrap());
+        let want: Vec<u64> = (0..a.len())
+            .filter(|&i| b.get(i) != Some(&a[i]))
+            .map(|i| i as u64)
+            .collect();
+        assert_eq!(got, want);
+    }
+    let (n, o) = (open(&inc), open(&full));
+    let mut got = Vec::new();
+    n.for_each_difference(&o, |i| got.push(i)).unwrap();
+    assert_eq!(got, vec![3, 50, 100]);
+}

@@ -30,12 +30,8 @@ pub(crate) fn changed_chunks(new: &DiskReader, old: &DiskReader) -> Result<Bits>
         )));
     }
     let ctx = |e| Error::catalog(format!("index of disk {}", new.manifest().target), e);
-    let (a, b) = (new.digests().map_err(ctx)?, old.digests().map_err(ctx)?);
-    let mut bits = Bits::new(a.len() as u64);
-    for (i, d) in a.iter().enumerate() {
-        if b.get(i) != Some(d) {
-            bits.set(i as u64, true);
-        }
-    }
+    let mut bits = Bits::new(new.chunk_count());
+    new.for_each_difference(old, |i| bits.set(i, true))
+        .map_err(ctx)?;
     Ok(bits)
 }
