@@ -223,7 +223,11 @@ fn ring_reads(ring: &mut IoUring, jobs: &mut [Job<'_>]) -> std::io::Result<()> {
             // SAFETY: the buffer belongs to `jobs`, which outlives this function, is not
             // touched until the read's completion is reaped below, and every submitted read
             // is reaped before returning (or the process aborts, see `reap_all`).
-            unsafe { ring.submission().push(&e) }.map_err(std::io::Error::other)?;
+            if unsafe { ring.submission().push(&e) }.is_err() {
+                // Queue full (cannot happen at this depth): submit what is queued first.
+                queue.push(i);
+                break;
+            }
             in_flight += 1;
         }
         if in_flight == 0 {
