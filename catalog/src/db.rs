@@ -96,6 +96,9 @@ pub struct Catalog {
     conn: Connection,
 }
 
+/// Most digests asked in one [`Catalog::known_among`] statement.
+pub const KNOWN_BATCH: usize = 64;
+
 fn e(what: &str) -> impl FnOnce(rusqlite::Error) -> Error + '_ {
     move |err| Error::db(format!("catalog: {what}"), err)
 }
@@ -183,6 +186,29 @@ impl Catalog {
             })
         })
         .transpose()
+    }
+
+    /// Which of `digests` the catalog knows, in one query (at most [`KNOWN_BATCH`] digests):
+    /// one statement per batch of chunks instead of one per chunk.
+    pub fn known_among(&self, digests: &[ChunkDigest]) -> Result<Vec<bool>> {
+        let mut found = vec![false; digests.len()];
+        for (part, out) in digests
+            .chunks(KNOWN_BATCH)
+            .zip(found.chunks_mut(KNOWN_BATCH))
+        {
+            let marks = vec!["?"; part.len()].join(",");
+            let sql = format!("SELECT digest FROM chunks WHERE digest IN ({marks})");
+            let mut st = self.conn.prepare_cached(&sql).map_err(e("lookup batch"))?;
+            let params = rusqlite::params_from_iter(part.iter().map(|d| &d.0[..]));
+            let mut rows = st.query(params).map_err(e("lookup batch"))?;
+            while let Some(r) = rows.next().map_err(e("lookup batch"))? {
+                let d: Vec<u8> = r.get(0).map_err(e("lookup batch"))?;
+                for (i, x) in part.iter().enumerate() {
+                    out[i] |= x.0[..] == d[..];
+                }
+            }
+        }
+        Ok(found)
     }
 
     /// Record a sealed pack and its blobs (first location of a digest wins).
@@ -508,4 +534,34 @@ fn insert_disks(tx: &rusqlite::Transaction<'_>, m: &Manifest) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_among_batches_and_keeps_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::open(&dir.path().join("c.sqlite")).unwrap();
+        let all: Vec<ChunkDigest> = (0..150u32)
+            .map(|i| ChunkDigest::of(&i.to_le_bytes()))
+            .collect();
+        let stored: Vec<PackEntry> = all
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 3 == 0)
+            .map(|(i, d)| PackEntry {
+                digest: *d,
+                offset: i as u64,
+                length: 1,
+                kind: BlobKind::Chunk,
+            })
+            .collect();
+        cat.insert_pack(PackId([7; 32]), 1, &stored).unwrap();
+        let found = cat.known_among(&all).unwrap();
+        let expect: Vec<bool> = (0..150).map(|i| i % 3 == 0).collect();
+        assert_eq!(found, expect);
+        assert!(cat.known_among(&[]).unwrap().is_empty());
+    }
 }

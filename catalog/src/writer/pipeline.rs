@@ -101,10 +101,12 @@ impl Pipeline {
         for _ in 0..n {
             let cat = Catalog::open(&repo.inner.opts.catalog_path)?;
             let (rx, tx, sh) = (job_rx.clone(), out_tx.clone(), shared.clone());
-            workers.push(std::thread::spawn(move || worker_loop(&sh, &cat, &rx, &tx)));
+            workers.push(spawn("sluice-hash", move || {
+                worker_loop(&sh, &cat, &rx, &tx)
+            })?);
         }
         let sh = shared.clone();
-        let store = std::thread::spawn(move || store_loop(sh, disks, out_rx));
+        let store = spawn("sluice-store", move || store_loop(sh, disks, out_rx))?;
         Ok(Pipeline {
             jobs: Some(job_tx),
             outcomes: Some(out_tx),
@@ -165,6 +167,17 @@ impl Drop for Pipeline {
     }
 }
 
+/// A named thread (names show in `perf`, `top -H` and panics).
+fn spawn<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<JoinHandle<T>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(|e| Error::io(format!("starting thread {name}"), e))
+}
+
 fn worker_loop(sh: &Shared, cat: &Catalog, rx: &Mutex<Receiver<Job>>, tx: &SyncSender<Outcome>) {
     loop {
         let job = match rx.lock().unwrap_or_else(|p| p.into_inner()).recv() {
@@ -178,11 +191,33 @@ fn worker_loop(sh: &Shared, cat: &Catalog, rx: &Mutex<Receiver<Job>>, tx: &SyncS
     }
 }
 
+/// Hash a job's chunks, keep those equal to the parent's or already known (pending packs,
+/// then one catalog query for the whole batch), and encode the rest.
 fn process(sh: &Shared, cat: &Catalog, job: &Job) -> Result<Outcome> {
     let data = &job.buf[job.start..job.end];
-    let mut items = Vec::with_capacity(data.len().div_ceil(job.chunk_size));
-    for (i, c) in data.chunks(job.chunk_size).enumerate() {
-        items.push(process_one(sh, cat, job.disk, job.index + i as u64, c)?);
+    let chunks: Vec<&[u8]> = data.chunks(job.chunk_size).collect();
+    let parent = &sh.parents[job.disk];
+    let mut items = Vec::with_capacity(chunks.len());
+    let mut ask = Vec::new();
+    for (i, c) in chunks.iter().enumerate() {
+        let index = job.index + i as u64;
+        let digest = if is_zero(c) {
+            ChunkDigest::ZERO
+        } else {
+            ChunkDigest::of(c)
+        };
+        if !digest.is_zero() && parent.get(index as usize) != Some(&digest) {
+            ask.push(i);
+        }
+        items.push(Item {
+            index,
+            digest,
+            new_blob: None,
+        });
+    }
+    for i in unknown(sh, cat, &items, ask)? {
+        let b = blob::encode_hashed(BlobKind::Chunk, items[i].digest, chunks[i], sh.level)?;
+        items[i].new_blob = Some((b, chunks[i].len() as u64));
     }
     Ok(Outcome::Set {
         disk: job.disk,
@@ -190,33 +225,25 @@ fn process(sh: &Shared, cat: &Catalog, job: &Job) -> Result<Outcome> {
     })
 }
 
-fn process_one(sh: &Shared, cat: &Catalog, disk: usize, index: u64, data: &[u8]) -> Result<Item> {
-    let item = |digest, new_blob| Item {
-        index,
-        digest,
-        new_blob,
-    };
-    if is_zero(data) {
-        return Ok(item(ChunkDigest::ZERO, None));
+/// Of the items at `ask`, those whose digest is neither pending in a pack being built nor in
+/// the catalog, nor repeated earlier in the batch.
+fn unknown(sh: &Shared, cat: &Catalog, items: &[Item], mut ask: Vec<usize>) -> Result<Vec<usize>> {
+    if ask.is_empty() {
+        return Ok(ask);
     }
-    let digest = ChunkDigest::of(data);
-    if sh.parents[disk].get(index as usize) == Some(&digest) || known(sh, cat, &digest)? {
-        return Ok(item(digest, None));
-    }
-    let b = blob::encode_hashed(BlobKind::Chunk, digest, data, sh.level)?;
-    Ok(item(digest, Some((b, data.len() as u64))))
-}
-
-fn known(sh: &Shared, cat: &Catalog, d: &ChunkDigest) -> Result<bool> {
-    if sh
-        .pending
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .contains(d)
     {
-        return Ok(true);
+        let p = sh.pending.lock().unwrap_or_else(|p| p.into_inner());
+        ask.retain(|&i| !p.contains(&items[i].digest));
     }
-    Ok(cat.lookup(d)?.is_some())
+    let digests: Vec<ChunkDigest> = ask.iter().map(|&i| items[i].digest).collect();
+    let known = cat.known_among(&digests)?;
+    let mut out: Vec<usize> = Vec::with_capacity(ask.len());
+    for (&i, k) in ask.iter().zip(known) {
+        if !k && !out.iter().any(|&j| items[j].digest == items[i].digest) {
+            out.push(i);
+        }
+    }
+    Ok(out)
 }
 
 /// Whether `d` is all zero bytes (vectorises: OR-folds 256-byte runs).
@@ -235,12 +262,27 @@ pub(crate) fn is_zero(d: &[u8]) -> bool {
 fn store_loop(sh: Arc<Shared>, disks: Vec<DiskIndex>, rx: Receiver<Outcome>) -> StoreState {
     let (seal_tx, seal_rx) = sync_channel::<PackBuilder>(1);
     let sealer_sh = sh.clone();
-    let sealer = std::thread::spawn(move || -> Result<()> {
-        for p in seal_rx {
-            seal(&sealer_sh.repo, &sealer_sh.pending, p)?;
+    let sealer = std::thread::Builder::new()
+        .name("sluice-seal".into())
+        .spawn(move || -> Result<()> {
+            for p in seal_rx {
+                seal(&sealer_sh.repo, &sealer_sh.pending, p)?;
+            }
+            Ok(())
+        });
+    let sealer = match sealer {
+        Ok(s) => s,
+        Err(e) => {
+            let mut st = StoreState {
+                disks,
+                pack: PackBuilder::new(),
+                stats: BackupStats::default(),
+                error: None,
+            };
+            record_failure(&sh, &mut st, Error::io("starting pack sealer thread", e));
+            return st;
         }
-        Ok(())
-    });
+    };
     let mut st = StoreState {
         disks,
         pack: new_pack(&sh),
@@ -292,9 +334,13 @@ fn apply(
             Some((b, raw)) => add_blob(sh, st, it.digest, b, raw, seal_tx)?,
             None => st.stats.chunks_dedup += 1,
         }
+        // A position that keeps the digest it had (the parent's) leaves its index block
+        // as the parent wrote it.
         let d = &mut st.disks[disk];
-        d.ids[it.index as usize] = it.digest;
-        d.dirty_blocks[(it.index / d.block_len) as usize] = true;
+        if d.ids[it.index as usize] != it.digest {
+            d.ids[it.index as usize] = it.digest;
+            d.dirty_blocks[(it.index / d.block_len) as usize] = true;
+        }
     }
     Ok(())
 }
