@@ -246,12 +246,20 @@ impl Repository {
 
     /// Store a finished pack durably, then record it in the catalog.
     pub(crate) fn seal_pack(&self, b: PackBuilder) -> Result<(PackId, Vec<PackEntry>)> {
+        self.seal_pack_keep(b).map(|(id, entries, _)| (id, entries))
+    }
+
+    /// [`Repository::seal_pack`], handing back the pack's buffer for the next pack.
+    pub(crate) fn seal_pack_keep(
+        &self,
+        b: PackBuilder,
+    ) -> Result<(PackId, Vec<PackEntry>, Vec<u8>)> {
         let (id, bytes, entries) = b.finish();
         self.inner.backend.put(&id.key(), &bytes)?;
         self.catalog()
             .insert_pack(id, bytes.len() as u64, &entries)?;
         tracing::debug!(pack = %id, blobs = entries.len(), "pack sealed");
-        Ok((id, entries))
+        Ok((id, entries, bytes))
     }
 
     /// Read a pack's trailer (entries) without reading its blobs.

@@ -261,12 +261,17 @@ pub(crate) fn is_zero(d: &[u8]) -> bool {
 /// writing and syncing a pack overlaps with ingesting the next.
 fn store_loop(sh: Arc<Shared>, disks: Vec<DiskIndex>, rx: Receiver<Outcome>) -> StoreState {
     let (seal_tx, seal_rx) = sync_channel::<PackBuilder>(1);
+    let (spare_tx, spare_rx) = sync_channel::<Vec<u8>>(2);
     let sealer_sh = sh.clone();
     let sealer = std::thread::Builder::new()
         .name("sluice-seal".into())
         .spawn(move || -> Result<()> {
             for p in seal_rx {
-                seal(&sealer_sh.repo, &sealer_sh.pending, p)?;
+                let buf = seal(&sealer_sh.repo, &sealer_sh.pending, p)?;
+                // Hand the buffer back for a later pack; drop it if two are waiting.
+                if buf.capacity() > 0 {
+                    let _ = spare_tx.try_send(buf);
+                }
             }
             Ok(())
         });
@@ -293,7 +298,7 @@ fn store_loop(sh: Arc<Shared>, disks: Vec<DiskIndex>, rx: Receiver<Outcome>) -> 
         if st.error.is_some() {
             continue;
         }
-        if let Err(e) = apply(&sh, &mut st, o, &seal_tx) {
+        if let Err(e) = apply(&sh, &mut st, o, &seal_tx, &spare_rx) {
             record_failure(&sh, &mut st, e);
         }
     }
@@ -322,6 +327,7 @@ fn apply(
     st: &mut StoreState,
     o: Outcome,
     seal_tx: &SyncSender<PackBuilder>,
+    spare_rx: &Receiver<Vec<u8>>,
 ) -> Result<()> {
     let (disk, items) = match o {
         Outcome::Failed(e) => return Err(e),
@@ -331,7 +337,7 @@ fn apply(
         st.stats.chunks_written += 1;
         match it.new_blob {
             _ if it.digest.is_zero() => st.stats.chunks_zero += 1,
-            Some((b, raw)) => add_blob(sh, st, it.digest, b, raw, seal_tx)?,
+            Some((b, raw)) => add_blob(sh, st, it.digest, b, raw, (seal_tx, spare_rx))?,
             None => st.stats.chunks_dedup += 1,
         }
         // A position that keeps the digest it had (the parent's) leaves its index block
@@ -357,7 +363,7 @@ fn add_blob(
     digest: ChunkDigest,
     b: Vec<u8>,
     raw: u64,
-    seal_tx: &SyncSender<PackBuilder>,
+    (seal_tx, spare_rx): (&SyncSender<PackBuilder>, &Receiver<Vec<u8>>),
 ) -> Result<()> {
     if !sh
         .pending
@@ -373,7 +379,11 @@ fn add_blob(
     st.stats.bytes_stored += b.len() as u64;
     st.pack.add(digest, BlobKind::Chunk, &b);
     if st.pack.len() as u64 >= sh.repo.config().pack_target {
-        let full = std::mem::replace(&mut st.pack, new_pack(sh));
+        let next = match spare_rx.try_recv() {
+            Ok(buf) => PackBuilder::reuse(buf),
+            Err(_) => new_pack(sh),
+        };
+        let full = std::mem::replace(&mut st.pack, next);
         seal_tx
             .send(full)
             .map_err(|_| Error::new(crate::ErrorKind::Io, "pack sealer stopped"))?;
@@ -382,26 +392,27 @@ fn add_blob(
 }
 
 /// Seal `pack`, then drop its digests from `pending` (they are in the catalog now).
+/// Returns the pack's buffer for reuse.
 pub(crate) fn seal(
     repo: &Repository,
     pending: &Mutex<HashSet<ChunkDigest>>,
     pack: PackBuilder,
-) -> Result<()> {
+) -> Result<Vec<u8>> {
     if pack.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
-    let (_, entries) = repo.seal_pack(pack)?;
+    let (_, entries, buf) = repo.seal_pack_keep(pack)?;
     let mut p = pending.lock().unwrap_or_else(|p| p.into_inner());
     for e in entries {
         p.remove(&e.digest);
     }
-    Ok(())
+    Ok(buf)
 }
 
 impl Pipeline {
     /// Seal the open pack of a finished pipeline's state.
     pub fn seal_rest(repo: &Repository, pack: PackBuilder) -> Result<()> {
-        seal(repo, &Mutex::new(HashSet::new()), pack)
+        seal(repo, &Mutex::new(HashSet::new()), pack).map(drop)
     }
 }
 
