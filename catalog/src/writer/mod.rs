@@ -97,18 +97,9 @@ impl Repository {
         for d in &spec.disks {
             let (plan, ids) = self.plan_disk(d, parent.as_ref())?;
             let block_len = self.config().index_block_len as u64;
-            let mut own = ids.clone();
-            let extra = (plan.chunks as usize).saturating_sub(own.len());
-            own.try_reserve_exact(extra).map_err(|_| {
-                Error::invalid(format!("disk {} index does not fit in memory", d.target))
-            })?;
-            own.resize(plan.chunks as usize, ChunkDigest::ZERO);
-            disks.push(DiskIndex {
-                dirty_blocks: vec![false; own.len().div_ceil(block_len as usize)],
-                ids: own,
-                block_len,
-            });
-            parents.push(Arc::new(ids));
+            let ids = Arc::new(ids);
+            disks.push(DiskIndex::new(ids.clone(), plan.chunks, block_len));
+            parents.push(ids);
             plans.push(plan);
         }
         let pipeline = Pipeline::start(self, parents, disks)?;
@@ -382,13 +373,16 @@ impl BackupWriter {
         let mut written = std::collections::HashSet::new();
         for (plan, di) in self.plans.iter().zip(&st.disks) {
             let mut blocks = Vec::new();
-            for (b, ids) in di.ids.chunks(di.block_len as usize).enumerate() {
-                let reuse = plan.parent_blocks.as_ref().filter(|_| !di.dirty_blocks[b]);
+            for b in 0..di.block_count() {
+                let reuse = plan.parent_blocks.as_ref().filter(|_| !di.is_dirty(b));
                 match reuse {
                     Some(pb) => blocks.push(pb[b]),
-                    None => {
-                        blocks.push(self.index_block(ids, &mut pack, &mut written, &mut meta)?)
-                    }
+                    None => blocks.push(self.index_block(
+                        &di.block(b),
+                        &mut pack,
+                        &mut written,
+                        &mut meta,
+                    )?),
                 }
             }
             out.push(self.disk_manifest(plan, blocks));

@@ -45,11 +45,84 @@ pub(crate) enum Outcome {
     Failed(Error),
 }
 
-/// Per-disk chunk ids being built, and which index blocks changed.
+/// A disk's chunk ids, shared between threads.
+pub(crate) type IdsArc = Arc<Vec<ChunkDigest>>;
+
+/// Per-disk chunk ids being built. The parent's ids are shared with the workers, and an
+/// index block is copied out of them only when one of its positions changes, so an
+/// incremental holds the parent's index once plus the blocks it changes (a full backup
+/// without a parent ends up holding every block: 32 B per chunk).
 pub(crate) struct DiskIndex {
-    pub ids: Vec<ChunkDigest>,
-    pub dirty_blocks: Vec<bool>,
-    pub block_len: u64,
+    parent: IdsArc,
+    /// Changed blocks, copied out of the parent; `None` = as the parent has it.
+    blocks: Vec<Option<Box<[ChunkDigest]>>>,
+    block_len: u64,
+    chunks: u64,
+}
+
+impl DiskIndex {
+    /// `chunks` positions in blocks of `block_len`, each keeping the parent's id (zero
+    /// past the parent's end).
+    pub fn new(parent: Arc<Vec<ChunkDigest>>, chunks: u64, block_len: u64) -> Self {
+        let n = chunks.div_ceil(block_len) as usize;
+        DiskIndex {
+            parent,
+            blocks: (0..n).map(|_| None).collect(),
+            block_len,
+            chunks,
+        }
+    }
+
+    /// Number of index blocks.
+    pub fn block_count(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Whether block `b` differs from the parent's.
+    pub fn is_dirty(&self, b: usize) -> bool {
+        self.blocks[b].is_some()
+    }
+
+    /// The ids of block `b` as they stand.
+    pub fn block(&self, b: usize) -> std::borrow::Cow<'_, [ChunkDigest]> {
+        match &self.blocks[b] {
+            Some(ids) => std::borrow::Cow::Borrowed(ids),
+            None => std::borrow::Cow::Owned(self.parent_block(b)),
+        }
+    }
+
+    fn parent_block(&self, b: usize) -> Vec<ChunkDigest> {
+        let start = b as u64 * self.block_len;
+        let end = (start + self.block_len).min(self.chunks);
+        (start..end)
+            .map(|i| {
+                self.parent
+                    .get(i as usize)
+                    .copied()
+                    .unwrap_or(ChunkDigest::ZERO)
+            })
+            .collect()
+    }
+
+    /// Set position `i` (in range); a block is copied out only if the id changes.
+    fn set(&mut self, i: u64, digest: ChunkDigest) {
+        let (b, k) = ((i / self.block_len) as usize, (i % self.block_len) as usize);
+        if self.blocks[b].is_none() {
+            if self
+                .parent
+                .get(i as usize)
+                .copied()
+                .unwrap_or(ChunkDigest::ZERO)
+                == digest
+            {
+                return;
+            }
+            self.blocks[b] = Some(self.parent_block(b).into_boxed_slice());
+        }
+        if let Some(ids) = self.blocks[b].as_mut() {
+            ids[k] = digest;
+        }
+    }
 }
 
 /// Everything the store thread hands back at the end.
@@ -80,7 +153,7 @@ pub(crate) struct Pipeline {
 
 impl Pipeline {
     /// Start workers and the store thread. `parents[d]` are the parent's ids for disk `d`
-    /// (empty if none); `disks` start as copies of them.
+    /// (empty if none); `disks` start as views of them.
     pub fn start(
         repo: &Repository,
         parents: Vec<Arc<Vec<ChunkDigest>>>,
@@ -340,13 +413,9 @@ fn apply(
             Some((b, raw)) => add_blob(sh, st, it.digest, b, raw, (seal_tx, spare_rx))?,
             None => st.stats.chunks_dedup += 1,
         }
-        // A position that keeps the digest it had (the parent's) leaves its index block
-        // as the parent wrote it.
-        let d = &mut st.disks[disk];
-        if d.ids[it.index as usize] != it.digest {
-            d.ids[it.index as usize] = it.digest;
-            d.dirty_blocks[(it.index / d.block_len) as usize] = true;
-        }
+        // A position that keeps the parent's digest leaves its index block as the parent
+        // wrote it.
+        st.disks[disk].set(it.index, it.digest);
     }
     Ok(())
 }
@@ -418,6 +487,37 @@ impl Pipeline {
 
 #[cfg(test)]
 mod tests {
+    use super::{DiskIndex, IdsArc};
+    use crate::ids::ChunkDigest;
+
+    fn d(i: u8) -> ChunkDigest {
+        ChunkDigest::of(&[i])
+    }
+
+    #[test]
+    fn disk_index_copies_only_changed_blocks() {
+        let parent: IdsArc = std::sync::Arc::new((0..10).map(d).collect());
+        // Shrunk to 7 positions in blocks of 3: the last block is short.
+        let mut x = DiskIndex::new(parent.clone(), 7, 3);
+        assert_eq!(x.block_count(), 3);
+        x.set(1, d(1));
+        assert!(!x.is_dirty(0), "same id as the parent");
+        x.set(6, d(99));
+        assert!(x.is_dirty(2) && !x.is_dirty(1));
+        assert_eq!(&*x.block(2), &[d(99)]);
+        assert_eq!(&*x.block(1), &[d(3), d(4), d(5)]);
+        // Grown to 12: positions past the parent's end are zero.
+        let mut y = DiskIndex::new(parent, 12, 4);
+        assert_eq!(
+            &*y.block(2),
+            &[d(8), d(9), ChunkDigest::ZERO, ChunkDigest::ZERO]
+        );
+        y.set(11, ChunkDigest::ZERO);
+        assert!(!y.is_dirty(2));
+        y.set(11, d(7));
+        assert_eq!(&*y.block(2), &[d(8), d(9), ChunkDigest::ZERO, d(7)]);
+    }
+
     #[test]
     fn zero_detection() {
         let mut v = vec![0u8; 65536 + 7];
