@@ -182,8 +182,9 @@ impl Daemon {
         let code = out.status.code().unwrap_or(-1);
         if code != 0 {
             eprintln!(
-                "sluice {args:?} -> {code}: {}",
-                String::from_utf8_lossy(&out.stderr)
+                "sluice {args:?} -> {code}: {}{}",
+                String::from_utf8_lossy(&out.stderr),
+                text
             );
         }
         Ok((code, v))

@@ -639,12 +639,23 @@ impl Hypervisor for LibvirtHypervisor {
                 let doms = c
                     .list_all_domains(0)
                     .map_err(virt_err("listing vms".into()))?;
-                doms.iter()
-                    .map(|d| {
-                        let name = d.name().map_err(virt_err("vm name".into()))?;
-                        describe(d, &name)
-                    })
-                    .collect()
+                // A domain undefined between the listing and its description (another
+                // client deleting a VM) is left out, not a failure of the whole list.
+                let mut out = Vec::with_capacity(doms.len());
+                for d in &doms {
+                    let described = d
+                        .name()
+                        .map_err(virt_err("vm name".into()))
+                        .and_then(|name| describe(d, &name));
+                    match described {
+                        Ok(info) => out.push(info),
+                        Err(e) if e.kind() == ErrorKind::NotFound => {
+                            tracing::debug!(error = %e, "vm vanished while listing");
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(out)
             })
             .await
     }
