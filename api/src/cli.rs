@@ -1,21 +1,37 @@
 //! The CLI verbs: each is one or a few API calls, printed as a table or, with `--json`, as
 //! the API's JSON. Exit codes: 0 ok, 1 error, 3 refused (401/403), 4 not found, 5 job failed.
+//!
+//! Verbs that name a VM take `--hypervisor NAME` (sent as `?hypervisor=`, or as a restore's
+//! `hypervisor`); where the API has no such filter (backup lists, prune) the CLI resolves the
+//! VM on that hypervisor to its uuid first. A name on several hypervisors without it is
+//! refused by the daemon (409 `ambiguous_vm`), and the CLI's message names the `--hypervisor`
+//! values that pick one. `vm list` names unreachable hypervisors on stderr, not in its table,
+//! and still exits 0.
+
+use std::collections::HashSet;
 
 use anyhow::Context;
 use clap::Subcommand;
 use serde_json::{json, Value};
 
-use crate::client::{Client, ClientError};
+use crate::cli_ops::print;
+use crate::client::{encode, Client, ClientError};
 
 /// Client verbs.
 #[derive(Subcommand, Debug)]
 pub enum Verb {
-    /// VMs the hypervisor sees.
+    /// VMs the hypervisors see.
     Vm {
         #[command(subcommand)]
         cmd: VmCmd,
     },
-    /// Back up a VM (`backup VM [--full] [--wait]`), or `backup list [VM]` / `backup show ID`.
+    /// The cluster's hypervisors: `hypervisor list`.
+    Hypervisor {
+        #[command(subcommand)]
+        cmd: HypervisorCmd,
+    },
+    /// Back up a VM (`backup VM [--full] [--wait] [--hypervisor NAME]`), or
+    /// `backup list [VM] [--hypervisor NAME]` / `backup show ID`.
     Backup {
         /// VM name, or `list` / `show`.
         target: String,
@@ -27,6 +43,10 @@ pub enum Verb {
         /// Wait for the job to end, with a progress bar.
         #[arg(long)]
         wait: bool,
+        /// The VM's hypervisor (needed when its name is on several). With `list`: only the
+        /// backups of that hypervisor's VM (or, without a VM, of the VMs it has now).
+        #[arg(long, value_name = "NAME")]
+        hypervisor: Option<String>,
     },
     /// Verify the repository (or one backup).
     Verify {
@@ -37,8 +57,12 @@ pub enum Verb {
     },
     /// Apply a retention policy.
     Prune {
+        /// Only this VM's backups (a name, or a uuid).
         #[arg(long)]
         vm: Option<String>,
+        /// The hypervisor whose VM --vm names (pruned by that VM's uuid).
+        #[arg(long, value_name = "NAME", requires = "vm")]
+        hypervisor: Option<String>,
         #[arg(long, default_value_t = 0)]
         keep_last: u32,
         #[arg(long, default_value_t = 0)]
@@ -95,6 +119,10 @@ pub enum Verb {
         /// Confirm that --onto-vm overwrites the VM's disks.
         #[arg(long)]
         confirm: bool,
+        /// The libvirt hypervisor of --as-domain / --onto-vm (default: the one with the
+        /// backed-up VM, else the only libvirt one).
+        #[arg(long, value_name = "NAME", conflicts_with = "to")]
+        hypervisor: Option<String>,
         /// Return once the job is queued.
         #[arg(long)]
         no_wait: bool,
@@ -119,7 +147,17 @@ pub enum Verb {
 
 #[derive(Subcommand, Debug)]
 pub enum VmCmd {
-    /// List VMs with their last backup.
+    /// List VMs with their hypervisor and last backup.
+    List {
+        /// Only the VMs of this hypervisor (only it is asked).
+        #[arg(long, value_name = "NAME")]
+        hypervisor: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HypervisorCmd {
+    /// Every configured hypervisor, asked now: address, host, state, last error.
     List,
 }
 
@@ -164,35 +202,41 @@ pub async fn run(c: &Client, verb: Verb, as_json: bool) -> i32 {
 }
 
 async fn dispatch(c: &Client, verb: Verb, as_json: bool) -> anyhow::Result<i32> {
-    let out = |v: &Value, table: &dyn Fn(&Value)| {
-        if as_json {
-            println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
-        } else {
-            table(v)
-        }
-    };
+    let out = |v: &Value, table: &dyn Fn(&Value)| print(v, as_json, table);
     match verb {
-        Verb::Vm { cmd: VmCmd::List } => out(&c.call("GET", "/vms", None).await?, &vm_table),
+        Verb::Vm {
+            cmd: VmCmd::List { hypervisor },
+        } => vm_list(c, hypervisor.as_deref(), as_json).await?,
+        Verb::Hypervisor {
+            cmd: HypervisorCmd::List,
+        } => out(
+            &c.call("GET", "/hypervisors", None).await?,
+            &hypervisor_table,
+        ),
         Verb::Backup {
             target,
             arg,
             full,
             wait,
-        } => match (target.as_str(), arg) {
-            ("list", vm) => {
-                let q = vm.map(|v| format!("?vm={v}")).unwrap_or_default();
-                out(
-                    &c.call("GET", &format!("/backups{q}"), None).await?,
-                    &backup_table,
-                )
+            hypervisor,
+        } => {
+            let hv = hypervisor.as_deref();
+            match (target.as_str(), arg) {
+                ("list", vm) => out(&backup_list(c, vm.as_deref(), hv).await?, &backup_table),
+                ("show", _) if hv.is_some() => {
+                    anyhow::bail!(
+                        "--hypervisor does not apply to `backup show` (a backup id names its VM)"
+                    )
+                }
+                ("show", Some(id)) => out(
+                    &c.call("GET", &format!("/backups/{}", encode(&id)), None)
+                        .await?,
+                    &pretty,
+                ),
+                ("show", None) => anyhow::bail!("usage: sluice backup show ID"),
+                (vm, _) => return backup(c, vm, hv, full, wait, as_json).await,
             }
-            ("show", Some(id)) => out(
-                &c.call("GET", &format!("/backups/{id}"), None).await?,
-                &pretty,
-            ),
-            ("show", None) => anyhow::bail!("usage: sluice backup show ID"),
-            (vm, _) => return backup(c, vm, full, wait, as_json).await,
-        },
+        }
         Verb::Verify { id, full } => {
             let body = json!({ "backups": id.into_iter().collect::<Vec<_>>(), "full": full });
             let v = c.call("POST", "/verify", Some(body)).await?;
@@ -203,15 +247,16 @@ async fn dispatch(c: &Client, verb: Verb, as_json: bool) -> anyhow::Result<i32> 
         }
         Verb::Prune {
             vm,
+            hypervisor,
             keep_last,
             keep_daily,
             keep_weekly,
             keep_monthly,
             dry_run,
         } => {
-            let body = json!({ "vm": vm, "keep_last": keep_last, "keep_daily": keep_daily,
+            let keep = json!({ "keep_last": keep_last, "keep_daily": keep_daily,
                 "keep_weekly": keep_weekly, "keep_monthly": keep_monthly, "dry_run": dry_run });
-            out(&c.call("POST", "/prune", Some(body)).await?, &pretty)
+            out(&prune(c, vm, hypervisor, keep).await?, &pretty)
         }
         Verb::Gc { dry_run } => out(
             &c.call("POST", "/gc", Some(json!({ "dry_run": dry_run })))
@@ -226,7 +271,8 @@ async fn dispatch(c: &Client, verb: Verb, as_json: bool) -> anyhow::Result<i32> 
         } => match (target.as_str(), arg) {
             ("list", _) => out(&c.call("GET", "/exports", None).await?, &pretty),
             ("close", Some(n)) => {
-                c.call("DELETE", &format!("/exports/{n}"), None).await?;
+                c.call("DELETE", &format!("/exports/{}", encode(&n)), None)
+                    .await?;
                 println!("export {n} closed");
             }
             ("close", None) => anyhow::bail!("usage: sluice export close N"),
@@ -245,12 +291,17 @@ async fn dispatch(c: &Client, verb: Verb, as_json: bool) -> anyhow::Result<i32> 
             as_domain,
             onto_vm,
             confirm,
+            hypervisor,
             no_wait,
         } => {
             let to = to.map(std::path::absolute).transpose()?;
             let body = json!({ "backup": id, "to": to, "format": format, "disk": disk,
-                "overwrite": force, "as_domain": as_domain, "onto_vm": onto_vm, "confirm": confirm });
-            let job = c.call("POST", "/restores", Some(body)).await?;
+                "overwrite": force, "as_domain": as_domain, "onto_vm": onto_vm,
+                "confirm": confirm, "hypervisor": hypervisor });
+            let job = c
+                .call("POST", "/restores", Some(body))
+                .await
+                .map_err(restore_hint)?;
             let jid = job["id"].as_u64().context("job id in the answer")?;
             if no_wait {
                 out(&job, &|_| println!("job {jid} queued: restore of {id}"));
@@ -269,58 +320,255 @@ async fn dispatch(c: &Client, verb: Verb, as_json: bool) -> anyhow::Result<i32> 
             ),
         },
         Verb::Policy { cmd } => return crate::cli_ops::policy(c, cmd, as_json).await,
-        Verb::Token { cmd } => match cmd {
-            TokenCmd::Create { name, role, vms } => {
-                let v = c
-                    .call(
-                        "POST",
-                        "/tokens",
-                        Some(json!({ "name": name, "role": role, "vms": vms })),
-                    )
-                    .await?;
-                out(&v, &|v| {
-                    println!(
-                        "{}\n(shown once: store it now; id {})",
-                        s(&v["token"]),
-                        s(&v["id"])
-                    )
-                })
-            }
-            TokenCmd::List => out(&c.call("GET", "/tokens", None).await?, &pretty),
-            TokenCmd::Revoke { id } => {
-                c.call("DELETE", &format!("/tokens/{id}"), None).await?;
-                println!("token {id} revoked");
-            }
-        },
+        Verb::Token { cmd } => token(c, cmd, as_json).await?,
     }
     Ok(0)
+}
+
+async fn token(c: &Client, cmd: TokenCmd, as_json: bool) -> anyhow::Result<()> {
+    match cmd {
+        TokenCmd::Create { name, role, vms } => {
+            let body = json!({ "name": name, "role": role, "vms": vms });
+            let v = c.call("POST", "/tokens", Some(body)).await?;
+            print(&v, as_json, |v| {
+                println!(
+                    "{}\n(shown once: store it now; id {})",
+                    s(&v["token"]),
+                    s(&v["id"])
+                )
+            })
+        }
+        TokenCmd::List => print(&c.call("GET", "/tokens", None).await?, as_json, pretty),
+        TokenCmd::Revoke { id } => {
+            c.call("DELETE", &format!("/tokens/{}", encode(&id)), None)
+                .await?;
+            println!("token {id} revoked");
+        }
+    }
+    Ok(())
+}
+
+/// `?hypervisor=NAME`, or nothing.
+fn on_hv(hv: Option<&str>) -> String {
+    hv.map(|h| format!("?hypervisor={}", encode(h)))
+        .unwrap_or_default()
+}
+
+/// `vm list`: the table (or JSON) on stdout, each unreachable hypervisor as a note on stderr.
+async fn vm_list(c: &Client, hv: Option<&str>, as_json: bool) -> anyhow::Result<()> {
+    let v = c.call("GET", &format!("/vms{}", on_hv(hv)), None).await?;
+    print(&v, as_json, vm_table);
+    for u in rows(&v["unreachable"]) {
+        eprintln!(
+            "note: the VMs of hypervisor {} are not listed: {}",
+            s(&u["hypervisor"]),
+            s(&u["error"])
+        );
+    }
+    Ok(())
 }
 
 async fn backup(
     c: &Client,
     vm: &str,
+    hv: Option<&str>,
     full: bool,
     wait: bool,
     as_json: bool,
 ) -> anyhow::Result<i32> {
     let mode = if full { "full" } else { "auto" };
-    let job = c
-        .call(
-            "POST",
-            &format!("/vms/{vm}/backups"),
-            Some(json!({ "mode": mode })),
-        )
-        .await?;
+    let path = format!("/vms/{}/backups{}", encode(vm), on_hv(hv));
+    let job = match c.call("POST", &path, Some(json!({ "mode": mode }))).await {
+        Ok(job) => job,
+        Err(e) => return Err(explain_ambiguous(c, vm, e, false).await),
+    };
     let id = job["id"].as_u64().context("job id in the answer")?;
     if !wait {
         if as_json {
             println!("{job}");
         } else {
-            println!("job {id} queued: backup of {vm} ({mode})");
+            let on = job["hypervisor"].as_str().unwrap_or("?");
+            println!("job {id} queued: backup of {vm} on {on} ({mode})");
         }
         return Ok(0);
     }
     crate::cli_ops::wait_job(c, id, &format!("backup {vm}"), as_json).await
+}
+
+/// The uuid of VM `vm` on hypervisor `hv` (what the backup list and prune filter by).
+async fn vm_uuid(c: &Client, vm: &str, hv: &str) -> anyhow::Result<String> {
+    let path = format!("/vms/{}?hypervisor={}", encode(vm), encode(hv));
+    let v = c.call("GET", &path, None).await.map_err(|e| {
+        match e.downcast::<ClientError>() {
+            Ok(mut ce) if ce.status == 404 => {
+                ce.message.push_str(
+                    " (a VM gone from its hypervisor: name it by its uuid, which `sluice backup list NAME` shows)",
+                );
+                ce.into()
+            }
+            Ok(ce) => ce.into(),
+            Err(e) => e,
+        }
+    })?;
+    Ok(v["uuid"]
+        .as_str()
+        .context("uuid in the VM's answer")?
+        .to_string())
+}
+
+/// `backup list [VM] [--hypervisor NAME]`: the API's list, filtered by uuid for a hypervisor.
+async fn backup_list(c: &Client, vm: Option<&str>, hv: Option<&str>) -> anyhow::Result<Value> {
+    match (vm, hv) {
+        (None, None) => c.call("GET", "/backups", None).await,
+        (Some(vm), None) => {
+            let v = c
+                .call("GET", &format!("/backups?vm={}", encode(vm)), None)
+                .await?;
+            let uuids = distinct_uuids(&v);
+            if uuids.len() > 1 {
+                eprintln!(
+                    "note: {} VMs named {vm} have backups (uuids {}): --hypervisor NAME or `backup list UUID` lists one",
+                    uuids.len(),
+                    uuids.join(", ")
+                );
+            }
+            Ok(v)
+        }
+        (Some(vm), Some(hv)) => {
+            let uuid = vm_uuid(c, vm, hv).await?;
+            c.call("GET", &format!("/backups?vm={}", encode(&uuid)), None)
+                .await
+        }
+        (None, Some(hv)) => {
+            let v = c
+                .call("GET", &format!("/vms?hypervisor={}", encode(hv)), None)
+                .await?;
+            if let Some(u) = rows(&v["unreachable"]).first() {
+                anyhow::bail!(
+                    "hypervisor {hv} is unreachable, so which backups are of its VMs is unknown: {}",
+                    s(&u["error"])
+                );
+            }
+            let uuids: HashSet<&str> = rows(&v["vms"])
+                .iter()
+                .filter_map(|r| r["uuid"].as_str())
+                .collect();
+            let all = c.call("GET", "/backups", None).await?;
+            let of_hv = rows(&all)
+                .iter()
+                .filter(|b| b["vm_uuid"].as_str().is_some_and(|u| uuids.contains(u)))
+                .cloned();
+            Ok(Value::Array(of_hv.collect()))
+        }
+    }
+}
+
+/// The VM uuids of a backup list, in first-seen order.
+fn distinct_uuids(list: &Value) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for u in rows(list).iter().filter_map(|b| b["vm_uuid"].as_str()) {
+        if !out.iter().any(|o| o == u) {
+            out.push(u.to_string());
+        }
+    }
+    out
+}
+
+/// `prune`: with `--hypervisor`, `--vm` is sent as the uuid of that hypervisor's VM.
+async fn prune(
+    c: &Client,
+    vm: Option<String>,
+    hv: Option<String>,
+    mut body: Value,
+) -> anyhow::Result<Value> {
+    let sent = match (&vm, &hv) {
+        (Some(vm), Some(hv)) => Some(vm_uuid(c, vm, hv).await?),
+        _ => vm.clone(),
+    };
+    body["vm"] = json!(sent);
+    match c.call("POST", "/prune", Some(body)).await {
+        Ok(v) => Ok(v),
+        Err(e) => Err(explain_ambiguous(c, vm.as_deref().unwrap_or(""), e, true).await),
+    }
+}
+
+/// An `ambiguous_vm` refusal reworded for the CLI: the `--hypervisor` values that pick one
+/// (the hypervisors with a VM of that name now) and, for prune, the uuids `--vm` takes.
+/// Other errors pass unchanged; the status (409, exit code 1) is kept.
+async fn explain_ambiguous(c: &Client, vm: &str, e: anyhow::Error, prune: bool) -> anyhow::Error {
+    let ce = match e.downcast::<ClientError>() {
+        Ok(ce) if ce.code == "ambiguous_vm" => ce,
+        Ok(ce) => return ce.into(),
+        Err(e) => return e,
+    };
+    let on = hypervisors_having(c, vm).await;
+    let message = if prune {
+        let uuids = match c
+            .call("GET", &format!("/backups?vm={}", encode(vm)), None)
+            .await
+        {
+            Ok(list) => distinct_uuids(&list),
+            Err(_) => Vec::new(),
+        };
+        let mut m = if uuids.len() > 1 {
+            format!(
+                "vm {vm} names {} backed-up VMs: pass --vm UUID, one of: {}",
+                uuids.len(),
+                uuids.join(", ")
+            )
+        } else {
+            format!("{}: pass --vm UUID", ce.message)
+        };
+        if !on.is_empty() {
+            m.push_str(&format!(
+                "; or --hypervisor NAME for the VM of that name there now, one of: {}",
+                on.join(", ")
+            ));
+        }
+        m
+    } else if on.len() > 1 {
+        format!(
+            "vm {vm} is on several hypervisors: pass --hypervisor NAME, one of: {}",
+            on.join(", ")
+        )
+    } else {
+        format!(
+            "{}: pass --hypervisor NAME (`sluice vm list` shows which has it)",
+            ce.message
+        )
+    };
+    ClientError { message, ..ce }.into()
+}
+
+/// The hypervisors that list a VM named `vm` now, in configuration order (none if the list
+/// cannot be had).
+async fn hypervisors_having(c: &Client, vm: &str) -> Vec<String> {
+    let Ok(list) = c.call("GET", "/vms", None).await else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = Vec::new();
+    for r in rows(&list["vms"]).iter().filter(|r| r["name"] == vm) {
+        let h = s(&r["hypervisor"]);
+        if !out.contains(&h) {
+            out.push(h);
+        }
+    }
+    out
+}
+
+/// A restore refused for want of a hypervisor: the API says `"hypervisor"`, the CLI
+/// `--hypervisor`.
+fn restore_hint(e: anyhow::Error) -> anyhow::Error {
+    match e.downcast::<ClientError>() {
+        Ok(mut ce) if ce.status == 400 && ce.message.contains("\"hypervisor\"") => {
+            ce.message.push_str(
+                " (with the CLI: --hypervisor NAME; `sluice hypervisor list` names them)",
+            );
+            ce.into()
+        }
+        Ok(ce) => ce.into(),
+        Err(e) => e,
+    }
 }
 
 fn verify_lines(v: &Value) {
@@ -385,17 +633,43 @@ fn rows(v: &Value) -> &[Value] {
 
 fn vm_table(v: &Value) {
     println!(
-        "{:<24} {:<9} {:>5} {:<28}",
-        "NAME", "STATE", "DISKS", "LAST BACKUP"
+        "{:<24} {:<16} {:<9} {:>5} {:<28}",
+        "NAME", "HYPERVISOR", "STATE", "DISKS", "LAST BACKUP"
     );
     for r in rows(v.get("vms").unwrap_or(v)) {
         let disks = r["disks"].as_array().map_or(0, |d| d.len());
         println!(
-            "{:<24} {:<9} {:>5} {:<28}",
+            "{:<24} {:<16} {:<9} {:>5} {:<28}",
             s(&r["name"]),
+            s(&r["hypervisor"]),
             s(&r["state"]),
             disks,
             s(&r["last_backup"]["id"])
+        );
+    }
+}
+
+fn hypervisor_table(v: &Value) {
+    println!(
+        "{:<16} {:<7} {:<40} {:<20} {:<11} {:>4} LAST ERROR",
+        "NAME", "KIND", "URI/SOCKET", "HOST", "STATE", "VMS"
+    );
+    for h in rows(v) {
+        let (name, error) = (s(&h["name"]), s(&h["error"]));
+        let address = s(if h["uri"].is_string() {
+            &h["uri"]
+        } else {
+            &h["socket"]
+        });
+        // The row already names the hypervisor, its address and state.
+        let said = format!("hypervisor {name} ({address}) is unreachable: ");
+        println!(
+            "{name:<16} {:<7} {address:<40} {:<20} {:<11} {:>4} {}",
+            s(&h["kind"]),
+            s(&h["host"]),
+            s(&h["state"]),
+            s(&h["vms"]),
+            error.strip_prefix(&said).unwrap_or(&error)
         );
     }
 }

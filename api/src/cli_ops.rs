@@ -104,7 +104,8 @@ async fn apply(
     Ok(0)
 }
 
-fn print(v: &Value, as_json: bool, table: impl Fn(&Value)) {
+/// `v` as pretty JSON with `--json`, else through `table`.
+pub(crate) fn print(v: &Value, as_json: bool, table: impl Fn(&Value)) {
     if as_json {
         println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
     } else {

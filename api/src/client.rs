@@ -137,6 +137,20 @@ impl Client {
     }
 }
 
+/// `s` percent-encoded for one URL path segment or query value: every byte but RFC 3986's
+/// unreserved characters (VM names may hold spaces, `?`, `#`, `&` or `%`).
+pub fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 fn api_error(status: u16, json: &serde_json::Value) -> ClientError {
     ClientError {
         status,
@@ -293,7 +307,14 @@ impl ServerCertVerifier for Pinned {
 
 #[cfg(test)]
 mod tests {
-    use super::{take_event, SseEvent};
+    use super::{encode, take_event, SseEvent};
+
+    #[test]
+    fn names_are_percent_encoded_for_paths_and_queries() {
+        assert_eq!(encode("web-1.prod_x~"), "web-1.prod_x~");
+        assert_eq!(encode("a b?c#d&e%f/"), "a%20b%3Fc%23d%26e%25f%2F");
+        assert_eq!(encode("é"), "%C3%A9");
+    }
 
     #[test]
     fn event_blocks_are_split_and_comments_skipped() {

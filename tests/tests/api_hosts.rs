@@ -1,12 +1,13 @@
 //! One `sluice serve` in front of several hypervisors at once: a booted libvirt test VM
 //! (`qemu:///system`, the config's top-level `libvirt_uri`, hypervisor `default`), a plain
 //! QEMU reached by its QMP socket (hypervisor `plain`) and a libvirt host that does not exist
-//! (`gone`). The daemon starts although `gone` is down, lists the VMs of both others while
-//! naming `gone` unreachable, backs up one VM on each, and each backup restored to qcow2
-//! equals its disk.
+//! (`gone`). The daemon starts although `gone` is down; through the CLI only, `hypervisor
+//! list` shows the three with their states, `vm list` lists the VMs of both others and notes
+//! `gone` unreachable on stderr (exit 0), one VM on each is backed up (one of them named with
+//! `--hypervisor`, which a VM of another hypervisor does not pass), and each backup restored
+//! to qcow2 equals its disk.
 
 use std::path::Path;
-use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
@@ -18,33 +19,63 @@ use testbed::{Model, TestVm, VmSpec};
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 32 * MIB;
 
-/// `GET /api/v1/hypervisors` (the CLI has no verb for it), over the daemon's TLS, pinned to its
-/// own certificate.
-fn hypervisors(d: &Daemon) -> Result<Value> {
-    let out = Command::new("curl")
-        .args(["-sS", "--fail-with-body", "--cacert"])
-        .arg(d.data.join("tls-cert.pem"))
-        .arg("-H")
-        .arg(format!("Authorization: Bearer {}", d.token))
-        .arg(format!(
-            "{}/api/v1/hypervisors",
-            d.url.replace("127.0.0.1", "localhost")
-        ))
-        .output()
-        .context("running curl (make deps)")?;
-    ensure!(
-        out.status.success(),
-        "curl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(serde_json::from_slice(&out.stdout)?)
-}
-
-/// Backs up `vm` in full with `--wait`; returns the job.
-fn backup(d: &Daemon, vm: &str) -> Result<Value> {
-    let job = d.ok(&["backup", vm, "--full", "--wait"])?;
+/// Backs up `vm` in full with `--wait` (and `extra` arguments); returns the job.
+fn backup(d: &Daemon, vm: &str, extra: &[&str]) -> Result<Value> {
+    let args = [&["backup", vm, "--full", "--wait"][..], extra].concat();
+    let job = d.ok(&args)?;
     ensure!(job["state"] == "succeeded", "backup of {vm}: {job}");
     Ok(job)
+}
+
+/// `sluice ARGS` as a user runs it (tables, no `--json`): exit code, stdout, stderr.
+fn human(d: &Daemon, args: &[&str]) -> Result<(i32, String, String)> {
+    let out = d.command(args)?.output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    ))
+}
+
+/// `hypervisor list` as JSON and as a table: the three hypervisors with kind and state.
+fn check_hypervisor_list(d: &Daemon, qmp_socket: &str) -> Result<()> {
+    let hvs = d.ok(&["hypervisor", "list"])?;
+    let state = |name: &str| {
+        hvs.as_array()
+            .and_then(|a| a.iter().find(|h| h["name"] == name))
+            .map(|h| (h["kind"].clone(), h["state"].clone()))
+    };
+    ensure!(
+        state("default") == Some(("libvirt".into(), "up".into())),
+        "{hvs}"
+    );
+    ensure!(state("plain") == Some(("qmp".into(), "up".into())), "{hvs}");
+    ensure!(
+        state("gone") == Some(("libvirt".into(), "unreachable".into())),
+        "{hvs}"
+    );
+    let (code, table, _) = human(d, &["hypervisor", "list"])?;
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    ensure!(code == 0 && rows.len() == 3, "hypervisor list: {table}");
+    ensure!(
+        rows[0][..5] == ["default", "libvirt", "qemu:///system", "localhost", "up"]
+            && rows[1][..5] == ["plain", "qmp", qmp_socket, "localhost", "up"]
+            && rows[2][..5]
+                == [
+                    "gone",
+                    "libvirt",
+                    "qemu+ssh://nonexistent.invalid/system",
+                    "nonexistent.invalid",
+                    "unreachable"
+                ]
+            && rows[2].len() > 7,
+        "hypervisor list table: {table}"
+    );
+    Ok(())
 }
 
 /// Restores backup `id` to `DATA/restores/NAME.qcow2` and compares it with the raw `want`.
@@ -94,25 +125,33 @@ fn one_daemon_backs_up_a_libvirt_vm_and_a_qmp_qemu_while_a_third_host_is_down() 
             && list["unreachable"].as_array().map(Vec::len) == Some(1),
         "vm list must name gone unreachable: {list}"
     );
-    let hvs = hypervisors(&d)?;
-    let state = |name: &str| {
-        hvs.as_array()
-            .and_then(|a| a.iter().find(|h| h["name"] == name))
-            .map(|h| (h["kind"].clone(), h["state"].clone()))
-    };
+    let (code, table, notes) = human(&d, &["vm", "list"])?;
     ensure!(
-        state("default") == Some(("libvirt".into(), "up".into())),
-        "{hvs}"
+        code == 0
+            && table.lines().next().unwrap_or("").contains("HYPERVISOR")
+            && table
+                .lines()
+                .any(|l| l.starts_with("plainvm ") && l.contains(" plain "))
+            && !table.contains("gone"),
+        "vm list table: {table}"
     );
-    ensure!(state("plain") == Some(("qmp".into(), "up".into())), "{hvs}");
     ensure!(
-        state("gone") == Some(("libvirt".into(), "unreachable".into())),
-        "{hvs}"
+        notes.starts_with("note: the VMs of hypervisor gone are not listed: ")
+            && notes.lines().count() == 1,
+        "vm list stderr: {notes}"
     );
+    let sock = qemu.dir().join("qmp.sock");
+    check_hypervisor_list(&d, sock.to_str().context("socket path")?)?;
 
-    let lv = backup(&d, vm.name())?;
+    // The libvirt VM named on its hypervisor; not found on the QMP one (exit 4, no job).
+    let (code, _, err) = human(&d, &["backup", vm.name(), "--hypervisor", "plain"])?;
+    ensure!(
+        code == 4 && err.contains("not found on hypervisor plain"),
+        "backup on the wrong hypervisor: {code} {err}"
+    );
+    let lv = backup(&d, vm.name(), &["--hypervisor", "default"])?;
     ensure!(lv["hypervisor"] == "default", "{lv}");
-    let qm = backup(&d, "plainvm")?;
+    let qm = backup(&d, "plainvm", &[])?;
     ensure!(
         qm["hypervisor"] == "plain" && qm["host"] == "localhost",
         "{qm}"
@@ -131,6 +170,19 @@ fn one_daemon_backs_up_a_libvirt_vm_and_a_qmp_qemu_while_a_third_host_is_down() 
     let qm_raw = dir.path().join("qmp.raw");
     std::fs::write(&qm_raw, &want)?;
     restore_equals(&d, qm["backup_id"].as_str().context("id")?, "qmp", &qm_raw)?;
+    let listed = d.ok(&["backup", "list", "--hypervisor", "plain"])?;
+    ensure!(
+        listed.as_array().map(Vec::len) == Some(1) && listed[0]["id"] == qm["backup_id"],
+        "backup list --hypervisor plain: {listed}"
+    );
+    let jobs = d.ok(&["job", "list"])?;
+    let backups = jobs
+        .as_array()
+        .map_or(0, |a| a.iter().filter(|j| j["kind"] == "backup").count());
+    ensure!(
+        backups == 2,
+        "two backup jobs, none from the refused one: {jobs}"
+    );
     let verify = d.ok(&["verify", "--full"])?;
     ensure!(
         verify["ok"] == true && verify["backups"] == 2,

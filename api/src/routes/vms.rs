@@ -1,5 +1,6 @@
-//! VM routes: list what the cluster's hypervisors see, with each VM's hypervisor and last
-//! backup (naming the hypervisors that could not be asked); show one; trigger a backup.
+//! VM routes: list what the cluster's hypervisors (or one of them) see, with each VM's
+//! hypervisor and last backup (naming the hypervisors that could not be asked); show one;
+//! trigger a backup.
 //!
 //! A VM name is resolved by [`crate::hv::Hypervisors::locate`]: `?hypervisor=NAME` picks
 //! the hypervisor, and a name present on several hypervisors without it is a 409.
@@ -64,6 +65,7 @@ pub struct VmList {
 
 /// Which hypervisor a VM name means (needed only when it is on several).
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct HvQuery {
     /// Hypervisor name (see `GET /api/v1/hypervisors`).
@@ -144,12 +146,26 @@ async fn last_backups(st: &SharedState) -> ApiResult<HashMap<String, BackupRow>>
 }
 
 /// Every VM of every reachable hypervisor; the others are named in `unreachable`.
-#[utoipa::path(get, path = "/api/v1/vms", tag = "vms",
-    responses((status = 200, body = VmList), (status = 401, body = crate::error::ErrorBody)),
+///
+/// With `?hypervisor=NAME` only that hypervisor is asked (404 for a name not configured).
+#[utoipa::path(get, path = "/api/v1/vms", tag = "vms", params(HvQuery),
+    responses((status = 200, body = VmList), (status = 401, body = crate::error::ErrorBody),
+        (status = 404, description = "no hypervisor of that name", body = crate::error::ErrorBody)),
     security(("bearer" = [])))]
-pub async fn list(State(st): State<SharedState>, caller: Caller) -> ApiResult<Json<VmList>> {
+pub async fn list(
+    State(st): State<SharedState>,
+    caller: Caller,
+    q: QueryResult,
+) -> ApiResult<Json<VmList>> {
     caller.allow(Action::Read, None)?;
-    let listings = st.hypervisors.list_all().await;
+    let listings = match hv_query(q)? {
+        Some(name) => {
+            let m = st.hypervisors.named(&name)?.clone();
+            let r = m.list().await;
+            vec![(m, r)]
+        }
+        None => st.hypervisors.list_all().await,
+    };
     let last = last_backups(&st).await?;
     let mut out = VmList {
         vms: Vec::new(),
