@@ -400,7 +400,7 @@ async fn vm_uuid(c: &Client, vm: &str, hv: &str) -> anyhow::Result<String> {
     let path = format!("/vms/{}?hypervisor={}", encode(vm), encode(hv));
     let v = c.call("GET", &path, None).await.map_err(|e| {
         match e.downcast::<ClientError>() {
-            Ok(mut ce) if ce.status == 404 => {
+            Ok(mut ce) if ce.status == 404 && ce.message.starts_with(&format!("vm {vm} ")) => {
                 ce.message.push_str(
                     " (a VM gone from its hypervisor: name it by its uuid, which `sluice backup list NAME` shows)",
                 );

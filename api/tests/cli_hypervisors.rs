@@ -313,6 +313,24 @@ async fn a_vm_on_two_hypervisors_is_backed_up_listed_and_pruned_with_hypervisor(
     let r = cli.ok(&["backup", "list", "--hypervisor", "a"]).await;
     assert_eq!(r.rows().len(), 2, "{r:?}");
     assert!(r.rows().iter().all(|row| row[1] == "test"), "{r:?}");
+    let r = cli
+        .run(&["backup", "list", "web", "--hypervisor", "a"])
+        .await;
+    assert_eq!(r.code, 4, "{r:?}");
+    assert!(
+        r.stderr.contains(
+            "vm web not found on hypervisor a (a VM gone from its hypervisor: name it by its uuid"
+        ),
+        "{r:?}"
+    );
+    let r = cli
+        .run(&["backup", "list", "test", "--hypervisor", "zz"])
+        .await;
+    assert_eq!(r.code, 4, "{r:?}");
+    assert!(
+        r.stderr.contains("no hypervisor \"zz\"") && !r.stderr.contains("uuid"),
+        "{r:?}"
+    );
     let r = cli.run(&["backup", "list", "--hypervisor", "gone"]).await;
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stderr.contains("hypervisor gone is unreachable"), "{r:?}");
