@@ -7,7 +7,7 @@
 //! one member, and a failed connection is retried at most every [`RETRY_AFTER`].
 //! Which hypervisor a VM name means is decided here ([`Hypervisors::locate`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,13 @@ pub trait Hv: Send + Sync {
     fn list(&self) -> BoxFuture<'_, proxy::hypervisor::Result<Vec<DomainInfo>>>;
     /// One VM.
     fn domain<'a>(&'a self, vm: &'a str) -> BoxFuture<'a, proxy::hypervisor::Result<DomainInfo>>;
+    /// Ends the backup job an earlier daemon left on `vm` whose socket lies in `job_dir`, and
+    /// removes that directory (`proxy::job::end_stale_backup_in`); the socket, if one ended.
+    fn end_stale_backup<'a>(
+        &'a self,
+        vm: &'a str,
+        job_dir: &'a Path,
+    ) -> BoxFuture<'a, proxy::job::Result<Option<PathBuf>>>;
     /// Runs one backup job.
     fn backup(
         self: Arc<Self>,
@@ -60,6 +67,14 @@ impl<H: Hypervisor + 'static> Hv for H {
 
     fn domain<'a>(&'a self, vm: &'a str) -> BoxFuture<'a, proxy::hypervisor::Result<DomainInfo>> {
         Box::pin(Hypervisor::domain(self, vm))
+    }
+
+    fn end_stale_backup<'a>(
+        &'a self,
+        vm: &'a str,
+        job_dir: &'a Path,
+    ) -> BoxFuture<'a, proxy::job::Result<Option<PathBuf>>> {
+        Box::pin(proxy::job::end_stale_backup_in(self, vm, job_dir))
     }
 
     fn backup(
@@ -324,6 +339,25 @@ impl Member {
         let vm = vm.to_string();
         self.call(|hv| Box::pin(async move { hv.domain(&vm).await }))
             .await
+    }
+
+    /// Ends the backup job an earlier daemon left on `vm` in `job_dir` (see
+    /// [`Hv::end_stale_backup`]), within [`CALL_TIMEOUT`]; the error names the hypervisor.
+    pub async fn end_stale_backup(
+        &self,
+        vm: &str,
+        job_dir: &Path,
+    ) -> Result<Option<PathBuf>, String> {
+        let hv = self.hv().await.map_err(|e| e.to_string())?;
+        let call = hv.end_stale_backup(vm, job_dir);
+        match tokio::time::timeout(CALL_TIMEOUT, call).await {
+            Ok(r) => r.map_err(|e| format!("hypervisor {}: {e}", self.name())),
+            Err(_) => Err(format!(
+                "hypervisor {}: no answer within {} s",
+                self.name(),
+                CALL_TIMEOUT.as_secs()
+            )),
+        }
     }
 
     /// Its libvirt URI or QMP socket.

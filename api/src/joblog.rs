@@ -3,6 +3,9 @@
 //!
 //! On open, a job whose last line is not final was queued or running when the daemon died
 //! (a SIGTERM ends every job first): it is shown as failed, "interrupted: daemon restarted".
+//! The ones that were running are remembered ([`JobLog::interrupted`]): what they left on
+//! the hypervisor and on disk is cleaned up by the daemon's start (`crate::serve`), which
+//! appends the outcome to their message.
 //!
 //! Durability: each line is written with one `write` and made durable (`fdatasync`) before
 //! `record` returns, so a job's state survives a power loss once reported. A torn or
@@ -37,6 +40,8 @@ pub struct JobLog {
     path: PathBuf,
     /// Jobs kept by a compaction ([`KEEP`] unless a test asks for fewer).
     keep: usize,
+    /// Jobs that were running when the daemon died, found on open.
+    interrupted: Vec<u64>,
     inner: Mutex<Inner>,
 }
 
@@ -59,14 +64,16 @@ impl JobLog {
     /// [`JobLog::open`] keeping `keep` jobs (compacting at `4 × keep` lines).
     fn open_keeping(path: &Path, keep: usize) -> std::io::Result<(JobLog, BTreeMap<u64, JobInfo>)> {
         let mut jobs = read(path)?;
+        let mut interrupted = Vec::new();
         for j in jobs.values_mut().filter(|j| !j.state.is_final()) {
+            let was = if j.state == JobState::Queued {
+                "queued"
+            } else {
+                interrupted.push(j.id);
+                "running"
+            };
             j.message = Some(format!(
-                "interrupted: daemon restarted while the job was {}",
-                if j.state == JobState::Queued {
-                    "queued"
-                } else {
-                    "running"
-                }
+                "interrupted: daemon restarted while the job was {was}"
             ));
             j.state = JobState::Failed;
             j.finished = Some(now());
@@ -81,6 +88,7 @@ impl JobLog {
         let log = JobLog {
             path: path.to_path_buf(),
             keep,
+            interrupted,
             inner: Mutex::new(inner),
         };
         Ok((log, jobs))
@@ -113,6 +121,11 @@ impl JobLog {
         inner.file = rewrite(&self.path, inner.jobs.values())?;
         inner.lines = inner.jobs.len();
         Ok(())
+    }
+
+    /// Ids of the jobs that were running when the daemon died (found by this open).
+    pub fn interrupted(&self) -> &[u64] {
+        &self.interrupted
     }
 
     /// Lines in the file now.
@@ -236,12 +249,36 @@ mod tests {
         );
         let msg = jobs[&2].message.clone().unwrap_or_default();
         assert!(msg.contains("daemon restarted"), "{msg}");
+        assert_eq!(log.interrupted(), [2], "job 2 was running");
         // The reopened file is whole again: new lines append cleanly.
         log.record(&job(3, JobState::Succeeded));
         drop(log);
         let (_, jobs) = JobLog::open(&path).unwrap();
         assert_eq!(jobs.keys().copied().collect::<Vec<_>>(), [1, 2, 3]);
         assert_eq!(jobs[&3].state, JobState::Succeeded);
+    }
+
+    #[test]
+    fn only_jobs_that_were_running_are_interrupted_work_to_clean() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.jsonl");
+        let (log, _) = JobLog::open(&path).unwrap();
+        log.record(&job(1, JobState::Queued));
+        log.record(&job(2, JobState::Running));
+        log.record(&job(3, JobState::Running));
+        log.record(&job(3, JobState::Failed));
+        drop(log);
+        let (log, jobs) = JobLog::open(&path).unwrap();
+        assert_eq!(log.interrupted(), [2]);
+        let queued = jobs[&1].message.clone().unwrap_or_default();
+        assert!(queued.ends_with("while the job was queued"), "{queued}");
+        assert_eq!(jobs[&1].state, JobState::Failed);
+        drop(log);
+        let (log, _) = JobLog::open(&path).unwrap();
+        assert!(
+            log.interrupted().is_empty(),
+            "reported once, not at every start"
+        );
     }
 
     #[test]

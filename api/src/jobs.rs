@@ -367,6 +367,34 @@ impl Jobs {
         &self.limits
     }
 
+    /// The jobs that were running when the previous daemon died (read back from the history
+    /// at open), for the start-up cleanup.
+    pub fn interrupted(&self) -> Vec<JobInfo> {
+        let ids = self
+            .log
+            .as_ref()
+            .map(JobLog::interrupted)
+            .unwrap_or_default();
+        let entries = self.entries.lock().expect("jobs lock");
+        ids.iter()
+            .filter_map(|id| entries.get(id).map(|e| e.info.clone()))
+            .collect()
+    }
+
+    /// Appends `note` to the message of job `id`, which has ended, and records it (what the
+    /// start-up cleanup did for a job the restart interrupted).
+    pub fn amend(&self, id: u64, note: &str) {
+        let mut entries = self.entries.lock().expect("jobs lock");
+        let Some(e) = entries.get_mut(&id).filter(|e| e.info.state.is_final()) else {
+            return;
+        };
+        let msg = e.info.message.take().unwrap_or_default();
+        e.info.message = Some(format!("{msg}; {note}"));
+        self.persist(&e.info);
+        drop(entries);
+        self.changed.notify_waiters();
+    }
+
     /// Adds `note` to the message job `id` ends with (e.g. what its retention removed).
     pub fn annotate(&self, id: u64, note: &str) {
         if let Some(e) = self.entries.lock().expect("jobs lock").get_mut(&id) {

@@ -2,10 +2,13 @@
 //! one that is down does not stop the daemon), writes the first admin token,
 //! makes or loads the TLS certificate, serves the API, and on SIGTERM/SIGINT cancels running
 //! jobs and waits for them to release their resources before exiting.
+//!
+//! After a crash (`kill -9`, power loss) the start also cleans up, in the background, after
+//! the jobs the dead daemon was running (see [`clean_up_after_restart`]).
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
@@ -21,6 +24,7 @@ use crate::audit::AuditLog;
 use crate::auth::{Role, TokenStore};
 use crate::config::Config;
 use crate::hv::Hypervisors;
+use crate::jobs::JobInfo;
 use crate::routes::exports::Exports;
 use crate::state::AppState;
 use proxy::nbd::{Server, ServerOptions, ServerTls};
@@ -41,6 +45,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     first_admin_token(&tokens, &cfg.data_dir)?;
     let work = cfg.data_dir.join("work");
     std::fs::create_dir_all(&work)?;
+    let left = Leftovers::list(&work);
     let audit = AuditLog::open(&cfg.data_dir.join("audit.log")).context("opening audit.log")?;
     let state = AppState::new(repo, hypervisors, tokens, work, cfg.max_jobs).with_audit(audit);
     let state = state.with_restore_dirs(restore_dirs(&cfg)?);
@@ -63,6 +68,7 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         .with_read_limit(cfg.read_limit);
     let state = Arc::new(state);
     announce_hypervisors(&state);
+    tokio::spawn(clean_up_after_restart(state.clone(), left));
     let stop_scheduler = tokio_util::sync::CancellationToken::new();
     tokio::spawn(crate::scheduler::run(state.clone(), stop_scheduler.clone()));
     let app = crate::routes::app(state.clone());
@@ -97,6 +103,220 @@ fn announce_hypervisors(state: &Arc<AppState>) {
     tokio::spawn(async move {
         probe.hypervisors.list_all().await;
     });
+}
+
+/// What an earlier run left in the work directory, listed before any job of this run starts
+/// (so nothing a new job makes is taken for a leftover).
+#[derive(Debug, Default)]
+struct Leftovers {
+    /// `WORK/job-sluice-…`: backup job directories (NBD socket, scratch images).
+    job_dirs: Vec<PathBuf>,
+    /// `WORK/restore-ID`: sockets of restores onto a VM, by job id.
+    restore_dirs: Vec<(u64, PathBuf)>,
+    /// `WORK/overlays/*`: overlays of writable exports (exports do not survive a restart).
+    overlays: Vec<PathBuf>,
+}
+
+impl Leftovers {
+    fn list(work: &Path) -> Leftovers {
+        let mut left = Leftovers::default();
+        for e in std::fs::read_dir(work).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let restore = name.strip_prefix("restore-").and_then(|n| n.parse().ok());
+            if proxy::job::is_job_dir_name(&name) {
+                left.job_dirs.push(e.path());
+            } else if let Some(id) = restore {
+                left.restore_dirs.push((id, e.path()));
+            }
+        }
+        let overlays = std::fs::read_dir(work.join("overlays"))
+            .into_iter()
+            .flatten();
+        left.overlays = overlays.flatten().map(|e| e.path()).collect();
+        left
+    }
+}
+
+/// Cleans up after the jobs the previous daemon was running when it died, in the background
+/// (the start never waits for a hypervisor). For each such job, what was done is appended to
+/// its message (`…; cleaned up: …`) and logged:
+/// - a backup: the backup job it left on its hypervisor (libvirt's pull-mode job and NBD
+///   export) is ended and its job directory removed. A hypervisor that does not answer is
+///   left alone, with its job directory: the next backup of that VM ends the job first.
+/// - a restore: its staging directory beside the target (partial files) and its socket
+///   directory are removed.
+///
+/// Then job directories no interrupted job claimed (unless a hypervisor did not answer),
+/// restore socket directories and export overlays of the earlier run are removed.
+async fn clean_up_after_restart(st: Arc<AppState>, left: Leftovers) {
+    let mut dirs = left.job_dirs;
+    let mut failed = false;
+    for job in st.jobs.interrupted() {
+        let outcome = match job.kind.as_str() {
+            "backup" => end_backup(&st, &job, &mut dirs).await,
+            "restore" => Ok(clean_restore(&st, &job, &left.restore_dirs)),
+            _ => continue,
+        };
+        let note = match outcome {
+            Ok(note) => {
+                tracing::info!(job = job.id, vm = %job.vm, "after the restart: {note}");
+                note
+            }
+            Err(note) => {
+                tracing::warn!(job = job.id, vm = %job.vm, "after the restart: {note}");
+                failed = true;
+                note
+            }
+        };
+        st.jobs.amend(job.id, &note);
+    }
+    let mut removed = 0;
+    if failed {
+        for d in &dirs {
+            tracing::warn!(dir = %d.display(), "job directory kept: a hypervisor did not answer");
+        }
+    } else {
+        removed += remove_all(dirs.iter());
+    }
+    removed += remove_all(left.restore_dirs.iter().map(|(_, d)| d));
+    removed += remove_all(left.overlays.iter());
+    if removed > 0 {
+        tracing::info!(
+            removed,
+            "after the restart: removed what no job claimed (job, restore and overlay files)"
+        );
+    }
+}
+
+/// Removes each path (a directory with its contents, or a file) that still exists; counts them.
+fn remove_all<'a>(paths: impl Iterator<Item = &'a PathBuf>) -> usize {
+    let mut n = 0;
+    for p in paths {
+        let r = if p.is_dir() {
+            std::fs::remove_dir_all(p)
+        } else {
+            std::fs::remove_file(p)
+        };
+        match r {
+            Ok(()) => {
+                tracing::info!(path = %p.display(), "removed a leftover of the earlier run");
+                n += 1;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(path = %p.display(), "removing a leftover: {e}"),
+        }
+    }
+    n
+}
+
+/// Ends the backup job a dead daemon's backup `job` left on its hypervisor, trying the job
+/// directories that daemon left (only a job whose socket is in one of them is ended); the
+/// directory it used is removed and taken out of `dirs`. The note for the job's message;
+/// `Err`: nothing could be cleaned.
+async fn end_backup(
+    st: &AppState,
+    job: &JobInfo,
+    dirs: &mut Vec<PathBuf>,
+) -> Result<String, String> {
+    let Some(m) = job
+        .hypervisor
+        .as_deref()
+        .and_then(|n| st.hypervisors.get(n))
+    else {
+        return Err(format!(
+            "not cleaned up: hypervisor {} is not configured; the next backup of vm {} ends its job",
+            job.hypervisor.as_deref().unwrap_or("(none recorded)"),
+            job.vm
+        ));
+    };
+    let what = if m.is_libvirt() {
+        "libvirt backup job"
+    } else {
+        "qemu backup export"
+    };
+    for i in 0..dirs.len() {
+        match m.end_stale_backup(&job.vm, &dirs[i]).await {
+            Ok(Some(_)) => {
+                let dir = dirs.remove(i);
+                return Ok(format!(
+                    "cleaned up: {what} ended on hypervisor {}, job directory {} removed",
+                    m.name(),
+                    dir.display()
+                ));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                return Err(format!(
+                    "not cleaned up: {e}; the next backup of vm {} ends its job",
+                    job.vm
+                ))
+            }
+        }
+    }
+    Ok(format!(
+        "cleaned up: no {what} of it was left on hypervisor {}",
+        m.name()
+    ))
+}
+
+/// Prefix of a restore's staging directory beside its target, `.sluice-restore-PID-JOB`
+/// (made by `routes::restores`).
+const STAGING: &str = ".sluice-restore-";
+
+/// Removes what a dead daemon's restore `job` left: its staging directory (partial files) in
+/// the restore directories and its socket directory under the work directory. The note for
+/// the job's message.
+fn clean_restore(st: &AppState, job: &JobInfo, work_dirs: &[(u64, PathBuf)]) -> String {
+    let mut gone: Vec<PathBuf> = Vec::new();
+    let staging = st
+        .restore_dirs
+        .iter()
+        .flat_map(|d| stale_staging(d, job.id));
+    let own = work_dirs.iter().filter(|(id, _)| *id == job.id);
+    for d in staging.chain(own.map(|(_, d)| d.clone())) {
+        match std::fs::remove_dir_all(&d) {
+            Ok(()) => gone.push(d),
+            Err(e) => {
+                tracing::warn!(dir = %d.display(), "removing a leftover of restore job {}: {e}", job.id)
+            }
+        }
+    }
+    let mut note = if gone.is_empty() {
+        "cleaned up: no file of it was left".to_string()
+    } else {
+        let names: Vec<String> = gone.iter().map(|d| d.display().to_string()).collect();
+        format!("cleaned up: removed {}", names.join(", "))
+    };
+    if job.mode == "onto-vm" {
+        note.push_str(&format!(
+            "; the disks of vm {} may be partly restored: restore again before starting it",
+            job.vm
+        ));
+    }
+    note
+}
+
+/// Staging directories of restore job `job` in `dir` whose daemon is gone (its pid runs no
+/// more, or is this daemon's, which has not run that job).
+fn stale_staging(dir: &Path, job: u64) -> Vec<PathBuf> {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some((pid, id)) = name.strip_prefix(STAGING).and_then(|r| r.split_once('-')) else {
+                return false;
+            };
+            let (Ok(pid), Ok(id)) = (pid.parse::<u32>(), id.parse::<u64>()) else {
+                return false;
+            };
+            id == job && (pid == me || !Path::new(&format!("/proc/{pid}")).exists())
+        })
+        .map(|e| e.path())
+        .collect()
 }
 
 async fn start_nbd(cfg: &Config, addr: std::net::SocketAddr) -> anyhow::Result<Exports> {

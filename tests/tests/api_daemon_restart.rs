@@ -4,8 +4,9 @@
 //!   trigger (a six-field schedule, every 20 s), its backup equals the guest disk, and its
 //!   retention prunes the older backup after the success;
 //! - `kill -9` of the daemon during a running backup, then a restart on the same data
-//!   directory: the job shows failed ("daemon restarted"), and the next backup ends the libvirt
-//!   backup job the dead daemon left, succeeds, equals the guest disk, and leaves no libvirt
+//!   directory: the job shows failed ("daemon restarted"); before any new backup, the start
+//!   ends the libvirt backup job the dead daemon left and removes its job directory (the job's
+//!   message says so); the next backup succeeds, equals the guest disk, and leaves no libvirt
 //!   job, extra checkpoint or scratch file.
 
 use std::path::Path;
@@ -163,6 +164,18 @@ fn libvirt_job(vm: &TestVm) -> Result<bool> {
     Ok(!vm.virsh(&["domjobinfo", vm.name()])?.contains("None"))
 }
 
+/// Backup job directories (`job-sluice-…`) in the daemon's work directory.
+fn job_dirs(d: &Daemon) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(d.data.join("work"))? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        if name.starts_with("job-sluice-") {
+            out.push(name);
+        }
+    }
+    Ok(out)
+}
+
 /// The read limit that keeps the first backup running long enough to be killed (64 MiB of
 /// data at 8 MiB/s: about 8 s).
 const SLOW: &str = "read_limit = 8388608\n";
@@ -201,6 +214,26 @@ fn kill_9_mid_backup_then_restart_fails_the_job_and_the_next_backup_is_exact() -
     ensure!(
         backup_ids(&d, vm.name())?.is_empty(),
         "nothing was committed"
+    );
+    // Before any new backup, the start-up cleanup ends the dead daemon's libvirt job and
+    // removes its job directory (in the background: the daemon answered before it ran).
+    let cleaned = eventually("the start-up cleanup", Duration::from_secs(30), || {
+        let j = d.ok(&["job", "show", &id.to_string()])?;
+        let msg = j["message"].as_str().unwrap_or_default().to_string();
+        Ok(msg.contains("cleaned up").then_some(msg))
+    })?;
+    ensure!(
+        cleaned.contains("cleaned up: libvirt backup job ended"),
+        "the job's message says what was cleaned: {cleaned}"
+    );
+    ensure!(
+        !libvirt_job(&vm)?,
+        "the dead daemon's libvirt job is left after the restart"
+    );
+    let dirs = job_dirs(&d)?;
+    ensure!(
+        dirs.is_empty(),
+        "job directories left after the restart: {dirs:?}"
     );
 
     let next = d.ok(&["backup", vm.name(), "--wait"])?;

@@ -150,17 +150,66 @@ const JOB_DIR_PREFIX: &str = "job-";
 /// stays until the next successful backup drops it; the chain still starts at the last good
 /// backup, whose checkpoint libvirt merges forward.
 async fn end_stale_job<H: Hypervisor>(hv: &H, vm: &str, work_dir: &Path) -> Result<()> {
+    end_stale_backup(hv, vm, work_dir).await.map(drop)
+}
+
+/// Ends the backup job of `vm` that an earlier run of Sluice left on `hv` (killed mid-backup),
+/// recognised by its NBD socket inside a Sluice job directory (`job-sluice-…`), and removes
+/// that directory if it lies under `work_dir`. Returns the ended job's socket path; `None`:
+/// there was none. Every backup calls this before it begins.
+pub async fn end_stale_backup<H: Hypervisor>(
+    hv: &H,
+    vm: &str,
+    work_dir: &Path,
+) -> Result<Option<PathBuf>> {
     let marker = format!("/{JOB_DIR_PREFIX}{CHECKPOINT_PREFIX}");
-    let socket = hv
-        .abort_stale_backup(vm, &marker)
-        .await
-        .map_err(|e| Error::hypervisor(format!("stale backup job of vm {vm}"), e))?;
+    end_matching(hv, vm, &marker, work_dir).await
+}
+
+/// [`end_stale_backup`] for the one job whose socket lies in `job_dir` (a directory a dead
+/// daemon left, listed before any job of the new one started): a backup begun since, whose
+/// directory has another name, is never touched. `job_dir` is removed if a job was ended.
+pub async fn end_stale_backup_in<H: Hypervisor>(
+    hv: &H,
+    vm: &str,
+    job_dir: &Path,
+) -> Result<Option<PathBuf>> {
+    let marker = format!("{}/", job_dir.display());
+    end_matching(hv, vm, &marker, job_dir).await
+}
+
+/// Ends the backup job of `vm` whose socket path contains `marker` and removes the socket's
+/// directory if it lies under `under`. Two callers may race for one stale job (the daemon's
+/// start-up cleanup and a backup just queued): the loser's abort fails, so it asks once more,
+/// and finding no job left then is not an error.
+async fn end_matching<H: Hypervisor>(
+    hv: &H,
+    vm: &str,
+    marker: &str,
+    under: &Path,
+) -> Result<Option<PathBuf>> {
+    let socket = match hv.abort_stale_backup(vm, marker).await {
+        Ok(s) => s,
+        Err(first) => match hv.abort_stale_backup(vm, marker).await {
+            Ok(None) => None,
+            _ => {
+                let what = format!("stale backup job of vm {vm}");
+                return Err(Error::hypervisor(what, first));
+            }
+        },
+    };
     if let Some(dir) = socket.as_deref().and_then(Path::parent) {
-        if dir.starts_with(work_dir) {
+        if dir.starts_with(under) {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
-    Ok(())
+    Ok(socket)
+}
+
+/// Whether `name` is the name of a Sluice backup job's directory (`job-sluice-…`).
+pub fn is_job_dir_name(name: &str) -> bool {
+    name.strip_prefix(JOB_DIR_PREFIX)
+        .is_some_and(|r| r.starts_with(CHECKPOINT_PREFIX))
 }
 
 /// Everything after the mode is decided; `job_dir` is removed by the caller on every path.

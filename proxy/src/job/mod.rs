@@ -11,7 +11,9 @@ mod error;
 mod progress;
 pub mod throttle;
 
-pub use backup::{run_backup, BackupOptions, BackupReport};
+pub use backup::{
+    end_stale_backup, end_stale_backup_in, is_job_dir_name, run_backup, BackupOptions, BackupReport,
+};
 pub use error::{Error, ErrorKind, Result};
 pub use progress::{Progress, ProgressSnapshot};
 pub use throttle::RateLimit;
