@@ -33,9 +33,12 @@
 //! 2. GC only drops blobs no committed manifest references; a repacked blob moves, and a
 //!    read that finds its pack gone looks the location up again once.
 //! 3. While the catalog is rebuilt, lookups may miss: readers fail with `NotFound` and may
-//!    retry; a writer may store a duplicate copy (harmless, GC reclaims it).
-//! 4. A backup whose parent is pruned meanwhile still commits complete: its writer holds
-//!    the parent's chunk ids, and GC (the only deleter of chunks) cannot run until it ends.
+//!    retry; a writer may store a duplicate copy (harmless, GC reclaims it), and a writer
+//!    whose parent index block is not found then fails (nothing committed; the next backup
+//!    runs normally).
+//! 4. A backup whose parent is pruned meanwhile still commits complete: its writer reads
+//!    the parent's index blocks on demand, and GC (the only deleter of blobs) cannot run
+//!    until it ends, so they stay readable.
 //!
 //! Why GC is exclusive rather than generation-based: a writer deduplicates against any chunk
 //! the catalog knows, including chunks of pruned backups or aborted writers that no manifest
@@ -52,6 +55,7 @@ mod error;
 pub mod format;
 mod gc;
 mod ids;
+mod lru;
 mod reader;
 mod repo;
 pub mod retention;

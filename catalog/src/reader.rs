@@ -14,9 +14,8 @@ use crate::format::blob;
 use crate::format::index;
 use crate::format::manifest::DiskManifest;
 use crate::ids::{BackupId, ChunkDigest};
+use crate::lru::Lru;
 use crate::repo::Repository;
-use std::collections::HashMap;
-use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 
 /// Decoded index blocks kept per reader (1024 ids = 32 KiB each with the default config).
@@ -38,50 +37,6 @@ pub struct DiskReader {
 impl std::fmt::Debug for DiskReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "DiskReader({} {})", self.backup, self.disk.target)
-    }
-}
-
-/// A small least-recently-used map (eviction scans, so keep `cap` small).
-struct Lru<K, V> {
-    cap: usize,
-    tick: u64,
-    map: HashMap<K, (V, u64)>,
-}
-
-impl<K: Hash + Eq + Copy, V: Clone> Lru<K, V> {
-    fn new(cap: usize) -> Self {
-        Lru {
-            cap,
-            tick: 0,
-            map: HashMap::new(),
-        }
-    }
-
-    fn get(&mut self, k: &K) -> Option<V> {
-        self.tick += 1;
-        let t = self.tick;
-        self.map.get_mut(k).map(|(v, at)| {
-            *at = t;
-            v.clone()
-        })
-    }
-
-    fn put(&mut self, k: K, v: V) {
-        if self.cap == 0 {
-            return;
-        }
-        if self.map.len() >= self.cap && !self.map.contains_key(&k) {
-            let oldest = self
-                .map
-                .iter()
-                .min_by_key(|(_, (_, t))| *t)
-                .map(|(k, _)| *k);
-            if let Some(k) = oldest {
-                self.map.remove(&k);
-            }
-        }
-        self.tick += 1;
-        self.map.insert(k, (v, self.tick));
     }
 }
 

@@ -1,24 +1,27 @@
 //! Writing one backup: the `BackupWriter` API, index-block writing and the commit.
 //!
 //! Unwritten positions keep the parent's chunk (or zero without a parent); `put_*` calls
-//! feed the pipeline; `commit` seals the last pack, writes the changed index blocks, then the
-//! manifest (the commit point). Dropping an uncommitted writer aborts it: sealed packs become
-//! garbage for GC, nothing references them. Owns none of the byte formats.
+//! feed the pipeline; index blocks are written as they finish (`index`: the parent's index is
+//! read on demand, so memory does not grow with the disk); `commit` finishes the remaining
+//! index blocks, seals the last pack, then writes the manifest (the commit point). Dropping
+//! an uncommitted writer aborts it: sealed packs become garbage for GC, nothing references
+//! them. Owns none of the byte formats.
 
+mod index;
 mod pipeline;
 
 use crate::backend::{LockGuard, LockMode};
 use crate::error::{Error, Result};
-use crate::format::blob::{self, BlobKind};
-use crate::format::index;
+use crate::format::index::{block_count, chunk_count, ids_in_block};
 use crate::format::manifest::{
     BackupMode, BackupStats, Consistency, DiskManifest, Manifest, VmIdentity,
 };
-use crate::format::pack::PackBuilder;
 use crate::ids::{BackupId, ChunkDigest};
 use crate::repo::Repository;
-use pipeline::{DiskIndex, Item, Job, Outcome, Pipeline, StoreState};
+use index::{DiskIndex, ParentIndex};
+use pipeline::{Item, Job, Outcome, Pipeline};
 use std::ops::Range;
+use std::path::Path;
 use std::sync::Arc;
 
 /// One disk to back up.
@@ -61,7 +64,6 @@ pub struct CommitInfo {
 struct DiskPlan {
     spec: DiskSpec,
     chunks: u64,
-    parent_blocks: Option<Vec<ChunkDigest>>,
     parent_backup: Option<BackupId>,
 }
 
@@ -94,11 +96,20 @@ impl Repository {
         };
         let mut plans = Vec::new();
         let (mut parents, mut disks) = (Vec::new(), Vec::new());
+        let block_len = self.config().index_block_len;
+        let catalog_dir = self.inner.opts.catalog_path.parent();
+        let spill_dir = catalog_dir
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         for d in &spec.disks {
             let (plan, ids) = self.plan_disk(d, parent.as_ref())?;
-            let block_len = self.config().index_block_len as u64;
             let ids = Arc::new(ids);
-            disks.push(DiskIndex::new(ids.clone(), plan.chunks, block_len));
+            disks.push(DiskIndex::new(
+                ids.clone(),
+                plan.chunks,
+                block_len,
+                spill_dir,
+            ));
             parents.push(ids);
             plans.push(plan);
         }
@@ -115,30 +126,50 @@ impl Repository {
         })
     }
 
+    /// The plan of disk `d` and its parent's index (read on demand; none if the parent
+    /// lacks the disk or cut it in other chunk or block sizes).
     fn plan_disk(
         &self,
         d: &DiskSpec,
         parent: Option<&Manifest>,
-    ) -> Result<(DiskPlan, Vec<ChunkDigest>)> {
+    ) -> Result<(DiskPlan, ParentIndex)> {
         let cs = self.config().chunk_size;
-        let chunks = index::chunk_count(d.size, cs);
+        let block_len = self.config().index_block_len;
+        let chunks = chunk_count(d.size, cs);
         let pd = parent.and_then(|p| p.disks.iter().find(|x| x.target == d.target));
-        let usable =
-            pd.filter(|x| x.chunk_size == cs && x.index_block_len == self.config().index_block_len);
-        let ids = match usable {
-            Some(x) => self.load_index(x)?,
-            None => Vec::new(),
+        let usable = pd.filter(|x| x.chunk_size == cs && x.index_block_len == block_len);
+        let ids = match (usable, parent) {
+            (Some(x), Some(p)) => self.parent_index(&p.id, x)?,
+            _ => ParentIndex::none(block_len),
         };
-        let same_size = usable.is_some_and(|x| x.size == d.size);
         Ok((
             DiskPlan {
                 spec: d.clone(),
                 chunks,
-                parent_blocks: usable.filter(|_| same_size).map(|x| x.index_blocks.clone()),
                 parent_backup: usable.and(parent.map(|p| p.id.clone())),
             },
             ids,
         ))
+    }
+
+    /// Disk `x` of backup `id` as a parent: its index blocks read when first needed.
+    fn parent_index(&self, id: &BackupId, x: &DiskManifest) -> Result<ParentIndex> {
+        let chunks = chunk_count(x.size, x.chunk_size);
+        let per = x.index_block_len;
+        if block_count(chunks, per) != x.index_blocks.len() as u64 {
+            return Err(Error::corrupt(format!(
+                "backup {id} disk {}: {} index blocks for {chunks} chunks",
+                x.target,
+                x.index_blocks.len()
+            )));
+        }
+        let repo = self.clone();
+        let what = format!("backup {id} disk {}", x.target);
+        let load: index::Loader = Box::new(move |b, block_id| {
+            repo.load_index_block(block_id, ids_in_block(b, chunks, per))
+                .map_err(|e| e.context(format!("index block {b} of parent {what}")))
+        });
+        Ok(ParentIndex::new(x.index_blocks.clone(), chunks, per, load))
     }
 }
 
@@ -334,12 +365,22 @@ impl BackupWriter {
         if let Some(e) = st.error.take() {
             return Err(e.context(format!("backup {}", self.id)));
         }
-        let pack = std::mem::take(&mut st.pack);
-        let (disks, pack, meta) = self.write_indexes(&st, pack)?;
-        Pipeline::seal_rest(&self.repo, pack)?;
+        if st.blocks.len() != self.plans.len() {
+            return Err(Error::new(
+                crate::ErrorKind::Io,
+                format!("backup {}: index blocks were not finished", self.id),
+            ));
+        }
+        Pipeline::seal_rest(&self.repo, std::mem::take(&mut st.pack))?;
+        let disks = self
+            .plans
+            .iter()
+            .zip(std::mem::take(&mut st.blocks))
+            .map(|(plan, blocks)| self.disk_manifest(plan, blocks))
+            .collect();
         let mut m = self.manifest(info, disks, st.stats);
         let mut bytes = m.encode()?;
-        m.stats.metadata_bytes = meta + bytes.len() as u64;
+        m.stats.metadata_bytes = st.meta + bytes.len() as u64;
         bytes = m.encode()?;
         self.repo.backend().put(&Manifest::key(&m.id), &bytes)?;
         if let Err(e) = self.repo.catalog().insert_backup(&m, false) {
@@ -361,55 +402,6 @@ impl BackupWriter {
             disks,
             stats,
         }
-    }
-
-    fn write_indexes(
-        &self,
-        st: &StoreState,
-        mut pack: PackBuilder,
-    ) -> Result<(Vec<DiskManifest>, PackBuilder, u64)> {
-        let mut out = Vec::new();
-        let mut meta = 0u64;
-        let mut written = std::collections::HashSet::new();
-        for (plan, di) in self.plans.iter().zip(&st.disks) {
-            let mut blocks = Vec::new();
-            for b in 0..di.block_count() {
-                let reuse = plan.parent_blocks.as_ref().filter(|_| !di.is_dirty(b));
-                match reuse {
-                    Some(pb) => blocks.push(pb[b]),
-                    None => blocks.push(self.index_block(
-                        &di.block(b),
-                        &mut pack,
-                        &mut written,
-                        &mut meta,
-                    )?),
-                }
-            }
-            out.push(self.disk_manifest(plan, blocks));
-        }
-        Ok((out, pack, meta))
-    }
-
-    fn index_block(
-        &self,
-        ids: &[ChunkDigest],
-        pack: &mut PackBuilder,
-        written: &mut std::collections::HashSet<ChunkDigest>,
-        meta: &mut u64,
-    ) -> Result<ChunkDigest> {
-        let payload = index::encode(ids);
-        let d = ChunkDigest::of(&payload);
-        if written.contains(&d) || self.repo.catalog().lookup(&d)?.is_some() {
-            return Ok(d);
-        }
-        let b = blob::encode(BlobKind::Index, d, &payload, self.repo.config().zstd_level)?;
-        *meta += b.len() as u64;
-        pack.add(d, BlobKind::Index, &b);
-        written.insert(d);
-        if pack.len() as u64 >= self.repo.config().pack_target {
-            Pipeline::seal_rest(&self.repo, std::mem::take(pack))?;
-        }
-        Ok(d)
     }
 
     fn disk_manifest(&self, plan: &DiskPlan, index_blocks: Vec<ChunkDigest>) -> DiskManifest {

@@ -2,12 +2,16 @@
 //!
 //! Callers push chunk jobs into a bounded channel; `workers` threads detect zeros, hash,
 //! look the digest up (parent index, open pack, catalog) and compress new chunks; one store
-//! thread appends new blobs to the open pack, seals full packs and records each position's
-//! digest. Owns the threads and channels; does not own commit (see `writer`).
+//! thread appends new blobs to the open pack, hands full packs to a sealer thread, records
+//! each position's digest in its disk's index (`writer::index`) and appends the index blocks
+//! that index finishes to the same packs. Owns the threads and channels; does not own commit
+//! (see `writer`).
 
+use super::index::{BlockSink, DiskIndex, ParentIndex};
 use crate::db::Catalog;
 use crate::error::{Error, Result};
 use crate::format::blob::{self, BlobKind};
+use crate::format::index;
 use crate::format::manifest::BackupStats;
 use crate::format::pack::PackBuilder;
 use crate::ids::ChunkDigest;
@@ -41,93 +45,22 @@ pub(crate) struct Item {
 
 /// What a worker (or the caller, for zeros) tells the store thread.
 pub(crate) enum Outcome {
-    Set { disk: usize, items: Vec<Item> },
+    Set {
+        disk: usize,
+        items: Vec<Item>,
+    },
     Failed(Error),
-}
-
-/// A disk's chunk ids, shared between threads.
-pub(crate) type IdsArc = Arc<Vec<ChunkDigest>>;
-
-/// Per-disk chunk ids being built. The parent's ids are shared with the workers, and an
-/// index block is copied out of them only when one of its positions changes, so an
-/// incremental holds the parent's index once plus the blocks it changes (a full backup
-/// without a parent ends up holding every block: 32 B per chunk).
-pub(crate) struct DiskIndex {
-    parent: IdsArc,
-    /// Changed blocks, copied out of the parent; `None` = as the parent has it.
-    blocks: Vec<Option<Box<[ChunkDigest]>>>,
-    block_len: u64,
-    chunks: u64,
-}
-
-impl DiskIndex {
-    /// `chunks` positions in blocks of `block_len`, each keeping the parent's id (zero
-    /// past the parent's end).
-    pub fn new(parent: Arc<Vec<ChunkDigest>>, chunks: u64, block_len: u64) -> Self {
-        let n = chunks.div_ceil(block_len) as usize;
-        DiskIndex {
-            parent,
-            blocks: (0..n).map(|_| None).collect(),
-            block_len,
-            chunks,
-        }
-    }
-
-    /// Number of index blocks.
-    pub fn block_count(&self) -> usize {
-        self.blocks.len()
-    }
-
-    /// Whether block `b` differs from the parent's.
-    pub fn is_dirty(&self, b: usize) -> bool {
-        self.blocks[b].is_some()
-    }
-
-    /// The ids of block `b` as they stand.
-    pub fn block(&self, b: usize) -> std::borrow::Cow<'_, [ChunkDigest]> {
-        match &self.blocks[b] {
-            Some(ids) => std::borrow::Cow::Borrowed(ids),
-            None => std::borrow::Cow::Owned(self.parent_block(b)),
-        }
-    }
-
-    fn parent_block(&self, b: usize) -> Vec<ChunkDigest> {
-        let start = b as u64 * self.block_len;
-        let end = (start + self.block_len).min(self.chunks);
-        (start..end)
-            .map(|i| {
-                self.parent
-                    .get(i as usize)
-                    .copied()
-                    .unwrap_or(ChunkDigest::ZERO)
-            })
-            .collect()
-    }
-
-    /// Set position `i` (in range); a block is copied out only if the id changes.
-    fn set(&mut self, i: u64, digest: ChunkDigest) {
-        let (b, k) = ((i / self.block_len) as usize, (i % self.block_len) as usize);
-        if self.blocks[b].is_none() {
-            if self
-                .parent
-                .get(i as usize)
-                .copied()
-                .unwrap_or(ChunkDigest::ZERO)
-                == digest
-            {
-                return;
-            }
-            self.blocks[b] = Some(self.parent_block(b).into_boxed_slice());
-        }
-        if let Some(ids) = self.blocks[b].as_mut() {
-            ids[k] = digest;
-        }
-    }
+    /// Every position is in: finish the index blocks (sent last, by `Pipeline::finish`).
+    Finish,
 }
 
 /// Everything the store thread hands back at the end.
 pub(crate) struct StoreState {
     pub disks: Vec<DiskIndex>,
+    /// Each disk's index block ids, once finished.
+    pub blocks: Vec<Vec<ChunkDigest>>,
+    /// Bytes of the index blobs written.
+    pub meta: u64,
     pub pack: PackBuilder,
     pub stats: BackupStats,
     pub error: Option<Error>,
@@ -136,7 +69,7 @@ pub(crate) struct StoreState {
 /// Shared state workers read.
 struct Shared {
     repo: Repository,
-    parents: Vec<Arc<Vec<ChunkDigest>>>,
+    parents: Vec<Arc<ParentIndex>>,
     pending: Mutex<HashSet<ChunkDigest>>,
     failed: Mutex<Option<String>>,
     level: i32,
@@ -152,11 +85,11 @@ pub(crate) struct Pipeline {
 }
 
 impl Pipeline {
-    /// Start workers and the store thread. `parents[d]` are the parent's ids for disk `d`
+    /// Start workers and the store thread. `parents[d]` is the parent's index of disk `d`
     /// (empty if none); `disks` start as views of them.
     pub fn start(
         repo: &Repository,
-        parents: Vec<Arc<Vec<ChunkDigest>>>,
+        parents: Vec<Arc<ParentIndex>>,
         disks: Vec<DiskIndex>,
     ) -> Result<Self> {
         let n = repo.inner.opts.worker_count();
@@ -218,8 +151,16 @@ impl Pipeline {
             .map_err(|_| Error::new(crate::ErrorKind::Io, "ingest pipeline stopped"))
     }
 
-    /// Drain and stop every thread; returns the store state.
+    /// Drain every thread, finish the index blocks, stop; returns the store state.
     pub fn finish(mut self) -> Result<StoreState> {
+        self.jobs.take();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+        // Sent after the workers' last outcomes, so it is the last thing the store sees.
+        if let Some(tx) = self.outcomes.take() {
+            let _ = tx.send(Outcome::Finish);
+        }
         self.stop()
             .ok_or_else(|| Error::new(crate::ErrorKind::Io, "ingest store thread panicked"))
     }
@@ -279,7 +220,9 @@ fn process(sh: &Shared, cat: &Catalog, job: &Job) -> Result<Outcome> {
         } else {
             ChunkDigest::of(c)
         };
-        if !digest.is_zero() && parent.get(index as usize) != Some(&digest) {
+        // A parent block that cannot be read is only a missed shortcut here: the catalog
+        // answers (the store thread reports the error when it records the position).
+        if !digest.is_zero() && parent.digest(index).ok() != Some(digest) {
             ask.push(i);
         }
         items.push(Item {
@@ -353,6 +296,8 @@ fn store_loop(sh: Arc<Shared>, disks: Vec<DiskIndex>, rx: Receiver<Outcome>) -> 
         Err(e) => {
             let mut st = StoreState {
                 disks,
+                blocks: Vec::new(),
+                meta: 0,
                 pack: PackBuilder::new(),
                 stats: BackupStats::default(),
                 error: None,
@@ -363,6 +308,8 @@ fn store_loop(sh: Arc<Shared>, disks: Vec<DiskIndex>, rx: Receiver<Outcome>) -> 
     };
     let mut st = StoreState {
         disks,
+        blocks: Vec::new(),
+        meta: 0,
         pack: new_pack(&sh),
         stats: BackupStats::default(),
         error: None,
@@ -404,6 +351,7 @@ fn apply(
 ) -> Result<()> {
     let (disk, items) = match o {
         Outcome::Failed(e) => return Err(e),
+        Outcome::Finish => return finish_indexes(sh, st, (seal_tx, spare_rx)),
         Outcome::Set { disk, items } => (disk, items),
     };
     for it in items {
@@ -415,9 +363,67 @@ fn apply(
         }
         // A position that keeps the parent's digest leaves its index block as the parent
         // wrote it.
-        st.disks[disk].set(it.index, it.digest);
+        let mut sink = PackSink {
+            sh,
+            pack: &mut st.pack,
+            meta: &mut st.meta,
+            chans: (seal_tx, spare_rx),
+        };
+        st.disks[disk].set(it.index, it.digest, &mut sink)?;
     }
     Ok(())
+}
+
+/// Finish every disk's index: the blocks not finished yet, in order.
+fn finish_indexes(sh: &Shared, st: &mut StoreState, chans: Chans<'_>) -> Result<()> {
+    for d in st.disks.iter_mut() {
+        let mut sink = PackSink {
+            sh,
+            pack: &mut st.pack,
+            meta: &mut st.meta,
+            chans,
+        };
+        st.blocks.push(d.finish(&mut sink)?);
+    }
+    Ok(())
+}
+
+/// The sealer's channels: full packs out, spare buffers back.
+type Chans<'a> = (&'a SyncSender<PackBuilder>, &'a Receiver<Vec<u8>>);
+
+/// Finished index blocks go into the open pack, each distinct block once: skipped if a pack
+/// being built or the catalog already holds it.
+struct PackSink<'a> {
+    sh: &'a Shared,
+    pack: &'a mut PackBuilder,
+    meta: &'a mut u64,
+    chans: Chans<'a>,
+}
+
+impl BlockSink for PackSink<'_> {
+    fn write_block(&mut self, ids: &[ChunkDigest]) -> Result<ChunkDigest> {
+        let payload = index::encode(ids);
+        let d = ChunkDigest::of(&payload);
+        // Pending first: a sealed pack is in the catalog before it leaves `pending`.
+        let pending = self
+            .sh
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&d);
+        if pending || self.sh.repo.catalog().lookup(&d)?.is_some() {
+            return Ok(d);
+        }
+        let b = blob::encode(BlobKind::Index, d, &payload, self.sh.level)?;
+        self.sh
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(d);
+        *self.meta += b.len() as u64;
+        push(self.sh, self.pack, d, BlobKind::Index, &b, self.chans)?;
+        Ok(d)
+    }
 }
 
 /// An open pack reserved for a full pack plus one more blob, so it never regrows.
@@ -432,7 +438,7 @@ fn add_blob(
     digest: ChunkDigest,
     b: Vec<u8>,
     raw: u64,
-    (seal_tx, spare_rx): (&SyncSender<PackBuilder>, &Receiver<Vec<u8>>),
+    chans: Chans<'_>,
 ) -> Result<()> {
     if !sh
         .pending
@@ -446,13 +452,25 @@ fn add_blob(
     st.stats.chunks_new += 1;
     st.stats.bytes_new_raw += raw;
     st.stats.bytes_stored += b.len() as u64;
-    st.pack.add(digest, BlobKind::Chunk, &b);
-    if st.pack.len() as u64 >= sh.repo.config().pack_target {
+    push(sh, &mut st.pack, digest, BlobKind::Chunk, &b, chans)
+}
+
+/// Append a blob to the open pack; a full pack goes to the sealer.
+fn push(
+    sh: &Shared,
+    pack: &mut PackBuilder,
+    digest: ChunkDigest,
+    kind: BlobKind,
+    b: &[u8],
+    (seal_tx, spare_rx): Chans<'_>,
+) -> Result<()> {
+    pack.add(digest, kind, b);
+    if pack.len() as u64 >= sh.repo.config().pack_target {
         let next = match spare_rx.try_recv() {
             Ok(buf) => PackBuilder::reuse(buf),
             Err(_) => new_pack(sh),
         };
-        let full = std::mem::replace(&mut st.pack, next);
+        let full = std::mem::replace(pack, next);
         seal_tx
             .send(full)
             .map_err(|_| Error::new(crate::ErrorKind::Io, "pack sealer stopped"))?;
@@ -487,37 +505,6 @@ impl Pipeline {
 
 #[cfg(test)]
 mod tests {
-    use super::{DiskIndex, IdsArc};
-    use crate::ids::ChunkDigest;
-
-    fn d(i: u8) -> ChunkDigest {
-        ChunkDigest::of(&[i])
-    }
-
-    #[test]
-    fn disk_index_copies_only_changed_blocks() {
-        let parent: IdsArc = std::sync::Arc::new((0..10).map(d).collect());
-        // Shrunk to 7 positions in blocks of 3: the last block is short.
-        let mut x = DiskIndex::new(parent.clone(), 7, 3);
-        assert_eq!(x.block_count(), 3);
-        x.set(1, d(1));
-        assert!(!x.is_dirty(0), "same id as the parent");
-        x.set(6, d(99));
-        assert!(x.is_dirty(2) && !x.is_dirty(1));
-        assert_eq!(&*x.block(2), &[d(99)]);
-        assert_eq!(&*x.block(1), &[d(3), d(4), d(5)]);
-        // Grown to 12: positions past the parent's end are zero.
-        let mut y = DiskIndex::new(parent, 12, 4);
-        assert_eq!(
-            &*y.block(2),
-            &[d(8), d(9), ChunkDigest::ZERO, ChunkDigest::ZERO]
-        );
-        y.set(11, ChunkDigest::ZERO);
-        assert!(!y.is_dirty(2));
-        y.set(11, d(7));
-        assert_eq!(&*y.block(2), &[d(8), d(9), ChunkDigest::ZERO, d(7)]);
-    }
-
     #[test]
     fn zero_detection() {
         let mut v = vec![0u8; 65536 + 7];
