@@ -67,8 +67,8 @@ pub struct Policy {
     pub name: String,
     /// VM names or globs (`*`, `?`).
     pub vms: Vec<String>,
-    /// Cron expression (five fields, UTC) or `@hourly`, `@daily`, `@weekly`, `@monthly`,
-    /// `@yearly`.
+    /// Cron expression in UTC: five fields (minute hour day-of-month month day-of-week), or
+    /// six with seconds first; or `@hourly`, `@daily`, `@weekly`, `@monthly`, `@yearly`.
     pub schedule: String,
     pub mode: BackupModeRequest,
     /// Applied to each VM after each successful scheduled backup; none: nothing is pruned.

@@ -57,6 +57,7 @@ pub struct BackupDetail {
 
 /// Filter of the backup list.
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     /// Only the backups of VMs of this name (every VM of the name, on any hypervisor: tell
