@@ -1,19 +1,28 @@
 //! The backup job through the other two ways in: plain QEMU over QMP (no libvirt), and a
 //! stopped libvirt VM read offline from its images (never started). Each backup is restored
 //! through the repository and compared with the bytes written.
+//!
+//! A proxy that dies mid-backup over QMP leaves its fleecing export, NBD server, block job,
+//! scratch node and temporary bitmap in QEMU: the next backup ends them first, and a
+//! `sluice serve` killed with `kill -9` ends them when it starts again.
 
 #[path = "hypervisor_support.rs"]
 mod support;
 
 use std::sync::Arc;
 
-use anyhow::{ensure, Result};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
 use catalog::{BackupMode, Repository};
 use proxy::hypervisor::libvirt::LibvirtHypervisor;
+use proxy::hypervisor::qmp::QmpClient;
 use proxy::hypervisor::Hypervisor;
 use proxy::job::{run_backup, BackupOptions, BackupReport, Progress};
+use serde_json::{json, Value};
 use support::{qemu_io, BiosVm, KIB, MIB};
-use testbed::qmp::{guest_write, PlainQemu};
+use testbed::daemon::Daemon;
+use testbed::qmp::{backup_request, guest_write, PlainQemu};
 use testbed::{check_disk, TempRepo};
 use tokio_util::sync::CancellationToken;
 
@@ -107,5 +116,177 @@ async fn stopped_vm_is_backed_up_offline_without_starting_it() -> Result<()> {
     let online = backup(&hv, &r, &vm.name, &work).await?;
     assert_eq!(online.manifest.mode, BackupMode::Incremental);
     check_disk(&r, &online.manifest, "vda", &expected(32 * MIB, &fills))?;
+    Ok(())
+}
+
+/// What Sluice's fleecing left in QEMU, by kind and name: exports, block jobs, nodes and
+/// bitmaps whose names start with `sluice-` (checkpoint bitmaps `sluice-<secs>-…` aside).
+async fn fleece_left(c: &mut QmpClient) -> Result<Vec<String>> {
+    let ours = |v: &Value, key: &str| {
+        v[key]
+            .as_str()
+            .filter(|n| {
+                n.starts_with("sluice-scratch-")
+                    || n.starts_with("sluice-export-")
+                    || n.starts_with("sluice-backup-")
+            })
+            .map(|n| format!("{key} {n}"))
+    };
+    let mut left = Vec::new();
+    let exports: Vec<Value> = c.execute("query-block-exports", json!({})).await?;
+    left.extend(exports.iter().filter_map(|e| ours(e, "id")));
+    let jobs: Vec<Value> = c.execute("query-block-jobs", json!({})).await?;
+    left.extend(jobs.iter().filter_map(|j| ours(j, "device")));
+    let nodes: Vec<Value> = c
+        .execute("query-named-block-nodes", json!({"flat": true}))
+        .await?;
+    for n in &nodes {
+        left.extend(ours(n, "node-name"));
+        let bitmaps = n["dirty-bitmaps"].as_array().cloned().unwrap_or_default();
+        left.extend(bitmaps.iter().filter_map(|b| ours(b, "name")));
+    }
+    Ok(left)
+}
+
+/// Sluice job directories (`job-sluice-…`) in `work`.
+fn job_dirs(work: &std::path::Path) -> Result<Vec<String>> {
+    let Ok(rd) = std::fs::read_dir(work) else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for e in rd {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        if name.starts_with("job-sluice-") {
+            out.push(name);
+        }
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleece_left_by_a_dead_proxy_is_ended_by_the_next_backup() -> Result<()> {
+    let qemu = PlainQemu::start("bk-qmp-stale", 64 * MIB, &["write -P 0xaa 0 1M"])?;
+    let (hv, mut writer) = qemu.connect("vm").await?;
+    let r = TempRepo::create()?;
+    let work = qemu.dir().join("work");
+    let full = backup(&hv, &r, "vm", &work).await?;
+    let base = full.manifest.disks[0]
+        .checkpoint
+        .clone()
+        .context("checkpoint")?;
+
+    // A proxy dies right after its point in time: everything it set up stays in QEMU (the
+    // session is never finished, aborted or dropped).
+    let dead = work.join("job-sluice-1000000000-0badc0de");
+    std::fs::create_dir_all(&dead)?;
+    let req = backup_request(
+        "vm",
+        "disk0",
+        &dead,
+        Some(&base),
+        Some("sluice-1000000000-0badc0de"),
+    );
+    std::mem::forget(hv.begin_backup(req).await?);
+    let left = fleece_left(&mut writer).await?;
+    ensure!(
+        left.len() >= 4,
+        "the dead proxy's fleece is in qemu: {left:?}"
+    );
+
+    guest_write(&mut writer, 8 * MIB, 64 * KIB, 0x21).await?;
+    let inc = backup(&hv, &r, "vm", &work).await?;
+    assert_eq!(inc.manifest.mode, BackupMode::Incremental);
+    assert_eq!(
+        inc.bytes_dirty,
+        64 * KIB,
+        "dirty since the last good backup"
+    );
+    let fills = [(0, MIB, 0xaa), (8 * MIB, 64 * KIB, 0x21)];
+    check_disk(&r, &inc.manifest, "disk0", &expected(64 * MIB, &fills))?;
+    let left = fleece_left(&mut writer).await?;
+    ensure!(
+        left.is_empty(),
+        "fleece left after the next backup: {left:?}"
+    );
+    ensure!(!dead.exists(), "the dead proxy's job directory is removed");
+    Ok(())
+}
+
+/// Polls `check` every 200 ms until it answers, for at most `limit`.
+async fn eventually<T, F>(what: &str, limit: Duration, mut check: impl FnMut() -> F) -> Result<T>
+where
+    F: std::future::Future<Output = Result<Option<T>>>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        ensure!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_daemon_mid_qmp_backup_is_cleaned_up_at_restart() -> Result<()> {
+    let size = 128 * MIB;
+    let qemu = PlainQemu::start("bk-qmp-kill", size, &["write -P 0xaa 0 48M"])?;
+    // The daemon holds the adapter's monitor; the test watches QEMU on the second one.
+    let mut watch = QmpClient::connect(&qemu.dir().join("qmp2.sock")).await?;
+    let dir = tempfile::tempdir()?;
+    // 48 MiB at 8 MiB/s: the backup runs about 6 s, long enough to be killed.
+    let extra = format!(
+        "read_limit = 8388608\n[[hypervisors]]\nname = \"plain\"\nsocket = {:?}\nvm = \"plainvm\"\n",
+        qemu.dir().join("qmp.sock")
+    );
+    let mut d = Daemon::start(dir.path(), &extra)?;
+    let job = d.ok(&["backup", "plainvm", "--full"])?;
+    let id = job["id"].as_u64().context("job id")?;
+    d.wait_job(id, Duration::from_secs(60), |j| {
+        j["state"] == "running" && j["progress"]["bytes_read"].as_u64().unwrap_or(0) > 0
+    })?;
+    d.kill()?;
+    drop(d);
+    let left = fleece_left(&mut watch).await?;
+    ensure!(!left.is_empty(), "the dead daemon's fleece is in qemu");
+    let work = dir.path().join("data").join("work");
+    ensure!(!job_dirs(&work)?.is_empty(), "and its job directory");
+
+    let d = Daemon::start(dir.path(), &extra)?;
+    let msg = eventually("the start-up cleanup", Duration::from_secs(30), || async {
+        let j = d.ok(&["job", "show", &id.to_string()])?;
+        let msg = j["message"].as_str().unwrap_or_default().to_string();
+        Ok(msg.contains("cleaned up").then_some(msg))
+    })
+    .await?;
+    ensure!(
+        msg.contains("cleaned up: qemu backup export ended"),
+        "{msg}"
+    );
+    let left = fleece_left(&mut watch).await?;
+    ensure!(left.is_empty(), "fleece left after the restart: {left:?}");
+    let dirs = job_dirs(&work)?;
+    ensure!(
+        dirs.is_empty(),
+        "job directories left after the restart: {dirs:?}"
+    );
+
+    guest_write(&mut watch, 64 * MIB, 64 * KIB, 0x21).await?;
+    let next = d.ok(&["backup", "plainvm", "--wait"])?;
+    ensure!(next["state"] == "succeeded", "backup after kill -9: {next}");
+    let bid = next["backup_id"].as_str().context("backup id")?;
+    let out = d.data.join("restores").join("next.raw");
+    let to = out.to_str().context("path")?;
+    let restore = d.ok(&["restore", bid, "--to", to, "--format", "raw"])?;
+    ensure!(restore["state"] == "succeeded", "{restore}");
+    let fills = [(0, 48 * MIB, 0xaa), (64 * MIB, 64 * KIB, 0x21)];
+    ensure!(
+        std::fs::read(&out)? == expected(size, &fills),
+        "restored bytes differ"
+    );
+    ensure!(
+        fleece_left(&mut watch).await?.is_empty(),
+        "fleece left after the next backup"
+    );
     Ok(())
 }

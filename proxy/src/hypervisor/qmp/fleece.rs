@@ -3,6 +3,11 @@
 //! checkpoint, `blockdev-backup` with `sync: none` into the scratch node), then an NBD server
 //! on a unix socket exporting each scratch node with its bitmap. Torn down in reverse, every
 //! step attempted even when an earlier one failed.
+//!
+//! A proxy killed mid-backup leaves all of it in QEMU (exports, NBD server, block jobs,
+//! scratch nodes, temporary bitmaps), which would refuse the next backup (the scratch node's
+//! name is taken). [`end_stale`] finds it by name and by its scratch image's path, and tears it
+//! down the same way.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -194,6 +199,94 @@ impl Fleece {
         }
         first.map_or(Ok(()), Err)
     }
+}
+
+/// A block node as `query-named-block-nodes` names it, with its bitmaps' names.
+#[derive(Deserialize)]
+struct NodeFile {
+    #[serde(rename = "node-name")]
+    node_name: String,
+    file: String,
+    #[serde(rename = "dirty-bitmaps", default)]
+    dirty_bitmaps: Vec<BitmapName>,
+}
+
+/// A bitmap's name; a block job's own bitmaps have none.
+#[derive(Deserialize)]
+struct BitmapName {
+    #[serde(default)]
+    name: String,
+}
+
+/// The scratch image behind a stale scratch node's `file` (a plain path, or a `json:{…}`
+/// description that holds it as a `filename`).
+fn scratch_image(file: &str) -> PathBuf {
+    fn find(v: &Value) -> Option<&str> {
+        v.get("filename")
+            .and_then(Value::as_str)
+            .or_else(|| v.get("file").and_then(find))
+    }
+    let described = file
+        .strip_prefix("json:")
+        .and_then(|j| serde_json::from_str::<Value>(j).ok());
+    PathBuf::from(described.as_ref().and_then(find).unwrap_or(file))
+}
+
+/// Tears down the backup a killed proxy left in QEMU. Its scratch nodes are the
+/// `sluice-scratch-DISK` nodes whose image path contains `marker` (a Sluice job directory);
+/// for each disk its export, block job, temporary bitmap, scratch node and image go, in the
+/// order [`Fleece::teardown`] uses, and the NBD server if it served them (QEMU runs one). The
+/// new checkpoint's bitmap stays, as under libvirt: the next successful backup drops it.
+/// Returns the first disk's scratch image (in the job directory, beside the NBD socket);
+/// `None` when nothing matched.
+pub(super) async fn end_stale(c: &mut QmpClient, marker: &str) -> Result<Option<PathBuf>> {
+    let prefix = format!("{PREFIX}scratch-");
+    let nodes: Vec<NodeFile> = c
+        .execute("query-named-block-nodes", json!({"flat": true}))
+        .await?;
+    let stale: Vec<(String, PathBuf)> = nodes
+        .iter()
+        .filter(|n| n.file.contains(marker))
+        .filter_map(|n| {
+            let disk = n.node_name.strip_prefix(&prefix)?;
+            Some((disk.to_string(), scratch_image(&n.file)))
+        })
+        .collect();
+    let Some(image) = stale.first().map(|(_, p)| p.clone()) else {
+        return Ok(None);
+    };
+    let exports: Vec<Named> = c.execute("query-block-exports", json!({})).await?;
+    let jobs: Vec<Job> = c.execute("query-block-jobs", json!({})).await?;
+    let mut results = Vec::new();
+    let mut exported = false;
+    for (disk, _) in &stale {
+        let id = format!("{PREFIX}export-{disk}");
+        if exports.iter().any(|e| e.id == id) {
+            exported = true;
+            results.push(del_export(c, &id).await);
+        }
+    }
+    if exported {
+        let stop = c.execute_value("nbd-server-stop", json!({})).await;
+        results.push(stop.map(drop));
+    }
+    for (disk, path) in &stale {
+        let job = format!("{PREFIX}backup-{disk}");
+        if jobs.iter().any(|j| j.device == job) {
+            results.push(cancel_job(c, &job).await);
+        }
+        let has_temp = nodes
+            .iter()
+            .any(|n| &n.node_name == disk && n.dirty_bitmaps.iter().any(|b| b.name == job));
+        if has_temp {
+            results.push(remove_bitmap(c, disk, &job).await);
+        }
+        results.push(del_node(c, &format!("{prefix}{disk}")).await);
+        let _ = std::fs::remove_file(path);
+    }
+    tracing::warn!(scratch = %image.display(), "ended a qmp backup left by an earlier run");
+    results.into_iter().collect::<Result<Vec<()>>>()?;
+    Ok(Some(image))
 }
 
 #[derive(Deserialize)]

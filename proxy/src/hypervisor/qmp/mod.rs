@@ -30,6 +30,8 @@ use super::{
 /// A dirty bitmap as `query-named-block-nodes` reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct QmpBitmap {
+    /// Empty for a block job's own bitmaps (a running backup job has one): those are left out.
+    #[serde(default)]
     pub name: String,
     #[serde(default)]
     pub recording: bool,
@@ -87,22 +89,36 @@ struct Node {
     bitmaps: Vec<QmpBitmap>,
 }
 
+/// Whether `n` is a named format node that is not ours (nor a protocol node or filter).
+fn is_image_node(n: &NamedNode) -> bool {
+    !matches!(n.drv.as_str(), "file" | "host_device" | "copy-before-write")
+        && !n.node_name.starts_with('#')
+        && !n.node_name.starts_with(fleece::PREFIX)
+}
+
 /// Disks are the nodes attached to guest devices; with no device (qemu-storage-daemon) they
-/// are the named format nodes that are not ours.
+/// are the named format nodes that are not ours. While a backup job runs (ours, or one a
+/// killed proxy left), a device's top node is the job's copy-before-write filter: the disk is
+/// the image node below it (the filter reports that node's image as its file).
 async fn nodes(c: &mut QmpClient) -> Result<Vec<Node>> {
     let all: Vec<NamedNode> = c
         .execute("query-named-block-nodes", json!({"flat": true}))
         .await?;
     let devices: Vec<BlockDevice> = c.execute("query-block", json!({})).await?;
+    let below_filter = |top: String| {
+        let filter = all
+            .iter()
+            .find(|n| n.node_name == top && n.drv == "copy-before-write");
+        let below = filter.and_then(|f| all.iter().find(|n| n.file == f.file && is_image_node(n)));
+        below.map_or(top, |n| n.node_name.clone())
+    };
     let attached: Vec<String> = devices
         .into_iter()
-        .filter_map(|d| Some(d.inserted?.node_name))
+        .filter_map(|d| Some(below_filter(d.inserted?.node_name)))
         .collect();
     let is_disk = |n: &NamedNode| {
         if attached.is_empty() {
-            !matches!(n.drv.as_str(), "file" | "host_device" | "copy-before-write")
-                && !n.node_name.starts_with('#')
-                && !n.node_name.starts_with(fleece::PREFIX)
+            is_image_node(n)
         } else {
             attached.contains(&n.node_name)
         }
@@ -117,7 +133,11 @@ async fn nodes(c: &mut QmpClient) -> Result<Vec<Node>> {
                 format: Some(n.drv),
                 capacity: n.image.virtual_size,
             },
-            bitmaps: n.dirty_bitmaps,
+            bitmaps: n
+                .dirty_bitmaps
+                .into_iter()
+                .filter(|b| !b.name.is_empty())
+                .collect(),
         })
         .collect();
     Ok(disks)
@@ -261,11 +281,13 @@ impl Release for QmpEnd {
 }
 
 impl Hypervisor for QmpHypervisor {
-    /// Not detected over QMP yet: a QEMU left with a fleecing export by a killed proxy keeps it
-    /// until `block-export-del` (see the issue notes).
-    async fn abort_stale_backup(&self, vm: &str, _marker: &str) -> Result<Option<PathBuf>> {
+    /// Tears down the fleecing backup a killed proxy left in this QEMU (see
+    /// [`fleece::end_stale`]). QMP cannot tell an NBD server's socket: the path returned is the
+    /// stale scratch image, which lies in the same job directory as the socket.
+    async fn abort_stale_backup(&self, vm: &str, marker: &str) -> Result<Option<PathBuf>> {
         self.check_vm(vm)?;
-        Ok(None)
+        let mut c = self.client.lock().await;
+        fleece::end_stale(&mut c, marker).await
     }
 
     /// Plain QEMU has no definition to keep: the manifest records that it came over QMP.
