@@ -23,10 +23,11 @@ use tokio_rustls::TlsAcceptor;
 use crate::audit::AuditLog;
 use crate::auth::{Role, TokenStore};
 use crate::config::Config;
-use crate::hv::Hypervisors;
+use crate::hv::{Hypervisors, Member};
 use crate::jobs::JobInfo;
 use crate::routes::exports::Exports;
 use crate::state::AppState;
+use proxy::job::stale;
 use proxy::nbd::{Server, ServerOptions, ServerTls};
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -141,10 +142,11 @@ impl Leftovers {
 /// (the start never waits for a hypervisor). For each such job, what was done is appended to
 /// its message (`…; cleaned up: …`) and logged:
 /// - a backup: the backup job it left on its hypervisor (libvirt's pull-mode job and NBD
-///   export) is ended and its job directory removed. A hypervisor that does not answer is
+///   export; QMP's fleecing set-up; for a shut-off VM the `qemu-nbd` serving its images) is
+///   ended and its job directory removed. A hypervisor that does not answer is
 ///   left alone, with its job directory: the next backup of that VM ends the job first.
 /// - a restore: its staging directory beside the target (partial files) and its socket
-///   directory are removed.
+///   directory are removed, and the `qemu-nbd` writing a VM's disk from there ended.
 ///
 /// Then job directories no interrupted job claimed (unless a hypervisor did not answer),
 /// restore socket directories and export overlays of the earlier run are removed.
@@ -154,7 +156,7 @@ async fn clean_up_after_restart(st: Arc<AppState>, left: Leftovers) {
     for job in st.jobs.interrupted() {
         let outcome = match job.kind.as_str() {
             "backup" => end_backup(&st, &job, &mut dirs).await,
-            "restore" => Ok(clean_restore(&st, &job, &left.restore_dirs)),
+            "restore" => Ok(clean_restore(&st, &job, &left.restore_dirs).await),
             _ => continue,
         };
         let note = match outcome {
@@ -171,6 +173,9 @@ async fn clean_up_after_restart(st: Arc<AppState>, left: Leftovers) {
         st.jobs.amend(job.id, &note);
     }
     let mut removed = 0;
+    for d in dirs.iter().chain(left.restore_dirs.iter().map(|(_, d)| d)) {
+        stale::end_servers(&stale::stale_servers(d)).await;
+    }
     if failed {
         for d in &dirs {
             tracing::warn!(dir = %d.display(), "job directory kept: a hypervisor did not answer");
@@ -253,10 +258,44 @@ async fn end_backup(
             }
         }
     }
+    if let Some(note) = end_offline_backup(m, &job.vm, dirs).await {
+        return Ok(note);
+    }
     Ok(format!(
         "cleaned up: no {what} of it was left on hypervisor {}",
         m.name()
     ))
+}
+
+/// An offline backup (the VM was shut off) leaves a `qemu-nbd` serving the VM's images from
+/// its job directory: ends it (found by an image of the VM among its arguments) and removes
+/// the directory. The note, if one was found.
+async fn end_offline_backup(m: &Member, vm: &str, dirs: &mut Vec<PathBuf>) -> Option<String> {
+    let dom = m.domain(vm).await.ok()?;
+    let images: Vec<String> = dom
+        .disks
+        .iter()
+        .filter_map(|d| Some(d.source.as_ref()?.display().to_string()))
+        .collect();
+    for i in 0..dirs.len() {
+        let servers: Vec<_> = stale::stale_servers(&dirs[i])
+            .into_iter()
+            .filter(|s| s.args.iter().any(|a| images.contains(a)))
+            .collect();
+        if servers.is_empty() {
+            continue;
+        }
+        stale::end_servers(&servers).await;
+        let dir = dirs.remove(i);
+        let _ = std::fs::remove_dir_all(&dir);
+        let pids: Vec<String> = servers.iter().map(|s| s.pid.to_string()).collect();
+        return Some(format!(
+            "cleaned up: qemu-nbd of the offline backup ended (pid {}), job directory {} removed",
+            pids.join(", "),
+            dir.display()
+        ));
+    }
+    None
 }
 
 /// Prefix of a restore's staging directory beside its target, `.sluice-restore-PID-JOB`
@@ -266,8 +305,14 @@ const STAGING: &str = ".sluice-restore-";
 /// Removes what a dead daemon's restore `job` left: its staging directory (partial files) in
 /// the restore directories and its socket directory under the work directory. The note for
 /// the job's message.
-fn clean_restore(st: &AppState, job: &JobInfo, work_dirs: &[(u64, PathBuf)]) -> String {
+async fn clean_restore(st: &AppState, job: &JobInfo, work_dirs: &[(u64, PathBuf)]) -> String {
     let mut gone: Vec<PathBuf> = Vec::new();
+    let mut ended = Vec::new();
+    for (_, d) in work_dirs.iter().filter(|(id, _)| *id == job.id) {
+        let servers = stale::stale_servers(d);
+        stale::end_servers(&servers).await;
+        ended.extend(servers.iter().map(|s| s.pid.to_string()));
+    }
     let staging = st
         .restore_dirs
         .iter()
@@ -287,6 +332,9 @@ fn clean_restore(st: &AppState, job: &JobInfo, work_dirs: &[(u64, PathBuf)]) -> 
         let names: Vec<String> = gone.iter().map(|d| d.display().to_string()).collect();
         format!("cleaned up: removed {}", names.join(", "))
     };
+    if !ended.is_empty() {
+        note.push_str(&format!("; qemu-nbd ended (pid {})", ended.join(", ")));
+    }
     if job.mode == "onto-vm" {
         note.push_str(&format!(
             "; the disks of vm {} may be partly restored: restore again before starting it",

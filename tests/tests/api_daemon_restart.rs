@@ -7,7 +7,10 @@
 //!   directory: the job shows failed ("daemon restarted"); before any new backup, the start
 //!   ends the libvirt backup job the dead daemon left and removes its job directory (the job's
 //!   message says so); the next backup succeeds, equals the guest disk, and leaves no libvirt
-//!   job, extra checkpoint or scratch file.
+//!   job, extra checkpoint or scratch file;
+//! - the same with a shut-off VM (read offline through `qemu-nbd`, which outlives the killed
+//!   daemon and keeps the image locked): the restart ends that `qemu-nbd`, the next backup is
+//!   exact and the VM starts again.
 
 use std::path::Path;
 use std::time::Duration;
@@ -253,5 +256,73 @@ fn kill_9_mid_backup_then_restart_fails_the_job_and_the_next_backup_is_exact() -
     restore_equals(&d, dir.path(), next_id, &model, &disk)?;
     let verify: Value = d.ok(&["verify", "--full"])?;
     ensure!(verify["ok"] == true, "verify: {verify}");
+    Ok(())
+}
+
+/// Pids of `qemu-nbd` processes serving from a directory under `work`.
+fn qemu_nbd_under(work: &Path) -> Result<Vec<String>> {
+    let out = std::process::Command::new("pgrep")
+        .args(["-f", &format!("^qemu-nbd .*{}/", work.display())])
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect())
+}
+
+#[test]
+fn kill_9_mid_offline_backup_then_restart_ends_its_qemu_nbd() -> Result<()> {
+    let Setup {
+        vm,
+        disk,
+        model,
+        dir,
+        mut d,
+    } = setup("api-kill-off", 256 * MIB, 64 * MIB, 11, SLOW)?;
+    vm.shutdown()?;
+    let job = d.ok(&["backup", vm.name(), "--full"])?;
+    let id = job["id"].as_u64().context("job id")?;
+    d.wait_job(id, Duration::from_secs(60), |j| {
+        j["state"] == "running" && j["progress"]["bytes_read"].as_u64().unwrap_or(0) > 0
+    })?;
+    d.kill()?;
+    drop(d);
+    let work = dir.path().join("data").join("work");
+    let orphans = qemu_nbd_under(&work)?;
+    ensure!(
+        !orphans.is_empty(),
+        "the dead daemon's qemu-nbd outlives it (the case under test)"
+    );
+
+    let d = Daemon::start(dir.path(), SLOW)?;
+    let cleaned = eventually("the start-up cleanup", Duration::from_secs(30), || {
+        let j = d.ok(&["job", "show", &id.to_string()])?;
+        let msg = j["message"].as_str().unwrap_or_default().to_string();
+        Ok(msg.contains("cleaned up").then_some(msg))
+    })?;
+    ensure!(
+        cleaned.contains("cleaned up: qemu-nbd of the offline backup ended"),
+        "{cleaned}"
+    );
+    let left = qemu_nbd_under(&work)?;
+    ensure!(
+        left.is_empty(),
+        "qemu-nbd left after the restart: {left:?} (was {orphans:?})"
+    );
+    let dirs = job_dirs(&d)?;
+    ensure!(
+        dirs.is_empty(),
+        "job directories left after the restart: {dirs:?}"
+    );
+
+    let next = d.ok(&["backup", vm.name(), "--wait"])?;
+    ensure!(
+        next["state"] == "succeeded",
+        "offline backup after kill -9: {next}"
+    );
+    let next_id = next["backup_id"].as_str().context("backup id")?;
+    restore_equals(&d, dir.path(), next_id, &model, &disk)?;
+    // Nothing holds the image any more: the VM starts.
+    vm.start()?;
     Ok(())
 }

@@ -9,6 +9,7 @@ pub mod backup;
 mod disk;
 mod error;
 mod progress;
+pub mod stale;
 pub mod throttle;
 
 pub use backup::{
