@@ -536,3 +536,56 @@ async fn shutdown_signal() {
         _ = int.recv() => {},
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_dead_daemons_staging_of_that_job_is_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = std::process::id();
+        // Above the largest pid Linux hands out (pid_max is at most 2^22).
+        let dead = 4_194_305;
+        let live = std::os::unix::process::parent_id();
+        for name in [
+            format!("{STAGING}{me}-5"),
+            format!("{STAGING}{dead}-5"),
+            format!("{STAGING}{live}-5"),
+            format!("{STAGING}{dead}-6"),
+            format!("{STAGING}{dead}-x"),
+            "vm.qcow2".to_string(),
+        ] {
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+        }
+        let mut stale = stale_staging(dir.path(), 5);
+        stale.sort();
+        let mut want = vec![
+            dir.path().join(format!("{STAGING}{me}-5")),
+            dir.path().join(format!("{STAGING}{dead}-5")),
+        ];
+        want.sort();
+        assert_eq!(stale, want);
+        assert!(stale_staging(&dir.path().join("missing"), 5).is_empty());
+    }
+
+    #[test]
+    fn leftovers_are_listed_by_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path();
+        for d in [
+            "job-sluice-1-2",
+            "job-other",
+            "restore-7",
+            "restore-x",
+            "overlays",
+        ] {
+            std::fs::create_dir(work.join(d)).unwrap();
+        }
+        std::fs::write(work.join("overlays").join("e1.qcow2"), b"").unwrap();
+        let left = Leftovers::list(work);
+        assert_eq!(left.job_dirs, [work.join("job-sluice-1-2")]);
+        assert_eq!(left.restore_dirs, [(7, work.join("restore-7"))]);
+        assert_eq!(left.overlays, [work.join("overlays").join("e1.qcow2")]);
+    }
+}
