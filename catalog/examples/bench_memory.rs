@@ -1,5 +1,5 @@
 //! Peak memory of open, a whole-disk restore read, GC, verify and an incremental backup as
-//! the repository grows: all but the backup must stay flat.
+//! the repository grows: each must stay flat (GC grows slowly with its Bloom filter).
 //!
 //! Fabricates a repository of N synthetic chunks (tiny payloads, so millions of them are
 //! cheap; real packs of 512 blobs each, as 32 MiB packs of 64 KiB chunks hold, index blocks
@@ -10,9 +10,12 @@
 //! 64 KiB chunks (distinct index blocks), which the `read` phase reads whole through
 //! `DiskReader::read_at` and checks. The `backup` phase writes an incremental of `vda` on
 //! top of the first backup (one changed chunk): the writer's memory for a parent of N chunks.
+//! The `scatter` phase writes an incremental that changes one chunk in every index block
+//! (every block dirty, none complete: the writer's worst case, which spills).
 //!
-//! `cargo run --release -p catalog --example bench_memory [-- SMALL_M LARGE_M]`
-//! (millions of chunks; default 1 and 4). Scratch goes under `$TMPDIR` (default /tmp).
+//! `cargo run --release -p catalog --example bench_memory [-- SMALL_M LARGE_M [PHASES]]`
+//! (millions of chunks; default 1 and 4; PHASES a comma list, default
+//! `open,read,gc,verify,backup,scatter`). Scratch goes under `$TMPDIR` (default /tmp).
 
 use anyhow::{bail, Context};
 use catalog::format::blob::{self, BlobHeader, BlobKind, BLOB_HEADER_LEN};
@@ -36,9 +39,12 @@ fn main() -> anyhow::Result<()> {
     }
     let sizes: Vec<f64> = match args.len() {
         1 => vec![1.0, 4.0],
-        3 => vec![args[1].parse()?, args[2].parse()?],
-        _ => bail!("usage: bench_memory [SMALL_M LARGE_M]"),
+        3 | 4 => vec![args[1].parse()?, args[2].parse()?],
+        _ => bail!("usage: bench_memory [SMALL_M LARGE_M [PHASES]]"),
     };
+    let phases = args
+        .get(3)
+        .map_or("open,read,gc,verify,backup,scatter", String::as_str);
     println!("    chunks  phase   peak RSS (VmHWM)  time     result");
     for m in sizes {
         let n = ((m * 1e6) as u64).max(1);
@@ -46,7 +52,7 @@ fn main() -> anyhow::Result<()> {
         let t = Instant::now();
         child(&["--fabricate", &n.to_string()], dir.path())?;
         println!("{n:>10}  fabricated in {:.1} s", t.elapsed().as_secs_f64());
-        for phase in ["open", "read", "gc", "verify", "backup"] {
+        for phase in phases.split(',') {
             print!("{n:>10}  {}", child(&["--measure", phase], dir.path())?);
         }
         println!(
@@ -97,7 +103,8 @@ fn measure(phase: &str, dir: &Path) -> anyhow::Result<()> {
             format!("chunks {} problems {}", r.chunks, r.problems.len())
         }
         "read" => read_disk(&repo)?,
-        "backup" => incremental(&repo)?,
+        "backup" => incremental(&repo, false)?,
+        "scatter" => incremental(&repo, true)?,
         _ => bail!("unknown phase {phase}"),
     };
     println!(
@@ -338,8 +345,9 @@ fn read_disk(repo: &Repository) -> anyhow::Result<String> {
     ))
 }
 
-/// An incremental of `vda` on top of the first backup, one chunk changed.
-fn incremental(repo: &Repository) -> anyhow::Result<String> {
+/// An incremental of `vda` on top of the first backup: one chunk changed, or with `scatter`
+/// one in every index block.
+fn incremental(repo: &Repository, scatter: bool) -> anyhow::Result<String> {
     let first = first_backup(repo)?;
     let m = repo.manifest(&first)?;
     let vda = &m.disks[0];
@@ -353,14 +361,32 @@ fn incremental(repo: &Repository) -> anyhow::Result<String> {
         parent: Some(first),
         started: 1_800_000_000,
     })?;
-    w.put_chunk(0, 1, &read_chunk(99, vda.chunk_size as usize))?;
+    let cs = vda.chunk_size as usize;
+    let per = vda.index_block_len as u64;
+    let changed: Vec<u64> = if scatter {
+        (0..vda.index_blocks.len() as u64)
+            .map(|b| b * per)
+            .collect()
+    } else {
+        vec![1]
+    };
+    for &i in &changed {
+        w.put_chunk(0, i, &read_chunk(i + 99, cs))?;
+    }
     let out = w.commit(catalog::CommitInfo {
         domain_xml: "<domain/>".into(),
         mode: BackupMode::Incremental,
         consistency: Consistency::Crash,
         finished: 1_800_000_001,
     })?;
-    Ok(format!("committed {}", out.id))
+    let rewritten = (out.disks[0].index_blocks.iter())
+        .zip(&vda.index_blocks)
+        .filter(|(a, b)| a != b)
+        .count();
+    Ok(format!(
+        "{} chunks changed, {rewritten} index blocks rewritten",
+        changed.len()
+    ))
 }
 
 /// The oldest backup (the one with disk `vdr`).

@@ -102,15 +102,11 @@ impl Repository {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
         for d in &spec.disks {
-            let (plan, ids) = self.plan_disk(d, parent.as_ref())?;
-            let ids = Arc::new(ids);
-            disks.push(DiskIndex::new(
-                ids.clone(),
-                plan.chunks,
-                block_len,
-                spill_dir,
-            ));
-            parents.push(ids);
+            let (plan, parent_index) = self.plan_disk(d, parent.as_ref())?;
+            let parent_index = Arc::new(parent_index);
+            let di = DiskIndex::new(parent_index.clone(), plan.chunks, block_len, spill_dir);
+            disks.push(di);
+            parents.push(parent_index);
             plans.push(plan);
         }
         let pipeline = Pipeline::start(self, parents, disks)?;
@@ -138,7 +134,7 @@ impl Repository {
         let chunks = chunk_count(d.size, cs);
         let pd = parent.and_then(|p| p.disks.iter().find(|x| x.target == d.target));
         let usable = pd.filter(|x| x.chunk_size == cs && x.index_block_len == block_len);
-        let ids = match (usable, parent) {
+        let parent_index = match (usable, parent) {
             (Some(x), Some(p)) => self.parent_index(&p.id, x)?,
             _ => ParentIndex::none(block_len),
         };
@@ -148,7 +144,7 @@ impl Repository {
                 chunks,
                 parent_backup: usable.and(parent.map(|p| p.id.clone())),
             },
-            ids,
+            parent_index,
         ))
     }
 
