@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use catalog::{BackupMode, Repository};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use proxy::hypervisor::libvirt::LibvirtHypervisor;
 use proxy::hypervisor::qmp::QmpClient;
 use proxy::hypervisor::Hypervisor;
@@ -227,14 +229,27 @@ where
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_of_the_daemon_mid_qmp_backup_is_cleaned_up_at_restart() -> Result<()> {
-    let size = 128 * MIB;
-    let qemu = PlainQemu::start("bk-qmp-kill", size, &["write -P 0xaa 0 48M"])?;
-    // The daemon holds the adapter's monitor; the test watches QEMU on the second one.
+/// A QEMU over QMP whose backup a `sluice serve` was running when it was killed with
+/// `kill -9`: its fleece and job directory are left (checked).
+struct Killed {
+    qemu: PlainQemu,
+    /// A client on QEMU's second monitor (the daemon holds the first).
+    watch: QmpClient,
+    dir: tempfile::TempDir,
+    /// The daemon's configuration, for the restart.
+    extra: String,
+    /// The interrupted job.
+    id: u64,
+    work: std::path::PathBuf,
+}
+
+/// 48 MiB written in a 128 MiB disk; the killed full backup reads at 8 MiB/s.
+const SIZE: u64 = 128 * MIB;
+
+async fn killed_mid_backup(tag: &str) -> Result<Killed> {
+    let qemu = PlainQemu::start(tag, SIZE, &["write -P 0xaa 0 48M"])?;
     let mut watch = QmpClient::connect(&qemu.dir().join("qmp2.sock")).await?;
     let dir = tempfile::tempdir()?;
-    // 48 MiB at 8 MiB/s: the backup runs about 6 s, long enough to be killed.
     let extra = format!(
         "read_limit = 8388608\n[[hypervisors]]\nname = \"plain\"\nsocket = {:?}\nvm = \"plainvm\"\n",
         qemu.dir().join("qmp.sock")
@@ -251,14 +266,62 @@ async fn kill_9_of_the_daemon_mid_qmp_backup_is_cleaned_up_at_restart() -> Resul
     ensure!(!left.is_empty(), "the dead daemon's fleece is in qemu");
     let work = dir.path().join("data").join("work");
     ensure!(!job_dirs(&work)?.is_empty(), "and its job directory");
+    Ok(Killed {
+        qemu,
+        watch,
+        dir,
+        extra,
+        id,
+        work,
+    })
+}
 
-    let d = Daemon::start(dir.path(), &extra)?;
-    let msg = eventually("the start-up cleanup", Duration::from_secs(30), || async {
+/// The message of job `id` once the start-up cleanup has noted its outcome.
+async fn cleanup_note(d: &Daemon, id: u64) -> Result<String> {
+    eventually("the start-up cleanup", Duration::from_secs(40), || async {
         let j = d.ok(&["job", "show", &id.to_string()])?;
         let msg = j["message"].as_str().unwrap_or_default().to_string();
         Ok(msg.contains("cleaned up").then_some(msg))
     })
-    .await?;
+    .await
+}
+
+/// Backs up `plainvm` through the daemon after a guest write, restores the backup to a raw
+/// file and compares it with what was written; no fleece is left.
+async fn next_backup_is_exact(d: &Daemon, watch: &mut QmpClient) -> Result<()> {
+    guest_write(watch, 64 * MIB, 64 * KIB, 0x21).await?;
+    let next = d.ok(&["backup", "plainvm", "--wait"])?;
+    ensure!(next["state"] == "succeeded", "backup after kill -9: {next}");
+    let bid = next["backup_id"].as_str().context("backup id")?;
+    let out = d.data.join("restores").join("next.raw");
+    let to = out.to_str().context("path")?;
+    let restore = d.ok(&["restore", bid, "--to", to, "--format", "raw"])?;
+    ensure!(restore["state"] == "succeeded", "{restore}");
+    let fills = [(0, 48 * MIB, 0xaa), (64 * MIB, 64 * KIB, 0x21)];
+    ensure!(
+        std::fs::read(&out)? == expected(SIZE, &fills),
+        "restored bytes differ"
+    );
+    let left = fleece_left(watch).await?;
+    ensure!(
+        left.is_empty(),
+        "fleece left after the next backup: {left:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_daemon_mid_qmp_backup_is_cleaned_up_at_restart() -> Result<()> {
+    let Killed {
+        qemu: _qemu,
+        mut watch,
+        dir,
+        extra,
+        id,
+        work,
+    } = killed_mid_backup("bk-qmp-kill").await?;
+    let d = Daemon::start(dir.path(), &extra)?;
+    let msg = cleanup_note(&d, id).await?;
     ensure!(
         msg.contains("cleaned up: qemu backup export ended"),
         "{msg}"
@@ -270,23 +333,68 @@ async fn kill_9_of_the_daemon_mid_qmp_backup_is_cleaned_up_at_restart() -> Resul
         dirs.is_empty(),
         "job directories left after the restart: {dirs:?}"
     );
+    next_backup_is_exact(&d, &mut watch).await?;
+    Ok(())
+}
 
-    guest_write(&mut watch, 64 * MIB, 64 * KIB, 0x21).await?;
-    let next = d.ok(&["backup", "plainvm", "--wait"])?;
-    ensure!(next["state"] == "succeeded", "backup after kill -9: {next}");
-    let bid = next["backup_id"].as_str().context("backup id")?;
-    let out = d.data.join("restores").join("next.raw");
-    let to = out.to_str().context("path")?;
-    let restore = d.ok(&["restore", bid, "--to", to, "--format", "raw"])?;
-    ensure!(restore["state"] == "succeeded", "{restore}");
-    let fills = [(0, 48 * MIB, 0xaa), (64 * MIB, 64 * KIB, 0x21)];
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hypervisor_down_at_restart_is_left_to_the_next_backup() -> Result<()> {
+    let Killed {
+        qemu,
+        mut watch,
+        dir,
+        extra,
+        id,
+        work,
+    } = killed_mid_backup("bk-qmp-down").await?;
+    // QEMU stopped (SIGSTOP): its monitor accepts the connection but never answers.
+    let pid = qemu_pid(qemu.dir())?;
+    kill(pid, Signal::SIGSTOP)?;
+    let d = Daemon::start(dir.path(), &extra);
+    let msg = match &d {
+        Ok(d) => cleanup_note(d, id).await,
+        Err(_) => Ok(String::new()),
+    };
+    kill(pid, Signal::SIGCONT)?;
+    let (d, msg) = (d?, msg?);
+    ensure!(msg.contains("not cleaned up: hypervisor plain"), "{msg}");
     ensure!(
-        std::fs::read(&out)? == expected(size, &fills),
-        "restored bytes differ"
+        msg.contains("the next backup of vm plainvm ends its job"),
+        "{msg}"
     );
+    ensure!(!job_dirs(&work)?.is_empty(), "its job directory is kept");
+    ensure!(!fleece_left(&mut watch).await?.is_empty(), "and its fleece");
+    // The hypervisor answers again (once its last failure is old enough to retry): the next
+    // backup ends the stale job first.
+    eventually("hypervisor plain up", Duration::from_secs(30), || async {
+        let (_, list) = d.cli(&["hypervisor", "list"])?;
+        let up = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|h| h["name"] == "plain" && h["state"] == "up");
+        Ok(up.then_some(()))
+    })
+    .await?;
+    next_backup_is_exact(&d, &mut watch).await?;
+    let dirs = job_dirs(&work)?;
     ensure!(
-        fleece_left(&mut watch).await?.is_empty(),
-        "fleece left after the next backup"
+        dirs.is_empty(),
+        "job directories left after the next backup: {dirs:?}"
     );
     Ok(())
+}
+
+/// The pid of the QEMU whose scratch directory is `dir` (its QMP socket is in it).
+fn qemu_pid(dir: &std::path::Path) -> Result<Pid> {
+    let out = std::process::Command::new("pgrep")
+        .args(["-f", &format!("^qemu-system.*{}/qmp.sock", dir.display())])
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let pid: i32 = text
+        .split_whitespace()
+        .next()
+        .context("no qemu process")?
+        .parse()?;
+    Ok(Pid::from_raw(pid))
 }
