@@ -459,15 +459,20 @@ async fn stopped_domain_is_read_offline_with_its_bitmap() -> Result<()> {
 /// Listing VMs while another client defines and undefines domains never fails: a domain gone
 /// between libvirt's list and its description is left out (this once failed a restore as a
 /// new domain, which lists the names in use, while another test's VM was being removed).
+/// The churn goes on until 30 listings have run and 100 churned domains were seen in them
+/// (a sustained overlap: a few seconds here), however slow the machine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listing_survives_vms_deleted_meanwhile() -> Result<()> {
     use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    const LISTINGS: usize = 30;
     testbed::libvirt::ensure_libvirt()?;
     let hv = connect().await?;
     let dir = tempfile::tempdir()?;
     let pid = std::process::id();
-    let mut script = String::new();
-    for i in 0..150 {
+    let mut pairs = Vec::new();
+    for i in 0..4 {
         let name = format!("{}churn-{pid}-{i}", testbed::vm::NAME_PREFIX);
         let xml = dir.path().join(format!("{i}.xml"));
         std::fs::write(
@@ -477,39 +482,66 @@ async fn listing_survives_vms_deleted_meanwhile() -> Result<()> {
                  <os><type arch='x86_64'>hvm</type></os></domain>"
             ),
         )?;
-        script.push_str(&format!("define {}\nundefine {name}\n", xml.display()));
+        pairs.push(format!("define {}\nundefine {name}\n", xml.display()));
     }
     let mut churn = std::process::Command::new("virsh")
         .args(["-c", testbed::libvirt::URI, "-q"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()?;
-    churn
-        .stdin
-        .take()
-        .expect("piped stdin")
-        .write_all(script.as_bytes())?;
-    let mut lists = 0;
-    let mut seen_churn = 0;
-    while churn.try_wait()?.is_none() {
-        let doms = match hv.list_domains().await {
-            Ok(d) => d,
-            Err(e) => {
-                let _ = churn.kill();
-                let _ = churn.wait();
-                anyhow::bail!("listing {lists} failed while domains came and went: {e}");
+    let mut stdin = churn.stdin.take().expect("piped stdin");
+    let stop = Arc::new(AtomicBool::new(false));
+    let feeder = {
+        let stop = stop.clone();
+        // Blocking writes: the pipe paces the feeder to virsh's speed.
+        std::thread::spawn(move || {
+            let mut sent = 0usize;
+            for pair in pairs.iter().cycle() {
+                if stop.load(Ordering::Relaxed) || stdin.write_all(pair.as_bytes()).is_err() {
+                    break;
+                }
+                sent += 1;
             }
-        };
-        lists += 1;
-        seen_churn += doms
-            .iter()
-            .filter(|d| d.name.contains(&format!("churn-{pid}-")))
-            .count();
+            sent
+        })
+    };
+    let mut seen_churn = 0;
+    let mut failure = None;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut n = 0;
+    // Until 30 listings have run and 100 churned domains were seen (virsh takes a moment to
+    // start), within a minute.
+    while (n < LISTINGS || seen_churn < 100) && std::time::Instant::now() < deadline {
+        n += 1;
+        match hv.list_domains().await {
+            Ok(doms) => {
+                seen_churn += doms
+                    .iter()
+                    .filter(|d| d.name.contains(&format!("churn-{pid}-")))
+                    .count()
+            }
+            Err(e) => {
+                failure = Some(format!(
+                    "listing {n} failed while domains came and went: {e}"
+                ));
+                break;
+            }
+        }
     }
+    stop.store(true, Ordering::Relaxed);
+    let sent = feeder.join().expect("feeder thread");
     let status = churn.wait()?;
+    if let Some(f) = failure {
+        anyhow::bail!(f);
+    }
     anyhow::ensure!(status.success(), "virsh define/undefine loop: {status}");
-    anyhow::ensure!(lists >= 5, "only {lists} listings ran beside the churn");
-    eprintln!("{lists} listings, {seen_churn} churned domains seen in them");
+    eprintln!(
+        "{n} listings beside {sent} define/undefine pairs; {seen_churn} churned domains seen"
+    );
+    anyhow::ensure!(
+        n >= LISTINGS && seen_churn >= 100,
+        "within 60 s only {n} listings, {seen_churn} saw a churned domain: the churn did not overlap the listings"
+    );
     let left = testbed::libvirt::domain_names()?;
     anyhow::ensure!(
         !left.iter().any(|n| n.contains(&format!("churn-{pid}-"))),
