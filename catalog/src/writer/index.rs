@@ -16,8 +16,9 @@
 //! id when it has as many ids as the parent's block (same content, same id), and is
 //! re-encoded only where the disk shrank or grew.
 //!
-//! Memory per disk: [`OPEN_BLOCKS`] open blocks and [`PARENT_CACHE`] cached parent blocks
-//! (32 B per id, 1024 ids per block by default: 1.5 MiB), plus about 80 B per index block for
+//! Memory per disk: [`OPEN_BLOCKS`] open blocks (each holding its own ids, or the parent's
+//! while clean) and [`PARENT_CACHE`] cached parent blocks (32 B per id, 1024 ids per block by
+//! default: at most 1.5 MiB), plus about 80 B per index block for
 //! the parent's and the new block ids and the spill slots (the manifest lists the block ids
 //! anyway: 100 M chunks have ~98 k blocks, ~8 MB). Callers that put positions roughly in
 //! order (the proxy: 1 GiB windows, 16 blocks of 64 KiB chunks) never reopen a spilled block;
@@ -90,16 +91,9 @@ impl ParentIndex {
         Ok(v)
     }
 
-    /// The parent's digest at position `i` (zero past its end).
-    pub fn digest(&self, i: u64) -> Result<ChunkDigest> {
-        if i >= self.chunks {
-            return Ok(ChunkDigest::ZERO);
-        }
-        let block = self.block(i / self.block_len)?;
-        Ok(block
-            .get((i % self.block_len) as usize)
-            .copied()
-            .unwrap_or(ChunkDigest::ZERO))
+    /// Block and offset in it of position `i`; `None` past the parent's end.
+    pub fn position(&self, i: u64) -> Option<(u64, usize)> {
+        (i < self.chunks).then(|| (i / self.block_len, (i % self.block_len) as usize))
     }
 }
 
@@ -113,6 +107,8 @@ pub(crate) trait BlockSink {
 struct Open {
     /// `None` while every position equals the parent's.
     ids: Option<Vec<ChunkDigest>>,
+    /// The parent's ids of the block while it is clean.
+    parent: Option<Arc<Vec<ChunkDigest>>>,
     /// Positions put, one bit each.
     put: Vec<u64>,
     /// Number of bits set in `put`.
@@ -162,32 +158,43 @@ impl DiskIndex {
         if self.done[b as usize].is_some() {
             return Ok(());
         }
-        let mut o = self.take_open(b)?;
+        if !self.open.contains_key(&b) {
+            let o = self.reopen(b)?;
+            self.make_room()?;
+            self.open.insert(b, o);
+        }
+        let n = self.len_of(b);
+        self.tick += 1;
+        let tick = self.tick;
+        let o = self
+            .open
+            .get_mut(&b)
+            .ok_or_else(|| Error::invalid("index block vanished"))?;
+        o.used = tick;
         if o.put[k / 64] & (1 << (k % 64)) == 0 {
             o.put[k / 64] |= 1 << (k % 64);
             o.puts += 1;
         }
-        if o.ids.is_none() && self.parent.digest(i)? != digest {
-            o.ids = Some(self.parent_ids(b)?);
+        if let Some(parent) = o.parent.as_ref() {
+            if parent.get(k).copied().unwrap_or(ChunkDigest::ZERO) != digest {
+                let mut ids = parent.to_vec();
+                ids.resize(n, ChunkDigest::ZERO);
+                o.ids = Some(ids);
+                o.parent = None;
+            }
         }
         if let Some(ids) = o.ids.as_mut() {
             ids[k] = digest;
         }
-        if o.puts == self.len_of(b) {
-            return self.finish_block(b, o.ids, sink);
+        if o.puts == n {
+            let ids = self.open.remove(&b).and_then(|o| o.ids);
+            return self.finish_block(b, ids, sink);
         }
-        self.tick += 1;
-        o.used = self.tick;
-        self.make_room(b)?;
-        self.open.insert(b, o);
         Ok(())
     }
 
-    /// Block `b` taken out of the open set, or back from the spill, or newly opened.
-    fn take_open(&mut self, b: u64) -> Result<Open> {
-        if let Some(o) = self.open.remove(&b) {
-            return Ok(o);
-        }
+    /// Block `b` back from the spill, or newly opened (clean: the parent's ids at hand).
+    fn reopen(&mut self, b: u64) -> Result<Open> {
         let n = self.len_of(b);
         let words = (self.block_len as usize).div_ceil(64);
         if let Some(bytes) = self.spill.take(b)? {
@@ -195,15 +202,16 @@ impl DiskIndex {
         }
         Ok(Open {
             ids: None,
+            parent: Some(self.parent.block(b)?),
             put: vec![0; words],
             puts: 0,
             used: 0,
         })
     }
 
-    /// Evict the least recently used open block if the set is full (`b` is about to go in).
-    fn make_room(&mut self, b: u64) -> Result<()> {
-        if self.open.len() < OPEN_BLOCKS || self.open.contains_key(&b) {
+    /// Evict the least recently used open block if the set is full.
+    fn make_room(&mut self) -> Result<()> {
+        if self.open.len() < OPEN_BLOCKS {
             return Ok(());
         }
         let oldest = self
@@ -301,6 +309,7 @@ fn decode_open(b: &[u8], n: usize, words: usize) -> Open {
         .collect();
     Open {
         ids: Some((0..n).map(id).collect()),
+        parent: None,
         puts: put.iter().map(|w| w.count_ones() as usize).sum(),
         put,
         used: 0,

@@ -211,6 +211,7 @@ fn process(sh: &Shared, cat: &Catalog, job: &Job) -> Result<Outcome> {
     let data = &job.buf[job.start..job.end];
     let chunks: Vec<&[u8]> = data.chunks(job.chunk_size).collect();
     let parent = &sh.parents[job.disk];
+    let mut block = None;
     let mut items = Vec::with_capacity(chunks.len());
     let mut ask = Vec::new();
     for (i, c) in chunks.iter().enumerate() {
@@ -220,9 +221,7 @@ fn process(sh: &Shared, cat: &Catalog, job: &Job) -> Result<Outcome> {
         } else {
             ChunkDigest::of(c)
         };
-        // A parent block that cannot be read is only a missed shortcut here: the catalog
-        // answers (the store thread reports the error when it records the position).
-        if !digest.is_zero() && parent.digest(index).ok() != Some(digest) {
+        if !digest.is_zero() && !parent_has(parent, index, &digest, &mut block) {
             ask.push(i);
         }
         items.push(Item {
@@ -239,6 +238,24 @@ fn process(sh: &Shared, cat: &Catalog, job: &Job) -> Result<Outcome> {
         disk: job.disk,
         items,
     })
+}
+
+/// Whether the parent has `digest` at `index`; `cur` keeps the last parent block read. A
+/// parent block that cannot be read is only a missed shortcut here: the catalog answers (the
+/// store thread reports the error when it records the position).
+fn parent_has(
+    parent: &ParentIndex,
+    index: u64,
+    digest: &ChunkDigest,
+    cur: &mut Option<(u64, Arc<Vec<ChunkDigest>>)>,
+) -> bool {
+    let Some((b, k)) = parent.position(index) else {
+        return false;
+    };
+    if cur.as_ref().is_none_or(|(at, _)| *at != b) {
+        *cur = parent.block(b).ok().map(|v| (b, v));
+    }
+    cur.as_ref().and_then(|(_, v)| v.get(k)) == Some(digest)
 }
 
 /// Of the items at `ask`, those whose digest is neither pending in a pack being built nor in
