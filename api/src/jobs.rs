@@ -134,6 +134,9 @@ pub struct Jobs {
     changed: Notify,
     /// Counters of ended jobs, for `/metrics`.
     pub metrics: JobMetrics,
+    /// Held while [`Jobs::start_exclusive`] checks and queues, so two requests cannot both
+    /// pass the check.
+    exclusive: Mutex<()>,
 }
 
 impl std::fmt::Debug for Jobs {
@@ -210,6 +213,11 @@ impl JobSpec {
     }
 }
 
+/// Whether a job of `kind` in `mode` works on its VM itself (one such job per VM at a time).
+fn holds_vm(kind: &str, mode: &str) -> bool {
+    kind == "backup" || (kind == "restore" && mode == "onto-vm")
+}
+
 impl Jobs {
     /// A registry in memory running at most `concurrency` jobs at once, on host `local`.
     pub fn new(concurrency: usize) -> Self {
@@ -254,6 +262,7 @@ impl Jobs {
             shutdown: CancellationToken::new(),
             changed: Notify::new(),
             metrics: JobMetrics::default(),
+            exclusive: Mutex::new(()),
         }
     }
 
@@ -334,6 +343,39 @@ impl Jobs {
         self.tracker
             .spawn(async move { me.run(handle, turn, body).await });
         info
+    }
+
+    /// [`Jobs::start`] unless a job that holds the same VM (a backup, or a restore onto the
+    /// VM's own disks, on the same hypervisor) has not ended: then that job, untouched. Two
+    /// backups of one VM at once would fight over its one libvirt backup job (the second
+    /// one's stale-job clean-up would end the first's).
+    pub fn start_exclusive<F, Fut>(
+        self: &Arc<Self>,
+        spec: JobSpec,
+        body: F,
+    ) -> Result<JobInfo, Box<JobInfo>>
+    where
+        F: FnOnce(JobHandle) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = JobOutcome> + Send + 'static,
+    {
+        let _one_at_a_time = self.exclusive.lock().expect("jobs lock");
+        let busy = self
+            .entries
+            .lock()
+            .expect("jobs lock")
+            .values()
+            .map(|e| &e.info)
+            .find(|j| {
+                !j.state.is_final()
+                    && holds_vm(&j.kind, &j.mode)
+                    && j.vm == spec.vm
+                    && j.hypervisor == spec.hypervisor
+            })
+            .cloned();
+        match busy {
+            Some(j) if holds_vm(&spec.kind, &spec.mode) => Err(Box::new(j)),
+            _ => Ok(self.start(spec, body)),
+        }
     }
 
     fn persist(&self, info: &JobInfo) {

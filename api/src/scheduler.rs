@@ -85,7 +85,12 @@ pub async fn tick(st: &SharedState, now: i64) -> Vec<JobInfo> {
                     continue;
                 }
                 tracing::info!(policy = %p.name, vm, hypervisor = m.name(), "scheduled backup");
-                started.push(spawn_backup(st, m.clone(), vm, p.mode, Some(p.clone())));
+                match spawn_backup(st, m.clone(), vm, p.mode, Some(p.clone())) {
+                    Ok(job) => started.push(job),
+                    Err(busy) => {
+                        tracing::warn!(policy = %p.name, vm, job = busy.id, "vm busy; skipped");
+                    }
+                }
             }
         }
         if !any {

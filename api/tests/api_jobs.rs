@@ -202,3 +202,57 @@ async fn hypervisors_of_one_host_share_its_limit_and_two_hosts_run_in_parallel()
     wait_state(&jobs, a.id, JobState::Succeeded).await;
     wait_state(&jobs, b.id, JobState::Running).await;
 }
+
+/// One job holds a VM at a time: a backup requested while another backup of the VM has not
+/// ended is 409 naming that job (two would fight over libvirt's one backup job per domain),
+/// a restore onto the VM likewise; a restore to a file does not hold the VM, the same name on
+/// another hypervisor is another VM, and once the job ends the VM is free again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_runs_one_backup_at_a_time() {
+    let a = common::api().await;
+    let jobs = a.state.jobs.clone();
+    let (tx, rx) = oneshot::channel::<()>();
+    let held = jobs
+        .start_exclusive(
+            JobSpec::new("backup", "test", "auto").on("local", "localhost"),
+            move |_| async move {
+                let _ = rx.await;
+                Ok("held".to_string())
+            },
+        )
+        .expect("the vm is free");
+    wait_state(&jobs, held.id, JobState::Running).await;
+    let before = jobs.list().len();
+    let (code, body) = common::call(
+        &a.app,
+        "POST",
+        "/api/v1/vms/test/backups",
+        Some(&a.operator),
+        None,
+    )
+    .await;
+    assert_eq!(code, 409, "{body}");
+    let msg = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("busy") && msg.contains(&format!("job {}", held.id)),
+        "{msg}"
+    );
+    assert_eq!(jobs.list().len(), before, "a refused request queued a job");
+    let onto = JobSpec::new("restore", "test", "onto-vm").on("local", "localhost");
+    let refused = jobs.start_exclusive(onto, |_| async { Ok(String::new()) });
+    assert_eq!(refused.err().map(|j| j.id), Some(held.id));
+    let to_file = JobSpec::new("restore", "test", "to-file");
+    assert!(jobs
+        .start_exclusive(to_file, |_| async { Ok(String::new()) })
+        .is_ok());
+    let elsewhere = JobSpec::new("backup", "test", "auto").on("other", "otherhost");
+    assert!(jobs
+        .start_exclusive(elsewhere, |_| async { Ok(String::new()) })
+        .is_ok());
+    tx.send(()).unwrap();
+    wait_state(&jobs, held.id, JobState::Succeeded).await;
+    let again = JobSpec::new("backup", "test", "auto").on("local", "localhost");
+    assert!(jobs
+        .start_exclusive(again, |_| async { Ok(String::new()) })
+        .is_ok());
+}

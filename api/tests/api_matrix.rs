@@ -185,6 +185,8 @@ async fn every_route_checks_every_role_and_scope() {
             }
         }
         for (i, tok) in tokens.iter().enumerate() {
+            // One backup per VM at a time: the previous role's backup ends first.
+            idle(&a).await;
             let (s, j) = call(&a.app, method, &uri, Some(tok), b()).await;
             if s.as_u16() != expect[i] {
                 failures.push(format!(
@@ -241,6 +243,17 @@ async fn a_revoked_token_is_refused_at_once() {
 }
 
 /// Waits until job `id` has ended (the test driver cannot back up, so it fails fast).
+/// Waits until no job is queued or running.
+async fn idle(a: &common::Api) {
+    for _ in 0..200 {
+        if a.state.jobs.list().iter().all(|j| j.state.is_final()) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("jobs did not end: {:?}", a.state.jobs.list());
+}
+
 async fn wait_job(a: &common::Api, id: u64) {
     for _ in 0..200 {
         if a.state.jobs.get(id).is_some_and(|j| j.state.is_final()) {

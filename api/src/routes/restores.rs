@@ -144,7 +144,15 @@ pub async fn start(
         spec = spec.on(hv.name(), &hv.spec.host);
     }
     let state = st.clone();
-    let info = st.jobs.start(spec, move |h| run(state, plan, format, h));
+    let info = st
+        .jobs
+        .start_exclusive(spec, move |h| run(state, plan, format, h))
+        .map_err(|busy| {
+            ApiError::conflict(format!(
+                "vm {} is busy: job {} ({} {}) has not ended; wait for it (sluice job show {}) or cancel it",
+                busy.vm, busy.id, busy.kind, busy.mode, busy.id
+            ))
+        })?;
     Ok((StatusCode::ACCEPTED, Json(info)))
 }
 

@@ -209,7 +209,7 @@ pub async fn show(
     params(("vm" = String, Path, description = "VM name"), HvQuery),
     request_body = BackupRequest,
     responses((status = 202, body = JobInfo), (status = 404, body = crate::error::ErrorBody),
-        (status = 409, description = "the name is on several hypervisors: give ?hypervisor=", body = crate::error::ErrorBody)),
+        (status = 409, description = "the name is on several hypervisors (give ?hypervisor=), or a backup of the VM has not ended", body = crate::error::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn trigger(
     State(st): State<SharedState>,
@@ -221,20 +221,24 @@ pub async fn trigger(
     caller.allow(Action::Backup, Some(&vm))?;
     let on = hv_query(q)?;
     let (m, _) = st.hypervisors.locate(&vm, on.as_deref()).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(spawn_backup(&st, m, &vm, req.mode, None)),
-    ))
+    let job = spawn_backup(&st, m, &vm, req.mode, None).map_err(|busy| {
+        ApiError::conflict(format!(
+            "vm {vm} is busy: job {} ({} {}) has not ended; wait for it (sluice job show {}) or cancel it",
+            busy.id, busy.kind, busy.mode, busy.id
+        ))
+    })?;
+    Ok((StatusCode::ACCEPTED, Json(job)))
 }
 
-/// Queues a backup of `vm` on hypervisor `m` (started by `policy`, if given).
+/// Queues a backup of `vm` on hypervisor `m` (started by `policy`, if given); refused with
+/// the job that holds the VM if one has not ended.
 pub(crate) fn spawn_backup(
     st: &SharedState,
     m: Arc<Member>,
     vm: &str,
     mode: BackupModeRequest,
     policy: Option<crate::policy::Policy>,
-) -> JobInfo {
+) -> Result<JobInfo, Box<JobInfo>> {
     let name = if mode == BackupModeRequest::Full {
         "full"
     } else {
@@ -245,7 +249,7 @@ pub(crate) fn spawn_backup(
         spec = spec.for_policy(&p.name);
     }
     let (state, vm) = (st.clone(), vm.to_string());
-    st.jobs.start(spec, move |h| async move {
+    st.jobs.start_exclusive(spec, move |h| async move {
         match policy {
             Some(p) => crate::scheduler::policy_job(state, p, m, vm, h).await,
             None => backup_job(state, m, vm, mode, h).await,
