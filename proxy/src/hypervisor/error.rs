@@ -43,8 +43,10 @@ impl Error {
         }
     }
 
-    /// Attaches the underlying cause.
+    /// Attaches the underlying cause; its text ends the message (`context: cause`), as in the
+    /// job errors that wrap this one, so an operator sees why (e.g. the OS error of a socket).
     pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.message = format!("{}: {source}", self.message);
         self.source = Some(Box::new(source));
         self
     }
@@ -54,7 +56,7 @@ impl Error {
         self.kind
     }
 
-    /// The message without its source.
+    /// The message (with its cause's text, if it has one).
     pub fn message(&self) -> &str {
         &self.message
     }
@@ -67,4 +69,23 @@ pub(crate) fn failed(message: impl Into<String>) -> Error {
 
 pub(crate) fn io_failed(message: impl Into<String>, source: std::io::Error) -> Error {
     failed(message).with_source(source)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cause_is_in_the_message() {
+        let os = std::io::Error::from_raw_os_error(2); // ENOENT
+        let e = io_failed("cannot connect to qmp socket /run/x.sock", os);
+        let text = e.to_string();
+        assert!(
+            text.starts_with("cannot connect to qmp socket /run/x.sock: ")
+                && text.contains("No such file or directory"),
+            "{text}"
+        );
+        assert!(std::error::Error::source(&e).is_some());
+        assert_eq!(failed("plain").to_string(), "plain");
+    }
 }
