@@ -158,6 +158,17 @@ impl Daemon {
         }
     }
 
+    /// The message of job `id` once the daemon's start-up clean-up has noted its outcome
+    /// ("cleaned up: …" or "not cleaned up: …"); fails after `timeout`.
+    pub fn cleanup_note(&self, id: u64, timeout: std::time::Duration) -> Result<String> {
+        let j = self.wait_job(id, timeout, |j| {
+            j["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("cleaned up"))
+        })?;
+        Ok(j["message"].as_str().unwrap_or_default().to_string())
+    }
+
     /// Files left under the daemon's scratch directory (`DATA/work`), recursively: none once
     /// every job has ended cleanly.
     pub fn scratch_files(&self) -> Result<Vec<PathBuf>> {

@@ -220,11 +220,7 @@ fn kill_9_mid_backup_then_restart_fails_the_job_and_the_next_backup_is_exact() -
     );
     // Before any new backup, the start-up cleanup ends the dead daemon's libvirt job and
     // removes its job directory (in the background: the daemon answered before it ran).
-    let cleaned = eventually("the start-up cleanup", Duration::from_secs(30), || {
-        let j = d.ok(&["job", "show", &id.to_string()])?;
-        let msg = j["message"].as_str().unwrap_or_default().to_string();
-        Ok(msg.contains("cleaned up").then_some(msg))
-    })?;
+    let cleaned = d.cleanup_note(id, Duration::from_secs(30))?;
     ensure!(
         cleaned.contains("cleaned up: libvirt backup job ended"),
         "the job's message says what was cleaned: {cleaned}"
@@ -295,11 +291,7 @@ fn kill_9_mid_offline_backup_then_restart_ends_its_qemu_nbd() -> Result<()> {
     );
 
     let d = Daemon::start(dir.path(), SLOW)?;
-    let cleaned = eventually("the start-up cleanup", Duration::from_secs(30), || {
-        let j = d.ok(&["job", "show", &id.to_string()])?;
-        let msg = j["message"].as_str().unwrap_or_default().to_string();
-        Ok(msg.contains("cleaned up").then_some(msg))
-    })?;
+    let cleaned = d.cleanup_note(id, Duration::from_secs(30))?;
     ensure!(
         cleaned.contains("cleaned up: qemu-nbd of the offline backup ended"),
         "{cleaned}"

@@ -276,16 +276,6 @@ async fn killed_mid_backup(tag: &str) -> Result<Killed> {
     })
 }
 
-/// The message of job `id` once the start-up cleanup has noted its outcome.
-async fn cleanup_note(d: &Daemon, id: u64) -> Result<String> {
-    eventually("the start-up cleanup", Duration::from_secs(40), || async {
-        let j = d.ok(&["job", "show", &id.to_string()])?;
-        let msg = j["message"].as_str().unwrap_or_default().to_string();
-        Ok(msg.contains("cleaned up").then_some(msg))
-    })
-    .await
-}
-
 /// Backs up `plainvm` through the daemon after a guest write, restores the backup to a raw
 /// file and compares it with what was written; no fleece is left.
 async fn next_backup_is_exact(d: &Daemon, watch: &mut QmpClient) -> Result<()> {
@@ -321,7 +311,7 @@ async fn kill_9_of_the_daemon_mid_qmp_backup_is_cleaned_up_at_restart() -> Resul
         work,
     } = killed_mid_backup("bk-qmp-kill").await?;
     let d = Daemon::start(dir.path(), &extra)?;
-    let msg = cleanup_note(&d, id).await?;
+    let msg = d.cleanup_note(id, Duration::from_secs(40))?;
     ensure!(
         msg.contains("cleaned up: qemu backup export ended"),
         "{msg}"
@@ -352,7 +342,7 @@ async fn a_hypervisor_down_at_restart_is_left_to_the_next_backup() -> Result<()>
     kill(pid, Signal::SIGSTOP)?;
     let d = Daemon::start(dir.path(), &extra);
     let msg = match &d {
-        Ok(d) => cleanup_note(d, id).await,
+        Ok(d) => d.cleanup_note(id, Duration::from_secs(40)),
         Err(_) => Ok(String::new()),
     };
     kill(pid, Signal::SIGCONT)?;
