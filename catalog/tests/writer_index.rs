@@ -26,10 +26,9 @@ enum Put {
     Zeros(usize, u64, u64),
 }
 
-/// The block ids of `data` as the whole-index writer cut them.
-fn model_blocks(data: &[u8], block_len: usize) -> Vec<ChunkDigest> {
-    let ids: Vec<ChunkDigest> = data
-        .chunks(CS)
+/// The chunk id of every position of `data` (the zero id for an all-zero chunk).
+fn chunk_ids(data: &[u8]) -> Vec<ChunkDigest> {
+    data.chunks(CS)
         .map(|c| {
             if c.iter().all(|&b| b == 0) {
                 ChunkDigest::ZERO
@@ -37,8 +36,13 @@ fn model_blocks(data: &[u8], block_len: usize) -> Vec<ChunkDigest> {
                 ChunkDigest::of(c)
             }
         })
-        .collect();
-    ids.chunks(block_len)
+        .collect()
+}
+
+/// The block ids of `data` as the whole-index writer cut them.
+fn model_blocks(data: &[u8], block_len: usize) -> Vec<ChunkDigest> {
+    chunk_ids(data)
+        .chunks(block_len)
         .map(|b| ChunkDigest::of(&index::encode(b)))
         .collect()
 }
@@ -56,17 +60,7 @@ fn model_index_bytes(
         .collect();
     let mut bytes = 0;
     for (_, data) in disks {
-        let ids: Vec<ChunkDigest> = data
-            .chunks(CS)
-            .map(|c| {
-                if c.iter().all(|&b| b == 0) {
-                    ChunkDigest::ZERO
-                } else {
-                    ChunkDigest::of(c)
-                }
-            })
-            .collect();
-        for b in ids.chunks(block_len) {
+        for b in chunk_ids(data).chunks(block_len) {
             let payload = index::encode(b);
             let d = ChunkDigest::of(&payload);
             if seen.insert(d) {

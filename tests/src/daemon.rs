@@ -158,6 +158,18 @@ impl Daemon {
         }
     }
 
+    /// Starts a full backup of `vm`, waits until it has read data, then kills the daemon
+    /// with SIGKILL mid-backup (it cannot clean up). Returns the job's id.
+    pub fn kill_mid_backup(mut self, vm: &str) -> Result<u64> {
+        let job = self.ok(&["backup", vm, "--full"])?;
+        let id = job["id"].as_u64().context("job id")?;
+        self.wait_job(id, std::time::Duration::from_secs(60), |j| {
+            j["state"] == "running" && j["progress"]["bytes_read"].as_u64().unwrap_or(0) > 0
+        })?;
+        self.kill()?;
+        Ok(id)
+    }
+
     /// The message of job `id` once the daemon's start-up clean-up has noted its outcome
     /// ("cleaned up: …" or "not cleaned up: …"); fails after `timeout`.
     pub fn cleanup_note(&self, id: u64, timeout: std::time::Duration) -> Result<String> {

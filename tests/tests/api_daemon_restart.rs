@@ -273,16 +273,10 @@ fn kill_9_mid_offline_backup_then_restart_ends_its_qemu_nbd() -> Result<()> {
         disk,
         model,
         dir,
-        mut d,
+        d,
     } = setup("api-kill-off", 256 * MIB, 64 * MIB, 11, SLOW)?;
     vm.shutdown()?;
-    let job = d.ok(&["backup", vm.name(), "--full"])?;
-    let id = job["id"].as_u64().context("job id")?;
-    d.wait_job(id, Duration::from_secs(60), |j| {
-        j["state"] == "running" && j["progress"]["bytes_read"].as_u64().unwrap_or(0) > 0
-    })?;
-    d.kill()?;
-    drop(d);
+    let id = d.kill_mid_backup(vm.name())?;
     let work = dir.path().join("data").join("work");
     let orphans = qemu_nbd_under(&work)?;
     ensure!(

@@ -254,14 +254,8 @@ async fn killed_mid_backup(tag: &str) -> Result<Killed> {
         "read_limit = 8388608\n[[hypervisors]]\nname = \"plain\"\nsocket = {:?}\nvm = \"plainvm\"\n",
         qemu.dir().join("qmp.sock")
     );
-    let mut d = Daemon::start(dir.path(), &extra)?;
-    let job = d.ok(&["backup", "plainvm", "--full"])?;
-    let id = job["id"].as_u64().context("job id")?;
-    d.wait_job(id, Duration::from_secs(60), |j| {
-        j["state"] == "running" && j["progress"]["bytes_read"].as_u64().unwrap_or(0) > 0
-    })?;
-    d.kill()?;
-    drop(d);
+    let d = Daemon::start(dir.path(), &extra)?;
+    let id = d.kill_mid_backup("plainvm")?;
     let left = fleece_left(&mut watch).await?;
     ensure!(!left.is_empty(), "the dead daemon's fleece is in qemu");
     let work = dir.path().join("data").join("work");
