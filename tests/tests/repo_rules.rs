@@ -4,12 +4,13 @@
 //! other without a circle, and nothing but the code that builds the app imports the HTTP room.
 //!
 //! The scanner is a small Rust lexer (`repo_rules/lex.rs`), not a parser: comments (nested
-//! block comments too) are dropped, string, byte-string, raw-string and char literals are single
-//! tokens, so a marker in a doc comment or an error message never counts as code, and a path in
-//! a string is not an import; the import graph is `repo_rules/graph.rs`. Code under `#[cfg(test)]` (unit tests and their fixtures) is left out of every rule:
-//! the rooms are about what the product does. Only product code is scanned: `api/src`,
-//! `proxy/src`, `catalog/src` without the test tools under `catalog/src/bin`; the harness
-//! (`tests/`, `*/tests/`, examples, benches, fuzz) may do anything.
+//! block comments too) are dropped, string, byte-string, raw-string and char literals are
+//! single tokens, so a marker in a doc comment or an error message never counts as code, and a
+//! path in a string is not an import; the import graph is built in `repo_rules/graph.rs`. Code
+//! under `#[cfg(test)]` (unit tests and their fixtures) is left out of every rule: the rooms
+//! are about what the product does. Only product code is scanned: `api/src`, `proxy/src`,
+//! `catalog/src` without the test tools under `catalog/src/bin`; the harness (`tests/`,
+//! `*/tests/`, examples, benches, fuzz) may do anything.
 //!
 //! Each rule is one `#[test]` whose failure names the rule and every offending `file:line`.
 
@@ -673,7 +674,8 @@ mod checks {
             "r.rs",
             "use roxmltree::Document;\nlet a = \"  <disk type='file'>\";\n\
              let m = \"saved domain has no <domain> root\";\nlet q = json!({\"execute\": c});\n\
-             let r = r#\"{\"execute\":\"guest-ping\"}\"#;\nlet t = qapi::qmp::Foo;\nlet n = \"query-block\";",
+             let r = r#\"{\"execute\":\"guest-ping\"}\"#;\n\
+             let t = qapi::qmp::Foo;\nlet n = \"query-block\";",
         );
         let lines: Vec<usize> = hypervisor_formats(&s).into_iter().map(|(l, _)| l).collect();
         assert_eq!(lines, [1, 2, 4, 5, 6, 7]);
@@ -683,8 +685,9 @@ mod checks {
     fn nbd_markers() {
         let s = Source::new(
             "n.rs",
-            "const A: u32 = 0x2560_9513;\nconst B: u64 = 0x0003_e889_0455_65a9;\nlet c = b\"IHAVEOPT\";\n\
-             let d = x.to_be_bytes();\nlet e = 0x2560;\nlet f = y.to_le_bytes();",
+            "const A: u32 = 0x2560_9513;\nconst B: u64 = 0x0003_e889_0455_65a9;\n\
+             let c = b\"IHAVEOPT\";\nlet d = x.to_be_bytes();\n\
+             let e = 0x2560;\nlet f = y.to_le_bytes();",
         );
         let lines: Vec<usize> = nbd_wire(&s).into_iter().map(|(l, _)| l).collect();
         assert_eq!(lines, [1, 2, 3, 4]);

@@ -407,7 +407,8 @@ mod tests {
 
     #[test]
     fn cfg_test_items_are_left_out() {
-        let src = "fn live() { a(); }\n#[cfg(test)]\nmod tests { fn t() { Command::new(\"qemu-img\"); } }\n\
+        let src = "fn live() { a(); }\n#[cfg(test)]\n\
+                   mod tests { fn t() { Command::new(\"qemu-img\"); } }\n\
                    #[cfg(all(test, unix))] fn helper() { std::env::var(\"X\"); }\n\
                    #[cfg(not(test))] fn real() { b(); }\n\
                    struct S { a: u8, #[cfg(test)] probe: u8, c: u8 }\nfn after() {}";
