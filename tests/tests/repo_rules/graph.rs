@@ -14,10 +14,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::Path;
 
 use super::lex::{Source, Token};
-use super::{product_files, rel_to, API_CRATE, API_SRC};
+use super::{product_files, rel_to, API_CRATE, API_SRC, ONE_NODE_DIRS};
 
-/// file → file → (line, path) of the first reference; no self edges.
-pub type Edges = BTreeMap<String, BTreeMap<String, (usize, String)>>;
+/// node → node → (file, line, path) of the first reference; no self edges. A node is a file,
+/// or a directory listed as one node.
+pub type Edges = BTreeMap<String, BTreeMap<String, (String, usize, String)>>;
 
 /// Where a file sits in its crate's module tree.
 #[derive(Debug, Clone, PartialEq)]
@@ -271,10 +272,17 @@ pub fn api_graph(root: &Path) -> Graph {
         .filter(|s| s.rel.starts_with(API_SRC))
         .map(|s| (s.rel.clone(), module_of(rel_to(API_SRC, &s.rel)), s))
         .collect();
-    graph_of(&files)
+    graph_of(&files, ONE_NODE_DIRS)
 }
 
-fn graph_of(files: &[(String, ModPath, Source)]) -> Graph {
+/// The graph of `files`; the files under a directory of `one_node` are one node.
+fn graph_of(files: &[(String, ModPath, Source)], one_node: &[&str]) -> Graph {
+    let node = |file: &str| {
+        one_node
+            .iter()
+            .find(|d| file.starts_with(*d))
+            .map_or_else(|| file.to_string(), |d| d.to_string())
+    };
     let modules: BTreeMap<Vec<String>, String> = files
         .iter()
         .filter(|(_, m, _)| !m.bin)
@@ -284,11 +292,14 @@ fn graph_of(files: &[(String, ModPath, Source)]) -> Graph {
     let mut edges: Edges = BTreeMap::new();
     for (rel, m, src) in files {
         let rs = references(src, m, &modules);
-        let e = edges.entry(rel.clone()).or_default();
+        let from = node(rel);
+        let e = edges.entry(from.clone()).or_default();
         for r in &rs {
-            if &r.target != rel {
-                e.entry(r.target.clone())
-                    .or_insert_with(|| (r.line, format!("crate::{}", r.path.join("::"))));
+            let to = node(&r.target);
+            if to != from {
+                e.entry(to).or_insert_with(|| {
+                    (rel.clone(), r.line, format!("crate::{}", r.path.join("::")))
+                });
             }
         }
         refs.insert(rel.clone(), rs);
@@ -393,12 +404,12 @@ pub fn describe_cycle(edges: &Edges, scc: &[String]) -> String {
     let steps: Vec<String> = cycle
         .windows(2)
         .map(|w| {
-            let (line, path) = &edges[&w[0]][&w[1]];
-            format!("{}:{line} names {path}", w[0])
+            let (file, line, path) = &edges[&w[0]][&w[1]];
+            format!("{file}:{line} names {path}")
         })
         .collect();
     format!(
-        "circle of {} files: {}\n    shortest circle through the first: {}\n      {}",
+        "circle of {} modules: {}\n    shortest circle through the first: {}\n      {}",
         scc.len(),
         scc.join(", "),
         cycle.join(" → "),
@@ -526,6 +537,10 @@ mod tests {
     }
 
     fn graph(files: &[(&str, &str)]) -> Graph {
+        graph_grouped(files, &[])
+    }
+
+    fn graph_grouped(files: &[(&str, &str)], one_node: &[&str]) -> Graph {
         let f: Vec<(String, ModPath, Source)> = files
             .iter()
             .map(|(rel, src)| {
@@ -533,7 +548,7 @@ mod tests {
                 (file.clone(), module_of(rel), Source::new(&file, src))
             })
             .collect();
-        graph_of(&f)
+        graph_of(&f, one_node)
     }
 
     #[test]
@@ -618,6 +633,31 @@ mod tests {
                 "api/src/daemon/ops/mod.rs:2: crate::daemon::http",
                 "api/src/main.rs:1: crate::daemon::app",
             ]
+        );
+    }
+
+    #[test]
+    fn a_directory_listed_as_one_node_has_no_inner_circle() {
+        let files = [
+            ("lib.rs", "pub mod http; pub mod ops;"),
+            (
+                "http/mod.rs",
+                "pub const LIMIT: u32 = 1; fn app() { vms::list(); }",
+            ),
+            ("http/vms.rs", "use super::LIMIT; use crate::ops::backup;"),
+            ("ops.rs", "pub fn backup() {}"),
+        ];
+        let strict = graph(&files);
+        assert_eq!(
+            cycles(&strict.edges),
+            [vec!["api/src/http/mod.rs", "api/src/http/vms.rs"]]
+        );
+        let grouped = graph_grouped(&files, &["api/src/http/"]);
+        assert!(cycles(&grouped.edges).is_empty());
+        let (file, line, path) = &grouped.edges["api/src/http/"]["api/src/ops.rs"];
+        assert_eq!(
+            (file.as_str(), *line, path.as_str()),
+            ("api/src/http/vms.rs", 1, "crate::ops::backup")
         );
     }
 }
