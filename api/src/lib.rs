@@ -1,24 +1,13 @@
-//! The `sluice` daemon and CLI as a library: the REST API (`routes::app`), its state and
-//! auth, the job registry, the daemon's configuration and listener, and the CLI's client.
+//! The `sluice` binary as a library, in two rooms and the types they share:
+//! - [`daemon`]: `sluice serve` (configuration, state, hypervisors, auth, audit, jobs, the
+//!   operations, schedules, and the HTTP room that exposes them);
+//! - [`cli`]: the client verbs, the HTTP client, progress and tables;
+//! - [`wire`]: the request and response types both use.
+//!
+//! Rule: `daemon::http → daemon::ops → {state, jobs, hypervisors} → proxy`; the scheduler
+//! calls `ops`; nothing but `daemon::serve` (which builds the app) imports `daemon::http`,
+//! and the CLI imports no part of the daemon.
 
-pub mod auth;
-pub mod error;
-pub mod extract;
-pub mod hv;
-pub mod joblog;
-pub mod jobs;
-pub mod metrics;
-pub mod routes;
-pub mod state;
-
-pub use routes::app;
-pub use state::{AppState, SharedState};
-pub mod audit;
 pub mod cli;
-pub mod cli_ops;
-pub mod client;
-pub mod config;
-pub mod cron;
-pub mod policy;
-pub mod scheduler;
-pub mod serve;
+pub mod daemon;
+pub mod wire;

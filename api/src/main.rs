@@ -71,7 +71,7 @@ fn main() -> anyhow::Result<()> {
                 )
                 .with_writer(std::io::stderr)
                 .init();
-            let mut cfg = api::config::Config::load(config.as_deref())?;
+            let mut cfg = api::daemon::config::Config::load(config.as_deref())?;
             if let Some(d) = data_dir {
                 cfg.data_dir = d;
             }
@@ -80,10 +80,10 @@ fn main() -> anyhow::Result<()> {
             }
             cfg.insecure_http |= insecure_http;
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(api::serve::serve(cfg))
+            rt.block_on(api::daemon::serve::serve(cfg))
         }
         Command::Client(verb) => {
-            let client = api::client::Client {
+            let client = api::cli::client::Client {
                 url: cli.url,
                 token: cli.token,
                 fingerprint: cli.fingerprint,

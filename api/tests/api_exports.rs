@@ -73,7 +73,7 @@ fn overlays_of_an_earlier_run_are_removed() {
     let dir = tempfile::tempdir().unwrap();
     let stale = dir.path().join("overlay-123");
     std::fs::write(&stale, b"left by a killed daemon").unwrap();
-    let _ex = api::routes::exports::Exports::new(
+    let _ex = api::daemon::exports::Exports::new(
         proxy::nbd::Server::new(proxy::nbd::ServerOptions::default()),
         "nbd://127.0.0.1:1".into(),
     )

@@ -5,8 +5,8 @@
 
 mod common;
 
-use api::config::Config;
-use api::hv::{uri_host, HvSpec};
+use api::daemon::config::Config;
+use api::daemon::hypervisors::{uri_host, HvSpec};
 use axum::http::StatusCode;
 use common::{api_with, call, seed_backup, seed_backup_of};
 use serde_json::Value;
@@ -314,7 +314,7 @@ async fn restores_as_a_domain_refuse_a_qmp_hypervisor() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hypervisor_down_at_start_is_reached_once_it_is_up_and_marked_when_it_dies() {
-    use api::hv::RETRY_AFTER;
+    use api::daemon::hypervisors::RETRY_AFTER;
     use testbed::qmp::PlainQemu;
     let dir = tempfile::tempdir().unwrap();
     let link = dir.path().join("later.qmp");
@@ -364,8 +364,8 @@ async fn a_policy_backs_up_its_vms_on_every_reachable_hypervisor() {
     let t = Some(a.admin.as_str());
     let (s, j) = call(&a.app, "POST", "/api/v1/policies", t, Some(body.into())).await;
     assert_eq!(s, StatusCode::OK, "{j}");
-    let now = api::auth::now();
-    let jobs = api::scheduler::tick(&a.state, now + 120).await;
+    let now = api::daemon::clock::now();
+    let jobs = api::daemon::schedule::scheduler::tick(&a.state, now + 120).await;
     let on: Vec<_> = jobs
         .iter()
         .map(|j| (j.vm.as_str(), j.hypervisor.as_deref(), j.policy.as_deref()))

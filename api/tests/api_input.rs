@@ -188,7 +188,7 @@ async fn prune_without_rules_is_refused() {
 fn committed_openapi_document_matches_the_code() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.json");
     let committed = std::fs::read_to_string(path).unwrap_or_default();
-    let now = api::routes::openapi_json();
+    let now = api::daemon::http::openapi_json();
     if std::env::var_os("SLUICE_BLESS").is_some() {
         std::fs::write(path, &now).unwrap();
         return;
@@ -202,7 +202,7 @@ fn committed_openapi_document_matches_the_code() {
 #[test]
 fn docs_api_md_names_every_route() {
     let md = include_str!("../../docs/api.md");
-    let doc: serde_json::Value = serde_json::from_str(&api::routes::openapi_json()).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&api::daemon::http::openapi_json()).unwrap();
     for (path, ops) in doc["paths"].as_object().unwrap() {
         for method in ops.as_object().unwrap().keys() {
             let line = format!("`{} {path}`", method.to_uppercase());

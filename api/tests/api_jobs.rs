@@ -7,7 +7,8 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use api::jobs::{JobInfo, JobLimits, JobSpec, JobState, Jobs};
+use api::daemon::jobs::{JobLimits, JobSpec, Jobs};
+use api::wire::jobs::{JobInfo, JobState};
 use tokio::sync::oneshot;
 
 /// A job on `host` that runs until its sender is used or dropped.
@@ -154,7 +155,7 @@ async fn the_history_survives_a_restart_and_names_interrupted_jobs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hypervisors_of_one_host_share_its_limit_and_two_hosts_run_in_parallel() {
-    use api::hv::{HvSpec, Hypervisors};
+    use api::daemon::hypervisors::{HvSpec, Hypervisors};
     let mut kvm2 = HvSpec::libvirt("kvm2", "qemu+tls://kvm-2.example/system");
     kvm2.max_jobs = Some(2);
     let hvs = Hypervisors::new(vec![

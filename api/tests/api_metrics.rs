@@ -8,9 +8,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use api::auth::TokenStore;
-use api::hv::{HvSpec, Hypervisors};
-use api::{app, AppState};
+use api::daemon::auth::TokenStore;
+use api::daemon::http::app;
+use api::daemon::hypervisors::{HvSpec, Hypervisors};
+use api::daemon::state::AppState;
 use axum::http::StatusCode;
 use common::{api, call};
 use testbed::qmp::PlainQemu;
@@ -112,7 +113,7 @@ async fn metrics_parse_and_move_after_a_backup() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let done = done.expect("the backup ends within 60 s");
-    assert_eq!(done.state, api::jobs::JobState::Succeeded, "{done:?}");
+    assert_eq!(done.state, api::wire::jobs::JobState::Succeeded, "{done:?}");
 
     let after = scrape(&app, &a.auditor).await;
     assert_eq!(after["sluice_backups_total{result=\"succeeded\"}"], 1.0);

@@ -105,12 +105,14 @@ async fn a_due_policy_starts_a_backup_job_once() {
     )
     .await;
     assert_eq!(s, StatusCode::OK, "{j}");
-    let now = api::auth::now();
+    let now = api::daemon::clock::now();
     assert!(
-        api::scheduler::tick(&a.state, now).await.is_empty(),
+        api::daemon::schedule::scheduler::tick(&a.state, now)
+            .await
+            .is_empty(),
         "not due in the minute it was applied"
     );
-    let jobs = api::scheduler::tick(&a.state, now + 120).await;
+    let jobs = api::daemon::schedule::scheduler::tick(&a.state, now + 120).await;
     assert_eq!(jobs.len(), 1, "{jobs:?}");
     assert_eq!(
         (jobs[0].vm.as_str(), jobs[0].mode.as_str()),
@@ -118,7 +120,9 @@ async fn a_due_policy_starts_a_backup_job_once() {
     );
     assert_eq!(jobs[0].policy.as_deref(), Some("nightly"));
     assert!(
-        api::scheduler::tick(&a.state, now + 120).await.is_empty(),
+        api::daemon::schedule::scheduler::tick(&a.state, now + 120)
+            .await
+            .is_empty(),
         "a policy fires once per schedule slot"
     );
     let (s, j) = call(

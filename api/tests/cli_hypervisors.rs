@@ -9,7 +9,7 @@ mod common;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use api::hv::HvSpec;
+use api::daemon::hypervisors::HvSpec;
 use common::{api_with, seed_backup, seed_backup_of};
 use serde_json::Value;
 use tokio::net::TcpListener;

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use api::cli_ops::{follow_job, wait_job};
-use api::client::{Client, ClientError};
+use api::cli::client::{Client, ClientError};
+use api::cli::verbs::{follow_job, wait_job};
 use common::api;
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};

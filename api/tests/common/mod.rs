@@ -5,9 +5,11 @@
 
 use std::sync::Arc;
 
-use api::auth::{Role, TokenStore};
-use api::hv::{HvSpec, Hypervisors};
-use api::{app, AppState, SharedState};
+use api::daemon::auth::TokenStore;
+use api::daemon::http::app;
+use api::daemon::hypervisors::{HvSpec, Hypervisors};
+use api::daemon::state::{AppState, SharedState};
+use api::wire::tokens::Role;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
@@ -58,7 +60,7 @@ pub async fn api_with(specs: Vec<HvSpec>) -> Api {
     let (scoped_in, scoped_out) = (mk(Role::Scoped, &["te*"]), mk(Role::Scoped, &["other-*"]));
     let work = dir.path().join("work");
     std::fs::create_dir_all(&work).unwrap();
-    let audit = api::audit::AuditLog::open(&dir.path().join("audit.log")).unwrap();
+    let audit = api::daemon::audit::AuditLog::open(&dir.path().join("audit.log")).unwrap();
     let restores = dir.path().join("restores");
     std::fs::create_dir_all(&restores).unwrap();
     let overlays = dir.path().join("overlays");
@@ -68,7 +70,7 @@ pub async fn api_with(specs: Vec<HvSpec>) -> Api {
             .with_audit(audit)
             .with_restore_dirs(vec![restores])
             .with_exports(
-                api::routes::exports::Exports::new(
+                api::daemon::exports::Exports::new(
                     proxy::nbd::Server::new(proxy::nbd::ServerOptions::default()),
                     "nbd://127.0.0.1:1".into(),
                 )

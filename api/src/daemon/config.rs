@@ -1,0 +1,269 @@
+//! The daemon's configuration: one TOML file, every key optional, embedded defaults; and the
+//! checks on it (every problem named with its line and column).
+//!
+//! The cluster's hypervisors are a `[[hypervisors]]` array (each a libvirt URI or a QMP
+//! socket of one plain QEMU process); the top-level `libvirt_uri` is shorthand for one more
+//! libvirt hypervisor named `default` (listed first), and no hypervisor at all means
+//! `qemu:///system`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use crate::daemon::hypervisors::HvSpec;
+use crate::wire::policy::{at, check_plain_name, PolicyError};
+
+/// Longest hypervisor name accepted.
+pub const MAX_HV_NAME: usize = 64;
+
+/// Name of the hypervisor the top-level `libvirt_uri` (or the default) describes.
+pub const DEFAULT_HV: &str = "default";
+
+/// One `[[hypervisors]]` entry: a libvirt connection URI, or the QMP socket of one QEMU
+/// process and the name its VM goes by.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HypervisorConfig {
+    /// Unique name: letters, digits, `-`, `_`, `.` (not first).
+    pub name: Spanned<String>,
+    /// `qemu:///system`, `qemu+ssh://user@host/system`, `qemu+tls://host/system`.
+    pub libvirt_uri: Option<String>,
+    /// QMP socket of one plain QEMU process.
+    pub socket: Option<PathBuf>,
+    /// Name of the QMP socket's VM.
+    pub vm: Option<String>,
+    /// The host it runs on, for the per-host job limit (default: from the URI;
+    /// `localhost` for local URIs and QMP sockets).
+    pub host: Option<String>,
+    /// Jobs at once on this hypervisor's host (overrides `max_jobs_per_host` there).
+    pub max_jobs: Option<usize>,
+}
+
+/// `sluice serve` settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Tokens, TLS certificate, catalog, job scratch files.
+    pub data_dir: PathBuf,
+    /// Address the API listens on.
+    pub listen: SocketAddr,
+    /// Repository directory (default `<data_dir>/repo`).
+    pub repository: Option<PathBuf>,
+    /// Chunk size of a new repository, bytes.
+    pub chunk_size: u32,
+    /// Shorthand for one more libvirt hypervisor, named `default`.
+    pub libvirt_uri: Option<String>,
+    /// The hypervisors of this cluster (none, and no `libvirt_uri`: `qemu:///system`).
+    pub hypervisors: Vec<Spanned<HypervisorConfig>>,
+    /// Backup jobs running at once.
+    pub max_jobs: usize,
+    /// Backup jobs running at once against one hypervisor host (default: only `max_jobs`).
+    pub max_jobs_per_host: Option<usize>,
+    /// Bytes per second that all backup jobs together may read from the hypervisors
+    /// (default: unlimited).
+    pub read_limit: Option<u64>,
+    /// NBD server for exports of backups (plain NBD: loopback addresses only for now).
+    pub nbd_listen: Option<SocketAddr>,
+    /// Serve plain HTTP (only allowed on a loopback address).
+    pub insecure_http: bool,
+    /// Directories restores may write image files into (default `<data_dir>/restores`).
+    pub restore_dirs: Vec<PathBuf>,
+    /// Serve NBD exports over TLS (STARTTLS required) with the daemon's certificate.
+    pub nbd_tls: bool,
+    /// CA of the client certificates the NBD server demands; required for a non-loopback
+    /// `nbd_listen`.
+    pub nbd_client_ca: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("/var/lib/sluice"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            repository: None,
+            chunk_size: 64 << 10,
+            libvirt_uri: None,
+            hypervisors: Vec::new(),
+            max_jobs: 2,
+            max_jobs_per_host: None,
+            read_limit: None,
+            nbd_listen: Some(SocketAddr::from(([127, 0, 0, 1], 10809))),
+            insecure_http: false,
+            restore_dirs: Vec::new(),
+            nbd_tls: true,
+            nbd_client_ca: None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`, or the defaults if `None`.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
+        let Some(path) = path else {
+            return Ok(Config::default());
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading config {}: {e}", path.display()))?;
+        Config::parse(&text).map_err(|errs| {
+            let all: Vec<String> = errs
+                .iter()
+                .map(|e| format!("{}:{}:{}: {}", path.display(), e.line, e.column, e.message))
+                .collect();
+            anyhow::anyhow!("config {}", all.join("; "))
+        })
+    }
+
+    /// Parses and checks a config file's text; on failure, every problem found.
+    pub fn parse(text: &str) -> Result<Config, Vec<PolicyError>> {
+        let c: Config = toml::from_str(text).map_err(|e| {
+            let msg = e.message().trim_end().to_string();
+            vec![at(text, e.span(), msg)]
+        })?;
+        let errors = c.check(text);
+        if errors.is_empty() {
+            Ok(c)
+        } else {
+            Err(errors)
+        }
+    }
+
+    fn check(&self, text: &str) -> Vec<PolicyError> {
+        let mut errors = Vec::new();
+        for (i, h) in self.hypervisors.iter().enumerate() {
+            let name = h.get_ref().name.get_ref();
+            if let Err(why) = check_plain_name("hypervisor name", name, MAX_HV_NAME) {
+                errors.push(at(text, Some(h.get_ref().name.span()), why));
+            } else if self.libvirt_uri.is_some() && name == DEFAULT_HV {
+                let why = format!("hypervisor name {DEFAULT_HV:?} is the top-level libvirt_uri's");
+                errors.push(at(text, Some(h.get_ref().name.span()), why));
+            } else if self.hypervisors[..i]
+                .iter()
+                .any(|o| o.get_ref().name.get_ref() == name)
+            {
+                let why = format!("hypervisor name {name:?} is used twice");
+                errors.push(at(text, Some(h.get_ref().name.span()), why));
+            }
+            if let Err(why) = check_entry(h.get_ref()) {
+                errors.push(at(
+                    text,
+                    Some(h.span()),
+                    format!("hypervisor {name:?}: {why}"),
+                ));
+            }
+        }
+        errors
+    }
+
+    /// The hypervisors of this cluster, as the registry takes them.
+    pub fn hypervisor_specs(&self) -> Vec<HvSpec> {
+        let uri = match (&self.libvirt_uri, self.hypervisors.is_empty()) {
+            (Some(uri), _) => Some(uri.as_str()),
+            (None, true) => Some("qemu:///system"),
+            (None, false) => None,
+        };
+        let default = uri.map(|u| HvSpec::libvirt(DEFAULT_HV, u));
+        default
+            .into_iter()
+            .chain(self.hypervisors.iter().map(|h| spec(h.get_ref())))
+            .collect()
+    }
+
+    /// The directories restores may write into.
+    pub fn restore_dirs(&self) -> Vec<PathBuf> {
+        if self.restore_dirs.is_empty() {
+            vec![self.data_dir.join("restores")]
+        } else {
+            self.restore_dirs.clone()
+        }
+    }
+
+    /// The repository directory.
+    pub fn repo_dir(&self) -> PathBuf {
+        self.repository
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("repo"))
+    }
+}
+
+/// The registry's view of a checked entry.
+fn spec(h: &HypervisorConfig) -> HvSpec {
+    let name = h.name.get_ref();
+    let mut spec = match (&h.libvirt_uri, &h.socket) {
+        (Some(uri), _) => HvSpec::libvirt(name, uri),
+        (None, socket) => HvSpec::qmp(
+            name,
+            socket.clone().unwrap_or_default(),
+            h.vm.as_deref().unwrap_or(""),
+        ),
+    };
+    if let Some(host) = &h.host {
+        spec.host = host.clone();
+    }
+    spec.max_jobs = h.max_jobs;
+    spec
+}
+
+/// An entry names exactly one of a libvirt URI and a QMP socket (with its VM).
+fn check_entry(h: &HypervisorConfig) -> Result<(), String> {
+    let bad_text = |s: &str| s.is_empty() || s.chars().any(|c| c.is_control() || c.is_whitespace());
+    match (&h.libvirt_uri, &h.socket) {
+        (Some(_), Some(_)) => Err("give either libvirt_uri or socket, not both".into()),
+        (None, None) => Err("give libvirt_uri (libvirt) or socket and vm (QMP)".into()),
+        (Some(uri), None) if bad_text(uri) || !uri.contains(":/") => Err(format!(
+            "libvirt_uri {uri:?} is not a libvirt URI (e.g. qemu+ssh://host/system)"
+        )),
+        (Some(_), None) if h.vm.is_some() => Err("vm is only for a QMP socket".into()),
+        (None, Some(sock)) if !sock.is_absolute() => Err(format!(
+            "socket {} must be an absolute path",
+            sock.display()
+        )),
+        (None, Some(_)) => match h.vm.as_deref() {
+            None => Err("a QMP socket needs vm, the name its VM goes by".into()),
+            Some(vm) => crate::daemon::names::validate_name("vm name", vm).map_err(|e| e.message),
+        },
+        _ => Ok(()),
+    }
+    .and_then(|()| match &h.host {
+        Some(host) if bad_text(host) || host.contains('/') => {
+            Err(format!("host {host:?} is not a host name"))
+        }
+        _ => Ok(()),
+    })
+    .and_then(|()| match h.max_jobs {
+        Some(0) => Err("max_jobs must be at least 1".into()),
+        _ => Ok(()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Config;
+    use crate::daemon::hypervisors::Target;
+
+    #[test]
+    fn example_file_parses_and_unknown_keys_are_named() {
+        let ex = include_str!("../../../sluice.example.toml");
+        let c = Config::parse(ex).expect("example parses");
+        let specs = c.hypervisor_specs();
+        assert!(specs.len() >= 2, "the example names several hypervisors");
+        let err = Config::parse("listn = \"x\"\n").unwrap_err();
+        assert!(err[0].message.contains("listn"), "{err:?}");
+        assert_eq!(err[0].line, 1);
+    }
+
+    #[test]
+    fn no_hypervisor_means_local_libvirt_and_libvirt_uri_is_shorthand() {
+        let specs = Config::parse("").unwrap().hypervisor_specs();
+        assert_eq!(specs.len(), 1);
+        assert_eq!(specs[0].name, "default");
+        assert!(matches!(&specs[0].target, Target::Libvirt { uri } if uri == "qemu:///system"));
+        let c = Config::parse("libvirt_uri = \"qemu+ssh://root@h1/system\"\n").unwrap();
+        let specs = c.hypervisor_specs();
+        assert_eq!(
+            (specs[0].name.as_str(), specs[0].host.as_str()),
+            ("default", "h1")
+        );
+    }
+}

@@ -1,0 +1,98 @@
+//! Backups as jobs: one VM on request (`spawn_backup`), or a policy's scheduled backup with
+//! its retention applied after it. The backup itself is `proxy::job::run_backup`.
+
+use std::sync::Arc;
+
+use proxy::job::{BackupOptions, ErrorKind};
+
+use crate::daemon::error::{ApiError, ApiResult};
+use crate::daemon::hypervisors::Member;
+use crate::daemon::jobs::{JobHandle, JobOutcome, JobSpec};
+use crate::daemon::state::SharedState;
+use crate::wire::jobs::JobInfo;
+use crate::wire::policy::Policy;
+use crate::wire::vms::BackupModeRequest;
+
+/// Queues a backup of `vm` on hypervisor `m` (started by `policy`, if given); refused with
+/// the job that holds the VM if one has not ended.
+pub fn spawn_backup(
+    st: &SharedState,
+    m: Arc<Member>,
+    vm: &str,
+    mode: BackupModeRequest,
+    policy: Option<Policy>,
+) -> Result<JobInfo, Box<JobInfo>> {
+    let name = if mode == BackupModeRequest::Full {
+        "full"
+    } else {
+        "auto"
+    };
+    let mut spec = JobSpec::new("backup", vm, name).on(m.name(), &m.spec.host);
+    if let Some(p) = &policy {
+        spec = spec.for_policy(&p.name);
+    }
+    let (state, vm) = (st.clone(), vm.to_string());
+    st.jobs.start_exclusive(spec, move |h| async move {
+        match policy {
+            Some(p) => policy_job(state, p, m, vm, h).await,
+            None => backup_job(state, m, vm, mode, h).await,
+        }
+    })
+}
+
+pub(crate) async fn backup_job(
+    st: SharedState,
+    m: Arc<Member>,
+    vm: String,
+    mode: BackupModeRequest,
+    h: JobHandle,
+) -> JobOutcome {
+    let mut opts = BackupOptions::new(st.work_dir.clone());
+    opts.force_full = mode == BackupModeRequest::Full;
+    opts.read_limit = st.read_limit.clone();
+    let hv = m.hv().await.map_err(|e| (e.to_string(), false))?;
+    let run = hv.backup(st.repo.clone(), vm, opts, h.progress, h.cancel);
+    match run.await {
+        Ok(rep) => Ok(rep.manifest.id.to_string()),
+        Err(e) => Err((e.to_string(), e.kind() == ErrorKind::Cancelled)),
+    }
+}
+
+/// A scheduled backup of `vm` on `m`, then the policy's retention.
+async fn policy_job(
+    st: SharedState,
+    p: Policy,
+    m: Arc<Member>,
+    vm: String,
+    h: JobHandle,
+) -> JobOutcome {
+    let id = h.id;
+    let backup = backup_job(st.clone(), m, vm.clone(), p.mode, h).await?;
+    if let Some(ret) = p.retention {
+        let note = match prune_vm(&st, &backup, ret.into()).await {
+            Ok(n) => format!(
+                "retention of policy {} removed {n} backup(s) of {vm}",
+                p.name
+            ),
+            Err(e) => format!("retention of policy {} failed for {vm}: {e}", p.name),
+        };
+        tracing::info!(job = id, "{note}");
+        st.jobs.annotate(id, &note);
+    }
+    Ok(backup)
+}
+
+/// Applies `policy` to the VM of backup `backup`; returns how many backups it removed.
+async fn prune_vm(
+    st: &SharedState,
+    backup: &str,
+    policy: catalog::RetentionPolicy,
+) -> ApiResult<usize> {
+    let id = catalog::BackupId::parse(backup).map_err(|e| ApiError::internal(e.to_string()))?;
+    st.repo(move |r| {
+        let uuid = r.manifest(&id)?.vm.uuid;
+        r.prune(Some(&uuid), &policy, false)
+    })
+    .await
+    .map(|rep| rep.removed.len())
+}

@@ -1,0 +1,132 @@
+//! The shared state of the daemon, and the one seam through which async handlers reach the
+//! synchronous repository (`AppState::repo`, on tokio's blocking pool, at most
+//! `REPO_SLOTS` at once).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use catalog::Repository;
+use tokio::sync::Semaphore;
+
+use crate::daemon::audit::AuditLog;
+use crate::daemon::auth::TokenStore;
+use crate::daemon::error::{ApiError, ApiResult};
+use crate::daemon::exports::Exports;
+use crate::daemon::hypervisors::Hypervisors;
+use crate::daemon::jobs::Jobs;
+use crate::daemon::schedule::policy::PolicyStore;
+
+/// Repository calls allowed to run at once.
+const REPO_SLOTS: usize = 4;
+
+/// Everything a handler can reach.
+pub struct AppState {
+    pub repo: Repository,
+    /// The cluster's hypervisors, by name.
+    pub hypervisors: Hypervisors,
+    pub jobs: Arc<Jobs>,
+    pub tokens: TokenStore,
+    /// Scratch directory of backup jobs.
+    pub work_dir: PathBuf,
+    /// Audit log of mutating calls, if enabled.
+    pub audit: Option<AuditLog>,
+    /// NBD exports of backups, if enabled.
+    pub exports: Option<Exports>,
+    /// Directories restores may write into (none: restores to files are refused).
+    pub restore_dirs: Vec<PathBuf>,
+    /// Installed backup policies (in memory unless [`AppState::with_policies`]).
+    pub policies: PolicyStore,
+    /// Paces the reads of every backup job together (none: unlimited).
+    pub read_limit: Option<Arc<proxy::job::RateLimit>>,
+    repo_slots: Semaphore,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("work_dir", &self.work_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The state as handlers share it.
+pub type SharedState = Arc<AppState>;
+
+impl AppState {
+    /// State over an opened repository and the cluster's hypervisors.
+    pub fn new(
+        repo: Repository,
+        hypervisors: Hypervisors,
+        tokens: TokenStore,
+        work_dir: PathBuf,
+        concurrency: usize,
+    ) -> Self {
+        AppState {
+            repo,
+            hypervisors,
+            jobs: Arc::new(Jobs::new(concurrency)),
+            tokens,
+            work_dir,
+            audit: None,
+            exports: None,
+            restore_dirs: Vec::new(),
+            policies: PolicyStore::in_memory(),
+            read_limit: None,
+            repo_slots: Semaphore::new(REPO_SLOTS),
+        }
+    }
+
+    /// Records mutating calls in `log`.
+    pub fn with_audit(mut self, log: AuditLog) -> Self {
+        self.audit = Some(log);
+        self
+    }
+
+    /// Serves NBD exports through `exports`.
+    pub fn with_exports(mut self, exports: Exports) -> Self {
+        self.exports = Some(exports);
+        self
+    }
+
+    /// Lets restores write image files into `dirs`.
+    pub fn with_restore_dirs(mut self, dirs: Vec<PathBuf>) -> Self {
+        self.restore_dirs = dirs;
+        self
+    }
+
+    /// Keeps policies in `store` (persisted under the data directory by `sluice serve`).
+    pub fn with_policies(mut self, store: PolicyStore) -> Self {
+        self.policies = store;
+        self
+    }
+
+    /// Runs jobs in `jobs` (limits, history) instead of the in-memory registry of `new`.
+    pub fn with_jobs(mut self, jobs: Jobs) -> Self {
+        self.jobs = Arc::new(jobs);
+        self
+    }
+
+    /// Limits the reads of all backup jobs together to `bytes_per_sec`.
+    pub fn with_read_limit(mut self, bytes_per_sec: Option<u64>) -> Self {
+        self.read_limit = bytes_per_sec.map(|b| Arc::new(proxy::job::RateLimit::new(b)));
+        self
+    }
+
+    /// Runs `f` against the repository on the blocking pool.
+    pub async fn repo<R, F>(&self, f: F) -> ApiResult<R>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Repository) -> catalog::Result<R> + Send + 'static,
+    {
+        let _slot = self
+            .repo_slots
+            .acquire()
+            .await
+            .map_err(|_| ApiError::unavailable("the server is shutting down"))?;
+        let repo = self.repo.clone();
+        tokio::task::spawn_blocking(move || f(&repo))
+            .await
+            .map_err(|e| ApiError::internal(format!("repository task failed: {e}")))?
+            .map_err(ApiError::from)
+    }
+}

@@ -1,0 +1,43 @@
+//! Restore requests.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Image format of a restored file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RestoreFormat {
+    #[default]
+    Qcow2,
+    Raw,
+}
+
+/// Body of a restore request: exactly one of `to` (one disk to a file) and `as_domain`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    pub backup: String,
+    /// Disk target (`vda`) for `to`; default: the backup's first disk.
+    pub disk: Option<String>,
+    /// Absolute path of the image file to write, inside a configured restore directory.
+    pub to: Option<String>,
+    /// Default `qcow2`.
+    pub format: Option<RestoreFormat>,
+    /// Replace an existing file at `to`.
+    #[serde(default)]
+    pub overwrite: bool,
+    /// Restore every disk into the first restore directory and define a new domain of this
+    /// name from the backup's saved definition (an existing name is refused with 409).
+    pub as_domain: Option<String>,
+    /// Write the backup back onto its own VM's disks (`disk`: only that one). The VM must be
+    /// shut off (else 409) and `confirm` set (else 400).
+    #[serde(default)]
+    pub onto_vm: bool,
+    /// The explicit confirmation that `onto_vm` overwrites the VM's disks.
+    #[serde(default)]
+    pub confirm: bool,
+    /// The libvirt hypervisor `as_domain` defines the domain on, or whose VM `onto_vm`
+    /// writes to. Default: the hypervisor of the backed-up VM (found by its uuid), or the
+    /// only libvirt hypervisor. A QMP hypervisor is refused.
+    pub hypervisor: Option<String>,
+}
