@@ -6,6 +6,8 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use ::api::daemon::jobs::JobDone;
+use ::api::wire::jobs::{ErrorKind, JobError, JobMode};
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use common::{api, call};
@@ -59,12 +61,15 @@ async fn open(a: &common::Api, id: u64, token: &str) -> (StatusCode, Body) {
 async fn the_stream_follows_a_job_to_its_end() {
     let a = api().await;
     let (release, wait) = tokio::sync::oneshot::channel::<()>();
-    let job = a.state.jobs.spawn("test", "auto", move |h| async move {
-        h.progress.bytes_planned.store(1000, Ordering::Relaxed);
-        h.progress.bytes_read.store(400, Ordering::Relaxed);
-        let _ = wait.await;
-        Ok("20261122T000000Z-00000000".to_string())
-    });
+    let job = a
+        .state
+        .jobs
+        .spawn("test", JobMode::Auto, move |h| async move {
+            h.progress.bytes_planned.store(1000, Ordering::Relaxed);
+            h.progress.bytes_read.store(400, Ordering::Relaxed);
+            let _ = wait.await;
+            Ok(JobDone::Committed("20261122T000000Z-00000000".to_string()))
+        });
     let (s, mut body) = open(&a, job.id, &a.scoped_in).await;
     assert_eq!(s, StatusCode::OK, "a scoped token follows its own VM's job");
     let mut buf = String::new();
@@ -100,8 +105,8 @@ async fn the_stream_follows_a_job_to_its_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ended_job_streams_only_its_end_and_scopes_are_checked() {
     let a = api().await;
-    let job = a.state.jobs.spawn("test", "full", |_| async {
-        Err(("no space left".into(), false))
+    let job = a.state.jobs.spawn("test", JobMode::Full, |_| async {
+        Err(JobError::new(ErrorKind::Failed, "no space left"))
     });
     while !a.state.jobs.get(job.id).unwrap().state.is_final() {
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -7,18 +7,18 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use api::daemon::jobs::{JobLimits, JobSpec, Jobs};
-use api::wire::jobs::{JobInfo, JobState};
+use api::daemon::jobs::{JobDone, JobLimits, JobSpec, Jobs};
+use api::wire::jobs::{JobInfo, JobKind, JobMode, JobState};
 use tokio::sync::oneshot;
 
 /// A job on `host` that runs until its sender is used or dropped.
 fn blocked(jobs: &Arc<Jobs>, host: &str, vm: &str) -> (JobInfo, oneshot::Sender<()>) {
     let (tx, rx) = oneshot::channel::<()>();
     let vm = vm.to_string();
-    let spec = JobSpec::new("backup", &vm, "auto").on(host, host);
+    let spec = JobSpec::new(JobKind::Backup, &vm, JobMode::Auto).on(host, host);
     let info = jobs.start(spec, move |_| async move {
         let _ = rx.await;
-        Ok(format!("20261122T000000Z-{vm:0>8}"))
+        Ok(JobDone::Committed(format!("20261122T000000Z-{vm:0>8}")))
     });
     (info, tx)
 }
@@ -173,10 +173,10 @@ async fn hypervisors_of_one_host_share_its_limit_and_two_hosts_run_in_parallel()
     let on = |hv: &str, vm: &str| {
         let m = hvs.get(hv).unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let spec = JobSpec::new("backup", vm, "auto").on(m.name(), &m.spec.host);
+        let spec = JobSpec::new(JobKind::Backup, vm, JobMode::Auto).on(m.name(), &m.spec.host);
         let info = jobs.start(spec, move |_| async move {
             let _ = rx.await;
-            Ok("20261122T000000Z-00000000".to_string())
+            Ok(JobDone::Committed("20261122T000000Z-00000000".to_string()))
         });
         (info, tx)
     };
@@ -215,10 +215,10 @@ async fn a_vm_runs_one_backup_at_a_time() {
     let (tx, rx) = oneshot::channel::<()>();
     let held = jobs
         .start_exclusive(
-            JobSpec::new("backup", "test", "auto").on("local", "localhost"),
+            JobSpec::new(JobKind::Backup, "test", JobMode::Auto).on("local", "localhost"),
             move |_| async move {
                 let _ = rx.await;
-                Ok("held".to_string())
+                Ok(JobDone::Done("held".to_string()))
             },
         )
         .expect("the vm is free");
@@ -239,21 +239,21 @@ async fn a_vm_runs_one_backup_at_a_time() {
         "{msg}"
     );
     assert_eq!(jobs.list().len(), before, "a refused request queued a job");
-    let onto = JobSpec::new("restore", "test", "onto-vm").on("local", "localhost");
-    let refused = jobs.start_exclusive(onto, |_| async { Ok(String::new()) });
+    let onto = JobSpec::new(JobKind::Restore, "test", JobMode::OntoVm).on("local", "localhost");
+    let refused = jobs.start_exclusive(onto, |_| async { Ok(JobDone::Done(String::new())) });
     assert_eq!(refused.err().map(|j| j.id), Some(held.id));
-    let to_file = JobSpec::new("restore", "test", "to-file");
+    let to_file = JobSpec::new(JobKind::Restore, "test", JobMode::ToFile);
     assert!(jobs
-        .start_exclusive(to_file, |_| async { Ok(String::new()) })
+        .start_exclusive(to_file, |_| async { Ok(JobDone::Done(String::new())) })
         .is_ok());
-    let elsewhere = JobSpec::new("backup", "test", "auto").on("other", "otherhost");
+    let elsewhere = JobSpec::new(JobKind::Backup, "test", JobMode::Auto).on("other", "otherhost");
     assert!(jobs
-        .start_exclusive(elsewhere, |_| async { Ok(String::new()) })
+        .start_exclusive(elsewhere, |_| async { Ok(JobDone::Done(String::new())) })
         .is_ok());
     tx.send(()).unwrap();
     wait_state(&jobs, held.id, JobState::Succeeded).await;
-    let again = JobSpec::new("backup", "test", "auto").on("local", "localhost");
+    let again = JobSpec::new(JobKind::Backup, "test", JobMode::Auto).on("local", "localhost");
     assert!(jobs
-        .start_exclusive(again, |_| async { Ok(String::new()) })
+        .start_exclusive(again, |_| async { Ok(JobDone::Done(String::new())) })
         .is_ok());
 }

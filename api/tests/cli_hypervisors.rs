@@ -413,7 +413,7 @@ async fn a_vm_on_two_hypervisors_is_backed_up_listed_and_pruned_with_hypervisor(
             .jobs
             .list()
             .iter()
-            .filter(|j| j.kind == "restore")
+            .filter(|j| j.kind == api::wire::jobs::JobKind::Restore)
             .count(),
         0
     );

@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use api::cli::client::{Client, ClientError};
 use api::cli::verbs::{follow_job, wait_job};
+use api::daemon::jobs::JobDone;
+use api::wire::jobs::{ErrorKind, JobError, JobMode};
 use common::api;
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
@@ -38,17 +40,20 @@ fn client(addr: SocketAddr, token: &str) -> Client {
 /// A job that plans 1000 bytes, reports 400 done, then waits for `release` and ends as told.
 fn gated_job(a: &common::Api, ok: bool) -> (u64, tokio::sync::oneshot::Sender<()>) {
     let (release, wait) = tokio::sync::oneshot::channel::<()>();
-    let job = a.state.jobs.spawn("test", "auto", move |h| async move {
-        h.progress.bytes_planned.store(1000, Ordering::Relaxed);
-        h.progress.bytes_done.store(400, Ordering::Relaxed);
-        let _ = wait.await;
-        h.progress.bytes_done.store(1000, Ordering::Relaxed);
-        if ok {
-            Ok("20261122T000000Z-00000000".to_string())
-        } else {
-            Err(("the disk went away".to_string(), false))
-        }
-    });
+    let job = a
+        .state
+        .jobs
+        .spawn("test", JobMode::Auto, move |h| async move {
+            h.progress.bytes_planned.store(1000, Ordering::Relaxed);
+            h.progress.bytes_done.store(400, Ordering::Relaxed);
+            let _ = wait.await;
+            h.progress.bytes_done.store(1000, Ordering::Relaxed);
+            if ok {
+                Ok(JobDone::Committed("20261122T000000Z-00000000".to_string()))
+            } else {
+                Err(JobError::new(ErrorKind::Failed, "the disk went away"))
+            }
+        });
     (job.id, release)
 }
 

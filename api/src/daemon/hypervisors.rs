@@ -19,7 +19,7 @@ use proxy::hypervisor::{DomainInfo, Error as HvError, ErrorKind as HvErrorKind, 
 use proxy::job::{BackupOptions, BackupReport, Progress};
 use tokio_util::sync::CancellationToken;
 
-use crate::daemon::error::{ApiError, ApiResult};
+use crate::daemon::error::{chain, ApiError, ApiResult};
 use crate::wire::hypervisors::HvState;
 use crate::wire::hypervisors::HypervisorInfo;
 
@@ -271,9 +271,10 @@ impl Member {
     /// returns the error as callers see it, naming the hypervisor.
     fn lost(&self, e: &HvError) -> HvError {
         let msg = format!(
-            "hypervisor {} ({}) is unreachable: {e}",
+            "hypervisor {} ({}) is unreachable: {}",
             self.spec.name,
-            self.address()
+            self.address(),
+            chain(e)
         );
         tracing::warn!("{msg}");
         *self.conn.lock().expect("hv lock") = None;
@@ -317,10 +318,10 @@ impl Member {
         vm: &str,
         job_dir: &Path,
     ) -> Result<Option<PathBuf>, String> {
-        let hv = self.hv().await.map_err(|e| e.to_string())?;
+        let hv = self.hv().await.map_err(|e| chain(&e))?;
         let call = hv.end_stale_backup(vm, job_dir);
         match tokio::time::timeout(CALL_TIMEOUT, call).await {
-            Ok(r) => r.map_err(|e| format!("hypervisor {}: {e}", self.name())),
+            Ok(r) => r.map_err(|e| format!("hypervisor {}: {}", self.name(), chain(&e))),
             Err(_) => Err(format!(
                 "hypervisor {}: no answer within {} s",
                 self.name(),

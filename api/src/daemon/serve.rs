@@ -26,7 +26,7 @@ use crate::daemon::config::Config;
 use crate::daemon::exports::Exports;
 use crate::daemon::hypervisors::{Hypervisors, Member};
 use crate::daemon::state::AppState;
-use crate::wire::jobs::JobInfo;
+use crate::wire::jobs::{JobInfo, JobKind, JobMode};
 use crate::wire::tokens::Role;
 use proxy::job::stale;
 use proxy::nbd::{Server, ServerOptions, ServerTls};
@@ -159,10 +159,9 @@ async fn clean_up_after_restart(st: Arc<AppState>, left: Leftovers) {
     let mut dirs = left.job_dirs;
     let mut failed = false;
     for job in st.jobs.interrupted() {
-        let outcome = match job.kind.as_str() {
-            "backup" => end_backup(&st, &job, &mut dirs).await,
-            "restore" => Ok(clean_restore(&st, &job, &left.restore_dirs).await),
-            _ => continue,
+        let outcome = match job.kind {
+            JobKind::Backup => end_backup(&st, &job, &mut dirs).await,
+            JobKind::Restore => Ok(clean_restore(&st, &job, &left.restore_dirs).await),
         };
         let note = match outcome {
             Ok(note) => {
@@ -340,7 +339,7 @@ async fn clean_restore(st: &AppState, job: &JobInfo, work_dirs: &[(u64, PathBuf)
     if !ended.is_empty() {
         note.push_str(&format!("; qemu-nbd ended (pid {})", ended.join(", ")));
     }
-    if job.mode == "onto-vm" {
+    if job.mode == JobMode::OntoVm {
         note.push_str(&format!(
             "; the disks of vm {} may be partly restored: restore again before starting it",
             job.vm

@@ -110,7 +110,7 @@ pub async fn list(
                 .extend(doms.into_iter().map(|d| vm_info(m.name(), d, &last))),
             Err(e) => out.unreachable.push(Unreachable {
                 hypervisor: m.name().to_string(),
-                error: e.to_string(),
+                error: crate::daemon::error::chain(&e),
             }),
         }
     }

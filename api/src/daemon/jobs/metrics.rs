@@ -81,7 +81,7 @@ impl JobMetrics {
     pub fn record(&self, job: &JobInfo, seconds: f64) {
         let mut c = self.inner.lock().expect("metrics lock");
         *c.ended
-            .entry((job.kind.clone(), state_label(job.state)))
+            .entry((job.kind.to_string(), state_label(job.state)))
             .or_default() += 1;
         let p = &job.progress;
         c.bytes_read += p.bytes_read;
@@ -89,7 +89,7 @@ impl JobMetrics {
         c.bytes_dedup += p.bytes_dedup;
         c.bytes_zero += p.bytes_zero;
         c.durations
-            .entry(job.kind.clone())
+            .entry(job.kind.to_string())
             .or_default()
             .observe(seconds);
     }

@@ -6,4 +6,4 @@ pub mod log;
 pub mod metrics;
 pub mod registry;
 
-pub use registry::{JobHandle, JobLimits, JobOutcome, JobSpec, Jobs};
+pub use registry::{JobDone, JobHandle, JobLimits, JobOutcome, JobSpec, Jobs};

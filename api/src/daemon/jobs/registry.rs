@@ -20,9 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::daemon::clock::now;
 use crate::daemon::jobs::log::JobLog;
 use crate::daemon::jobs::metrics::JobMetrics;
-use crate::wire::jobs::JobInfo;
-use crate::wire::jobs::JobProgress;
-use crate::wire::jobs::JobState;
+use crate::wire::jobs::{JobError, JobInfo, JobKind, JobMode, JobProgress, JobState};
 
 impl From<ProgressSnapshot> for JobProgress {
     fn from(s: ProgressSnapshot) -> Self {
@@ -88,8 +86,17 @@ pub struct JobHandle {
     pub cancel: CancellationToken,
 }
 
-/// How a job body ended: the backup id, or (message, cancelled?).
-pub type JobOutcome = Result<String, (String, bool)>;
+/// What a job body that succeeded leaves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobDone {
+    /// A backup committed this backup (its id).
+    Committed(String),
+    /// Anything else, said in a message.
+    Done(String),
+}
+
+/// How a job body ended.
+pub type JobOutcome = Result<JobDone, JobError>;
 
 /// Concurrency limits.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -110,12 +117,11 @@ impl JobLimits {
 }
 
 /// What a job is: its kind, VM and mode, and what it runs against.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct JobSpec {
-    /// `backup` or `restore`.
-    pub kind: String,
+    pub kind: JobKind,
     pub vm: String,
-    pub mode: String,
+    pub mode: JobMode,
     /// The hypervisor it runs against.
     pub hypervisor: Option<String>,
     /// The host of that hypervisor (none: the registry's default host).
@@ -126,12 +132,14 @@ pub struct JobSpec {
 
 impl JobSpec {
     /// A job of `kind` on `vm` in `mode`.
-    pub fn new(kind: &str, vm: &str, mode: &str) -> Self {
+    pub fn new(kind: JobKind, vm: &str, mode: JobMode) -> Self {
         JobSpec {
-            kind: kind.into(),
+            kind,
             vm: vm.into(),
-            mode: mode.into(),
-            ..JobSpec::default()
+            mode,
+            hypervisor: None,
+            host: None,
+            policy: None,
         }
     }
 
@@ -150,8 +158,8 @@ impl JobSpec {
 }
 
 /// Whether a job of `kind` in `mode` works on its VM itself (one such job per VM at a time).
-fn holds_vm(kind: &str, mode: &str) -> bool {
-    kind == "backup" || (kind == "restore" && mode == "onto-vm")
+fn holds_vm(kind: JobKind, mode: JobMode) -> bool {
+    kind == JobKind::Backup || (kind == JobKind::Restore && mode == JobMode::OntoVm)
 }
 
 impl Jobs {
@@ -203,28 +211,12 @@ impl Jobs {
     }
 
     /// Queues a backup job; `body` runs once a slot is free.
-    pub fn spawn<F, Fut>(self: &Arc<Self>, vm: &str, mode: &str, body: F) -> JobInfo
+    pub fn spawn<F, Fut>(self: &Arc<Self>, vm: &str, mode: JobMode, body: F) -> JobInfo
     where
         F: FnOnce(JobHandle) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = JobOutcome> + Send + 'static,
     {
-        self.start(JobSpec::new("backup", vm, mode), body)
-    }
-
-    /// Queues a job of `kind` (`backup`, `restore`); `body` runs once a slot is free. A
-    /// job other than a backup reports its `Ok` text as its message.
-    pub fn spawn_kind<F, Fut>(
-        self: &Arc<Self>,
-        kind: &str,
-        vm: &str,
-        mode: &str,
-        body: F,
-    ) -> JobInfo
-    where
-        F: FnOnce(JobHandle) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = JobOutcome> + Send + 'static,
-    {
-        self.start(JobSpec::new(kind, vm, mode), body)
+        self.start(JobSpec::new(JobKind::Backup, vm, mode), body)
     }
 
     /// Queues the job `spec`; `body` runs once its host's slot and an overall one are free.
@@ -233,6 +225,54 @@ impl Jobs {
         F: FnOnce(JobHandle) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = JobOutcome> + Send + 'static,
     {
+        let queued = self.enqueue(spec);
+        self.launch(queued, body)
+    }
+
+    /// [`Jobs::start`] unless a job that holds the same VM (a backup, or a restore onto the
+    /// VM's own disks, on the same hypervisor) has not ended: then that job, untouched. Two
+    /// backups of one VM at once would fight over its one libvirt backup job (the second
+    /// one's stale-job clean-up would end the first's).
+    pub fn start_exclusive<F, Fut>(
+        self: &Arc<Self>,
+        spec: JobSpec,
+        body: F,
+    ) -> Result<JobInfo, Box<JobInfo>>
+    where
+        F: FnOnce(JobHandle) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = JobOutcome> + Send + 'static,
+    {
+        let queued = {
+            let _one_at_a_time = self.exclusive.lock().expect("jobs lock");
+            if let Some(j) = self.holder(&spec) {
+                return Err(Box::new(j));
+            }
+            self.enqueue(spec)
+        };
+        Ok(self.launch(queued, body))
+    }
+
+    /// The unfinished job that holds the VM `spec` would hold, if `spec` holds one.
+    fn holder(&self, spec: &JobSpec) -> Option<JobInfo> {
+        if !holds_vm(spec.kind, spec.mode) {
+            return None;
+        }
+        let entries = self.entries.lock().expect("jobs lock");
+        entries
+            .values()
+            .map(|e| &e.info)
+            .find(|j| {
+                !j.state.is_final()
+                    && holds_vm(j.kind, j.mode)
+                    && j.vm == spec.vm
+                    && j.hypervisor == spec.hypervisor
+            })
+            .cloned()
+    }
+
+    /// Registers the job `spec` as queued (seen by [`Jobs::holder`] from now on) and takes its
+    /// turn on its host.
+    fn enqueue(&self, spec: JobSpec) -> Queued {
         let id = {
             let mut n = self.next.lock().expect("jobs lock");
             *n += 1;
@@ -250,13 +290,13 @@ impl Jobs {
             created: now(),
             finished: None,
             message: None,
+            error: None,
             backup_id: None,
             policy: spec.policy,
             host: host.clone(),
             hypervisor: spec.hypervisor,
             progress: JobProgress::default(),
         };
-        self.persist(&info);
         let entry = Entry {
             info: info.clone(),
             progress: progress.clone(),
@@ -265,53 +305,31 @@ impl Jobs {
             started: None,
         };
         self.entries.lock().expect("jobs lock").insert(id, entry);
-        let me = self.clone();
-        let handle = JobHandle {
-            id,
-            progress,
-            cancel,
-        };
         let (mine, next) = oneshot::channel();
         let turn = Turn {
             after: self.turns.lock().expect("jobs lock").insert(host, next),
             mine,
         };
-        self.tracker
-            .spawn(async move { me.run(handle, turn, body).await });
-        info
+        let handle = JobHandle {
+            id,
+            progress,
+            cancel,
+        };
+        Queued { info, handle, turn }
     }
 
-    /// [`Jobs::start`] unless a job that holds the same VM (a backup, or a restore onto the
-    /// VM's own disks, on the same hypervisor) has not ended: then that job, untouched. Two
-    /// backups of one VM at once would fight over its one libvirt backup job (the second
-    /// one's stale-job clean-up would end the first's).
-    pub fn start_exclusive<F, Fut>(
-        self: &Arc<Self>,
-        spec: JobSpec,
-        body: F,
-    ) -> Result<JobInfo, Box<JobInfo>>
+    /// Records a queued job in the history (outside every registry lock), then runs it.
+    fn launch<F, Fut>(self: &Arc<Self>, q: Queued, body: F) -> JobInfo
     where
         F: FnOnce(JobHandle) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = JobOutcome> + Send + 'static,
     {
-        let _one_at_a_time = self.exclusive.lock().expect("jobs lock");
-        let busy = self
-            .entries
-            .lock()
-            .expect("jobs lock")
-            .values()
-            .map(|e| &e.info)
-            .find(|j| {
-                !j.state.is_final()
-                    && holds_vm(&j.kind, &j.mode)
-                    && j.vm == spec.vm
-                    && j.hypervisor == spec.hypervisor
-            })
-            .cloned();
-        match busy {
-            Some(j) if holds_vm(&spec.kind, &spec.mode) => Err(Box::new(j)),
-            _ => Ok(self.start(spec, body)),
-        }
+        self.persist(&q.info);
+        let me = self.clone();
+        let Queued { info, handle, turn } = q;
+        self.tracker
+            .spawn(async move { me.run(handle, turn, body).await });
+        info
     }
 
     fn persist(&self, info: &JobInfo) {
@@ -362,14 +380,16 @@ impl Jobs {
     /// Appends `note` to the message of job `id`, which has ended, and records it (what the
     /// start-up cleanup did for a job the restart interrupted).
     pub fn amend(&self, id: u64, note: &str) {
-        let mut entries = self.entries.lock().expect("jobs lock");
-        let Some(e) = entries.get_mut(&id).filter(|e| e.info.state.is_final()) else {
-            return;
+        let info = {
+            let mut entries = self.entries.lock().expect("jobs lock");
+            let Some(e) = entries.get_mut(&id).filter(|e| e.info.state.is_final()) else {
+                return;
+            };
+            let msg = e.info.message.take().unwrap_or_default();
+            e.info.message = Some(format!("{msg}; {note}"));
+            e.info.clone()
         };
-        let msg = e.info.message.take().unwrap_or_default();
-        e.info.message = Some(format!("{msg}; {note}"));
-        self.persist(&e.info);
-        drop(entries);
+        self.persist(&info);
         self.changed.notify_waiters();
     }
 
@@ -399,7 +419,7 @@ impl Jobs {
         };
         drop(turn.mine);
         let Some(_permit) = permit else {
-            self.finish(id, Err(("cancelled before it started".into(), true)));
+            self.finish(id, Err(JobError::cancelled("cancelled before it started")));
             return;
         };
         self.set_state(id, JobState::Running);
@@ -409,13 +429,20 @@ impl Jobs {
     }
 
     fn set_state(&self, id: u64, state: JobState) {
-        if let Some(e) = self.entries.lock().expect("jobs lock").get_mut(&id) {
+        let info = {
+            let mut entries = self.entries.lock().expect("jobs lock");
+            let Some(e) = entries.get_mut(&id) else {
+                return;
+            };
             e.info.state = state;
             if state == JobState::Running {
                 e.started = Some(Instant::now());
             }
-            self.persist(&e.info);
-        }
+            e.info.clone()
+        };
+        // The history is synced outside the registry lock: readers of other jobs never wait
+        // on a disk. One job's changes come from its own task, in order.
+        self.persist(&info);
         self.changed.notify_waiters();
     }
 
@@ -426,40 +453,24 @@ impl Jobs {
     }
 
     fn finish(&self, id: u64, out: JobOutcome) {
-        let mut entries = self.entries.lock().expect("jobs lock");
-        let Some(e) = entries.get_mut(&id) else {
-            return;
+        let (info, ran) = {
+            let mut entries = self.entries.lock().expect("jobs lock");
+            let Some(e) = entries.get_mut(&id) else {
+                return;
+            };
+            e.info.finished = Some(now());
+            e.info.progress = e.progress.snapshot().into();
+            settle(&mut e.info, out);
+            if let Some(note) = e.note.take() {
+                let msg = e.info.message.take().unwrap_or_default();
+                e.info.message = Some(format!("{msg}; {note}"));
+            }
+            let ran = e.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+            (e.info.clone(), ran)
         };
-        e.info.finished = Some(now());
-        e.info.progress = e.progress.snapshot().into();
-        match out {
-            Ok(text) if e.info.kind != "backup" => {
-                e.info.state = JobState::Succeeded;
-                e.info.message = Some(text);
-            }
-            Ok(backup) => {
-                e.info.state = JobState::Succeeded;
-                e.info.message = Some(format!("backup {backup} committed"));
-                e.info.backup_id = Some(backup);
-            }
-            Err((msg, cancelled)) => {
-                e.info.state = if cancelled {
-                    JobState::Cancelled
-                } else {
-                    JobState::Failed
-                };
-                e.info.message = Some(msg);
-            }
-        }
-        if let Some(note) = e.note.take() {
-            let msg = e.info.message.take().unwrap_or_default();
-            e.info.message = Some(format!("{msg}; {note}"));
-        }
-        let ran = e.started.map_or(0.0, |t| t.elapsed().as_secs_f64());
-        self.metrics.record(&e.info, ran);
-        self.persist(&e.info);
-        tracing::info!(job = id, state = ?e.info.state, "job finished");
-        drop(entries);
+        self.metrics.record(&info, ran);
+        self.persist(&info);
+        tracing::info!(job = id, state = ?info.state, "job finished");
         self.changed.notify_waiters();
     }
 
@@ -493,6 +504,36 @@ impl Jobs {
 
 /// A job's place in its host's queue: it waits for `after` (the job queued before it) and
 /// drops `mine` once it holds its slots, letting the next one try.
+/// The final state, message, backup and error of a job that ended with `out`.
+fn settle(info: &mut JobInfo, out: JobOutcome) {
+    match out {
+        Ok(JobDone::Done(text)) => {
+            info.state = JobState::Succeeded;
+            info.message = Some(text);
+        }
+        Ok(JobDone::Committed(backup)) => {
+            info.state = JobState::Succeeded;
+            info.message = Some(format!("backup {backup} committed"));
+            info.backup_id = Some(backup);
+        }
+        Err(e) => {
+            info.state = match e.kind {
+                crate::wire::jobs::ErrorKind::Cancelled => JobState::Cancelled,
+                _ => JobState::Failed,
+            };
+            info.message = Some(e.message.clone());
+            info.error = Some(e);
+        }
+    }
+}
+
+/// A job registered but not yet running.
+struct Queued {
+    info: JobInfo,
+    handle: JobHandle,
+    turn: Turn,
+}
+
 struct Turn {
     after: Option<oneshot::Receiver<()>>,
     mine: oneshot::Sender<()>,

@@ -3,13 +3,14 @@
 
 use std::sync::Arc;
 
-use proxy::job::{BackupOptions, ErrorKind};
+use proxy::job::BackupOptions;
 
+use super::failure;
 use crate::daemon::error::{ApiError, ApiResult};
 use crate::daemon::hypervisors::Member;
-use crate::daemon::jobs::{JobHandle, JobOutcome, JobSpec};
+use crate::daemon::jobs::{JobDone, JobHandle, JobOutcome, JobSpec};
 use crate::daemon::state::SharedState;
-use crate::wire::jobs::JobInfo;
+use crate::wire::jobs::{JobInfo, JobKind, JobMode};
 use crate::wire::policy::Policy;
 use crate::wire::vms::BackupModeRequest;
 
@@ -22,12 +23,11 @@ pub fn spawn_backup(
     mode: BackupModeRequest,
     policy: Option<Policy>,
 ) -> Result<JobInfo, Box<JobInfo>> {
-    let name = if mode == BackupModeRequest::Full {
-        "full"
-    } else {
-        "auto"
+    let name = match mode {
+        BackupModeRequest::Full => JobMode::Full,
+        BackupModeRequest::Auto => JobMode::Auto,
     };
-    let mut spec = JobSpec::new("backup", vm, name).on(m.name(), &m.spec.host);
+    let mut spec = JobSpec::new(JobKind::Backup, vm, name).on(m.name(), &m.spec.host);
     if let Some(p) = &policy {
         spec = spec.for_policy(&p.name);
     }
@@ -40,7 +40,8 @@ pub fn spawn_backup(
     })
 }
 
-pub(crate) async fn backup_job(
+/// The body of a backup job: the backup of `vm` on `m`.
+async fn backup_job(
     st: SharedState,
     m: Arc<Member>,
     vm: String,
@@ -50,11 +51,11 @@ pub(crate) async fn backup_job(
     let mut opts = BackupOptions::new(st.work_dir.clone());
     opts.force_full = mode == BackupModeRequest::Full;
     opts.read_limit = st.read_limit.clone();
-    let hv = m.hv().await.map_err(|e| (e.to_string(), false))?;
+    let hv = m.hv().await.map_err(|e| failure::hypervisor(&e))?;
     let run = hv.backup(st.repo.clone(), vm, opts, h.progress, h.cancel);
     match run.await {
-        Ok(rep) => Ok(rep.manifest.id.to_string()),
-        Err(e) => Err((e.to_string(), e.kind() == ErrorKind::Cancelled)),
+        Ok(rep) => Ok(JobDone::Committed(rep.manifest.id.to_string())),
+        Err(e) => Err(failure::backup(&e)),
     }
 }
 
@@ -67,9 +68,9 @@ async fn policy_job(
     h: JobHandle,
 ) -> JobOutcome {
     let id = h.id;
-    let backup = backup_job(st.clone(), m, vm.clone(), p.mode, h).await?;
-    if let Some(ret) = p.retention {
-        let note = match prune_vm(&st, &backup, ret.into()).await {
+    let done = backup_job(st.clone(), m, vm.clone(), p.mode, h).await?;
+    if let (Some(ret), JobDone::Committed(backup)) = (p.retention, &done) {
+        let note = match prune_vm(&st, backup, ret.into()).await {
             Ok(n) => format!(
                 "retention of policy {} removed {n} backup(s) of {vm}",
                 p.name
@@ -79,7 +80,7 @@ async fn policy_job(
         tracing::info!(job = id, "{note}");
         st.jobs.annotate(id, &note);
     }
-    Ok(backup)
+    Ok(done)
 }
 
 /// Applies `policy` to the VM of backup `backup`; returns how many backups it removed.

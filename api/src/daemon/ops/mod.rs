@@ -4,4 +4,5 @@
 
 pub mod backup;
 pub mod exports;
+pub mod failure;
 pub mod restore;

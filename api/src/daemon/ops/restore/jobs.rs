@@ -2,24 +2,20 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::Duration;
 
 use catalog::BackupId;
 
 use proxy::hypervisor::libvirt::LibvirtHypervisor;
-use proxy::job::Progress;
 use proxy::restore::file::{restore_disk_with, FileRestoreControl};
-use proxy::restore::{
-    restore_onto_vm, ErrorKind as RestoreErrorKind, ExportName, OntoPath, OntoVmOptions,
-    RestoredDisk,
-};
+use proxy::restore::{restore_onto_vm, ExportName, OntoPath, OntoVmOptions, RestoredDisk};
 
 use super::plan::Plan;
 use super::staging::Staging;
 use crate::daemon::hypervisors::{Hv, Member};
-use crate::daemon::jobs::{JobHandle, JobOutcome};
+use crate::daemon::jobs::{JobDone, JobHandle, JobOutcome};
+use crate::daemon::ops::failure;
 use crate::daemon::state::SharedState;
+use crate::wire::jobs::JobError;
 use crate::wire::restores::RestoreFormat;
 
 pub(super) async fn run(
@@ -38,11 +34,11 @@ pub(super) async fn run(
             let staging = Staging::new(&target, h.id)?;
             copy_disks(&st, &disks, &staging, format, &h).await?;
             staging.place(&target, overwrite)?;
-            Ok(format!(
+            Ok(JobDone::Done(format!(
                 "restored {name} to {} ({})",
                 target.display(),
                 format.name()
-            ))
+            )))
         }
         Plan::Domain {
             hv,
@@ -75,8 +71,8 @@ async fn onto_job(
     disks: Vec<String>,
     h: JobHandle,
 ) -> JobOutcome {
-    let conn = hv.hv().await.map_err(|e| (e.to_string(), false))?;
-    let lv = libvirt(&*conn, hv).map_err(|e| (e, false))?;
+    let conn = hv.hv().await.map_err(|e| failure::hypervisor(&e))?;
+    let lv = libvirt(&*conn, hv)?;
     let mut opts = OntoVmOptions::new(
         &vm,
         backup.clone(),
@@ -88,7 +84,7 @@ async fn onto_job(
     opts.cancel = h.cancel.clone();
     let r = restore_onto_vm(lv, &st.repo, &opts).await;
     let _ = std::fs::remove_dir_all(&opts.work_dir);
-    let rep = r.map_err(|e| (e.to_string(), e.kind() == RestoreErrorKind::Cancelled))?;
+    let rep = r.map_err(|e| failure::restore(&e))?;
     let paths: Vec<String> = rep
         .disks
         .iter()
@@ -97,16 +93,21 @@ async fn onto_job(
             OntoPath::Full { reason } => format!("{}: in full ({reason})", d.disk),
         })
         .collect();
-    Ok(format!(
+    Ok(JobDone::Done(format!(
         "restored backup {backup} onto vm {vm} ({})",
         paths.join("; ")
-    ))
+    )))
 }
 
-fn libvirt<'a>(conn: &'a dyn Hv, hv: &Member) -> Result<&'a LibvirtHypervisor, String> {
+fn libvirt<'a>(conn: &'a dyn Hv, hv: &Member) -> Result<&'a LibvirtHypervisor, JobError> {
     conn.as_any()
         .downcast_ref::<LibvirtHypervisor>()
-        .ok_or_else(|| format!("hypervisor {} is not a libvirt hypervisor", hv.name()))
+        .ok_or_else(|| {
+            failure::refused(format!(
+                "hypervisor {} is not a libvirt hypervisor",
+                hv.name()
+            ))
+        })
 }
 
 /// What a restore as a new domain defines, and where.
@@ -131,7 +132,7 @@ async fn domain_job(
     } = job;
     let first = &disks
         .first()
-        .ok_or(("the backup has no disks".to_string(), false))?
+        .ok_or_else(|| failure::failed("the backup has no disks"))?
         .1;
     let staging = Staging::new(first, h.id)?;
     copy_disks(st, disks, &staging, format, h).await?;
@@ -145,16 +146,16 @@ async fn domain_job(
         .collect();
     let names: Vec<String> = match hv.list().await {
         Ok(d) => d.into_iter().map(|d| d.name).collect(),
-        Err(e) => return Err((e.to_string(), false)),
+        Err(e) => return Err(failure::hypervisor(&e)),
     };
     let new_xml = proxy::restore::restore_as_domain(xml, new_name, &restored, &names)
-        .map_err(|e| (e.to_string(), false))?;
+        .map_err(|e| failure::restore(&e))?;
     // The copy gets its own console logs and sockets, so it can run beside the original.
     let run_dir = first.with_file_name(format!("{new_name}-run"));
-    let new_xml = proxy::restore::relocate_chardevs(&new_xml, &run_dir)
-        .map_err(|e| (e.to_string(), false))?;
+    let new_xml =
+        proxy::restore::relocate_chardevs(&new_xml, &run_dir).map_err(|e| failure::restore(&e))?;
     std::fs::create_dir_all(&run_dir)
-        .map_err(|e| (format!("creating {}: {e}", run_dir.display()), false))?;
+        .map_err(|e| failure::io(format_args!("creating {}", run_dir.display()), &e))?;
     for (_, p) in disks {
         staging.place(p, false)?;
     }
@@ -163,46 +164,42 @@ async fn domain_job(
             let _ = std::fs::remove_file(p);
         }
         let _ = std::fs::remove_dir_all(&run_dir);
-        return Err((format!("defining domain {new_name}: {e}"), false));
+        return Err(JobError::new(
+            e.kind,
+            format!("defining domain {new_name}: {}", e.message),
+        ));
     }
-    Ok(format!(
+    Ok(JobDone::Done(format!(
         "restored {} disk(s) of backup {} as domain {new_name}",
         disks.len(),
         disks[0].0.backup
-    ))
+    )))
 }
 
-async fn define(hv: &Member, xml: &str) -> Result<String, String> {
-    let conn = hv.hv().await.map_err(|e| e.to_string())?;
+async fn define(hv: &Member, xml: &str) -> Result<String, JobError> {
+    let conn = hv.hv().await.map_err(|e| failure::hypervisor(&e))?;
     let lv = libvirt(&*conn, hv)?;
-    lv.define_domain(xml).await.map_err(|e| e.to_string())
+    lv.define_domain(xml)
+        .await
+        .map_err(|e| failure::hypervisor(&e))
 }
 
-/// Copies each disk into the staging directory, with progress; honours cancel between and
-/// (by discarding the result) during disks.
+/// Copies each disk into the staging directory; honours cancel between and (by discarding the
+/// result) during disks. Progress: the plan is set here, `proxy::restore` (the one writer of
+/// the done counters) adds each chunk it writes.
 async fn copy_disks(
     st: &SharedState,
     disks: &[(ExportName, PathBuf)],
     staging: &Staging,
     format: RestoreFormat,
     h: &JobHandle,
-) -> Result<(), (String, bool)> {
+) -> Result<(), JobError> {
     let planned = disk_sizes(st, disks).await?;
     h.progress.bytes_planned.store(planned, Ordering::Relaxed);
-    let poll = tokio::spawn(poll_progress(staging.dir.clone(), h.progress.clone()));
-    let r = async {
-        for (name, target) in disks {
-            copy_one(st, name, staging.file(target), format, h).await?;
-        }
-        Ok(())
+    for (name, target) in disks {
+        copy_one(st, name, staging.file(target), format, h).await?;
     }
-    .await;
-    poll.abort();
-    if r.is_ok() {
-        h.progress.bytes_done.store(planned, Ordering::Relaxed);
-        h.progress.bytes_read.store(planned, Ordering::Relaxed);
-    }
-    r
+    Ok(())
 }
 
 /// One disk's copy with live progress; on cancel the copy stops at its next batch of chunks
@@ -213,7 +210,7 @@ async fn copy_one(
     file: PathBuf,
     format: RestoreFormat,
     h: &JobHandle,
-) -> Result<(), (String, bool)> {
+) -> Result<(), JobError> {
     let control = FileRestoreControl {
         cancel: h.cancel.clone(),
         progress: h.progress.clone(),
@@ -221,18 +218,15 @@ async fn copy_one(
     let run = restore_disk_with(&st.repo, name, file, format.image(), control);
     tokio::pin!(run);
     tokio::select! {
-        r = &mut run => r.map(drop).map_err(|e| (e.to_string(), false)),
+        r = &mut run => r.map(drop).map_err(|e| failure::restore(&e)),
         _ = h.cancel.cancelled() => {
             let _ = run.await;
-            Err(("restore cancelled; nothing was written".into(), true))
+            Err(JobError::cancelled("restore cancelled; nothing was written"))
         }
     }
 }
 
-async fn disk_sizes(
-    st: &SharedState,
-    disks: &[(ExportName, PathBuf)],
-) -> Result<u64, (String, bool)> {
+async fn disk_sizes(st: &SharedState, disks: &[(ExportName, PathBuf)]) -> Result<u64, JobError> {
     let Some((first, _)) = disks.first() else {
         return Ok(0);
     };
@@ -240,30 +234,10 @@ async fn disk_sizes(
     let m = st
         .repo(move |r| r.manifest(&id))
         .await
-        .map_err(|e| (e.message, false))?;
+        .map_err(|e| failure::failed(e.message))?;
     Ok(m.disks
         .iter()
         .filter(|d| disks.iter().any(|(n, _)| n.disk == d.target))
         .map(|d| d.size)
         .sum())
-}
-
-/// Progress of a copy as the bytes allocated so far in the staging directory (an estimate:
-/// holes are never written, and a qcow2 is written twice, raw then converted).
-async fn poll_progress(dir: PathBuf, progress: Arc<Progress>) {
-    use std::os::unix::fs::MetadataExt;
-    loop {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        let used: u64 = std::fs::read_dir(&dir)
-            .map(|rd| {
-                rd.filter_map(|e| e.ok()?.metadata().ok())
-                    .map(|m| m.blocks() * 512)
-                    .sum()
-            })
-            .unwrap_or(0);
-        let planned = progress.bytes_planned.load(Ordering::Relaxed);
-        let done = used.min(planned);
-        progress.bytes_done.fetch_max(done, Ordering::Relaxed);
-        progress.bytes_read.fetch_max(done, Ordering::Relaxed);
-    }
 }

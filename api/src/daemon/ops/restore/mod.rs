@@ -24,7 +24,7 @@ use crate::daemon::hypervisors::Member;
 use crate::daemon::jobs::JobSpec;
 use crate::daemon::names::validate_name;
 use crate::daemon::state::SharedState;
-use crate::wire::jobs::JobInfo;
+use crate::wire::jobs::{JobInfo, JobKind, JobMode};
 use crate::wire::restores::RestoreRequest;
 use plan::Plan;
 use staging::{no_restore_dirs, restore_target};
@@ -37,16 +37,16 @@ pub async fn start(st: &SharedState, req: RestoreRequest) -> ApiResult<JobInfo> 
     let m = st.repo(move |r| r.manifest(&id2)).await?;
     let format = req.format.unwrap_or_default();
     let (plan, mode) = match (&req.to, &req.as_domain, req.onto_vm) {
-        (Some(to), None, false) => (file_plan(st, &m, &req, to)?, "to-file"),
-        (None, Some(n), false) => (domain_plan(st, &m, &req, n).await?, "as-domain"),
-        (None, None, true) => (onto_plan(st, &m, &req).await?, "onto-vm"),
+        (Some(to), None, false) => (file_plan(st, &m, &req, to)?, JobMode::ToFile),
+        (None, Some(n), false) => (domain_plan(st, &m, &req, n).await?, JobMode::AsDomain),
+        (None, None, true) => (onto_plan(st, &m, &req).await?, JobMode::OntoVm),
         _ => {
             return Err(ApiError::bad_request(
                 "a restore needs exactly one of `to` (a file), `as_domain` (a new domain) and `onto_vm` (the VM's own disks)",
             ))
         }
     };
-    let mut spec = JobSpec::new("restore", &m.vm.name, mode);
+    let mut spec = JobSpec::new(JobKind::Restore, &m.vm.name, mode);
     if let Plan::Domain { hv, .. } | Plan::Onto { hv, .. } = &plan {
         spec = spec.on(hv.name(), &hv.spec.host);
     }

@@ -4,6 +4,8 @@
 use std::path::{Component, Path, PathBuf};
 
 use crate::daemon::error::{ApiError, ApiResult};
+use crate::daemon::ops::failure;
+use crate::wire::jobs::JobError;
 
 /// Longest target path accepted, bytes.
 const MAX_PATH: usize = 4096;
@@ -32,18 +34,18 @@ fn sweep_dead_staging(dir: &Path) {
 /// A private directory beside the targets (same filesystem, so placing is a rename); removed
 /// with whatever it still holds when dropped.
 pub(super) struct Staging {
-    pub(super) dir: PathBuf,
+    dir: PathBuf,
 }
 
 impl Staging {
     /// `.sluice-restore-PID-JOB` beside `target`; first removes those a daemon that no
     /// longer runs left behind (killed with `kill -9` mid-restore).
-    pub(super) fn new(target: &Path, job: u64) -> Result<Staging, (String, bool)> {
+    pub(super) fn new(target: &Path, job: u64) -> Result<Staging, JobError> {
         let parent = target.parent().unwrap_or(Path::new("/"));
         sweep_dead_staging(parent);
         let dir = parent.join(format!("{STAGING}{}-{job}", std::process::id()));
         std::fs::create_dir(&dir)
-            .map_err(|e| (format!("creating {}: {e}", dir.display()), false))?;
+            .map_err(|e| failure::io(format_args!("creating {}", dir.display()), &e))?;
         Ok(Staging { dir })
     }
 
@@ -53,7 +55,7 @@ impl Staging {
 
     /// Moves the finished copy of `target` into place; without `overwrite`, an existing file
     /// (even one created since the request) is never replaced.
-    pub(super) fn place(&self, target: &Path, overwrite: bool) -> Result<(), (String, bool)> {
+    pub(super) fn place(&self, target: &Path, overwrite: bool) -> Result<(), JobError> {
         let from = self.file(target);
         let r = if overwrite {
             std::fs::rename(&from, target)
@@ -61,9 +63,9 @@ impl Staging {
             std::fs::hard_link(&from, target).and_then(|()| std::fs::remove_file(&from))
         };
         r.map_err(|e| {
-            (
-                format!("moving the restored file to {}: {e}", target.display()),
-                false,
+            failure::io(
+                format_args!("moving the restored file to {}", target.display()),
+                &e,
             )
         })
     }
