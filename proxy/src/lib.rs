@@ -10,3 +10,4 @@ pub mod job;
 pub mod nbd;
 pub mod plan;
 pub mod restore;
+mod send_check;
