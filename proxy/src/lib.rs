@@ -5,9 +5,9 @@
 //! one seam on a bounded blocking pool.
 
 pub mod hypervisor;
-pub mod ingest;
 pub mod job;
 pub mod nbd;
 pub mod plan;
+pub mod repo;
 pub mod restore;
 mod send_check;

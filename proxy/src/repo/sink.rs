@@ -1,20 +1,20 @@
-//! The seam between the async data path and the synchronous repository.
+//! [`IngestSink`]: an open backup in the repository, as the backup job feeds it.
 //!
-//! Owns every call from async code into `catalog` during a backup: storing chunks, recording
-//! zero chunks, reading the parent backup's chunks for partly dirty chunks, and the commit.
-//! Each call runs on tokio's bounded blocking pool, never on a runtime worker thread; the
-//! catalog's own worker threads hash and compress behind a bounded channel, so a slow
-//! repository pushes back on the NBD reads instead of growing memory.
+//! Owns every call into `catalog` during a backup: storing chunks, recording zero chunks,
+//! reading the parent backup's chunks for partly dirty chunks, and the commit, each through
+//! [`super::call`] (the blocking pool, within the seam's bound); the catalog's own worker
+//! threads hash and compress behind a bounded channel, so a slow repository pushes back on
+//! the NBD reads instead of growing memory.
 //!
-//! It does not own planning (`crate::plan`) or NBD (`crate::nbd`).
+//! The parent's manifest is the one the job already read (to choose full or incremental),
+//! passed in, not read again here.
 
 use std::ops::Range;
 use std::sync::Arc;
 
 use catalog::{BackupId, BackupSpec, BackupWriter, CommitInfo, DiskReader, Manifest, Repository};
 
-/// Errors from the repository, as seen by the data path.
-pub type Result<T> = std::result::Result<T, catalog::Error>;
+use super::{call, Result};
 
 /// An open backup in the repository plus the parent's disks for partial chunks.
 #[derive(Clone)]
@@ -31,21 +31,23 @@ impl std::fmt::Debug for IngestSink {
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| {
-        catalog::Error::new(
-            catalog::ErrorKind::Io,
-            format!("repository task failed: {e}"),
-        )
-    })?
-}
-
 impl IngestSink {
-    /// Begins a backup; opens the parent's disk of each target that has one.
-    pub async fn begin(repo: Repository, spec: BackupSpec) -> Result<IngestSink> {
-        blocking(move || {
+    /// Begins a backup on `parent` (`spec.parent` is set from it: `None` for a full); opens
+    /// the parent's disk of each target the parent has.
+    pub async fn begin(
+        repo: Repository,
+        mut spec: BackupSpec,
+        parent: Option<&Manifest>,
+    ) -> Result<IngestSink> {
+        spec.parent = parent.map(|m| m.id.clone());
+        let in_parent: Vec<bool> = spec
+            .disks
+            .iter()
+            .map(|d| parent.is_some_and(|m| m.disks.iter().any(|p| p.target == d.target)))
+            .collect();
+        call(move || {
             let parents = match &spec.parent {
-                Some(p) => open_parents(&repo, p, &spec)?,
+                Some(id) => open_parents(&repo, id, &spec, &in_parent)?,
                 None => spec.disks.iter().map(|_| None).collect(),
             };
             let writer = repo.begin_backup(spec)?;
@@ -70,19 +72,19 @@ impl IngestSink {
     /// Stores consecutive chunks of disk `disk` starting at chunk `start`.
     pub async fn put_chunks(&self, disk: usize, start: u64, data: Vec<u8>) -> Result<()> {
         let w = self.writer.clone();
-        blocking(move || w.put_chunks_owned(disk, start, data)).await
+        call(move || w.put_chunks_owned(disk, start, data)).await
     }
 
     /// Records chunks `range` of disk `disk` as all zeros.
     pub async fn put_zeros(&self, disk: usize, range: Range<u64>) -> Result<()> {
         let w = self.writer.clone();
-        blocking(move || w.put_zeros(disk, range)).await
+        call(move || w.put_zeros(disk, range)).await
     }
 
     /// The parent backup's chunk `index` of disk `disk` (zeros if the parent has none there).
     pub async fn parent_chunk(&self, disk: usize, index: u64, len: usize) -> Result<Vec<u8>> {
         let parents = self.parents.clone();
-        blocking(move || {
+        call(move || {
             let Some(Some(reader)) = parents.get(disk) else {
                 return Ok(vec![0; len]);
             };
@@ -107,7 +109,7 @@ impl IngestSink {
                 "backup writer still in use at commit",
             )
         })?;
-        blocking(move || writer.commit(info)).await
+        call(move || writer.commit(info)).await
     }
 }
 
@@ -115,13 +117,11 @@ fn open_parents(
     repo: &Repository,
     parent: &BackupId,
     spec: &BackupSpec,
+    in_parent: &[bool],
 ) -> Result<Vec<Option<DiskReader>>> {
-    let manifest = repo.manifest(parent)?;
     spec.disks
         .iter()
-        .map(|d| {
-            let has = manifest.disks.iter().any(|p| p.target == d.target);
-            has.then(|| repo.open_disk(parent, &d.target)).transpose()
-        })
+        .zip(in_parent)
+        .map(|(d, has)| has.then(|| repo.open_disk(parent, &d.target)).transpose())
         .collect()
 }
