@@ -63,4 +63,6 @@ fn operations_are_send(
         control,
     ));
     send(RepoExport::open(repo, name, ExportOptions::default()));
+    send(crate::repo::call(|| Ok(())));
+    send(crate::repo::latest_backup(repo, "uuid"));
 }

@@ -379,7 +379,14 @@ async fn read_all<H>(
         };
         back_up_disk(disk, sink.clone(), job.progress.clone(), job.cancel.clone())
     });
-    let per_disk = futures_util::future::try_join_all(disks).await?;
+    // On failure every disk's future (and its clone of the sink) is gone once this returns.
+    let per_disk = match futures_util::future::try_join_all(disks).await {
+        Ok(p) => p,
+        Err(e) => {
+            sink.abort().await;
+            return Err(e);
+        }
+    };
     let stats = per_disk
         .iter()
         .fold(DiskStats::default(), |a, s| DiskStats {

@@ -111,6 +111,23 @@ impl IngestSink {
         })?;
         call(move || writer.commit(info)).await
     }
+
+    /// Abandons the backup (nothing is committed). Dropping the writer joins the catalog's
+    /// worker threads and releases the repository lock, so the last holder drops it here,
+    /// through the seam, not on a runtime thread; a holder that is not the last leaves that
+    /// to the one that is.
+    pub async fn abort(self) {
+        drop(self.parents);
+        if let Ok(writer) = Arc::try_unwrap(self.writer) {
+            let dropped = call(move || {
+                drop(writer);
+                Ok(())
+            });
+            if let Err(e) = dropped.await {
+                tracing::warn!(error = %e, "dropping an aborted backup writer failed");
+            }
+        }
+    }
 }
 
 fn open_parents(
