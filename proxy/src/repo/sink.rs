@@ -7,10 +7,13 @@
 //! the NBD reads instead of growing memory.
 //!
 //! The parent's manifest is the one the job already read (to choose full or incremental),
-//! passed in, not read again here.
+//! passed in, not read again here. The catalog's writer opens the parent's index to keep its
+//! chunks; the sink opens a parent disk for reading only when a partly dirty chunk first
+//! needs the parent's bytes (never with the default chunk size, which equals QEMU's bitmap
+//! granularity), so most backups open each parent index once.
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use catalog::{BackupId, BackupSpec, BackupWriter, CommitInfo, DiskReader, Manifest, Repository};
 
@@ -20,7 +23,28 @@ use super::{call, Result};
 #[derive(Clone)]
 pub struct IngestSink {
     writer: Arc<BackupWriter>,
-    parents: Arc<Vec<Option<DiskReader>>>,
+    /// Per disk of the new backup: the parent's disk of the same target, if it has one.
+    parents: Arc<Vec<Option<ParentDisk>>>,
+}
+
+/// A disk of the parent backup, opened on first use.
+struct ParentDisk {
+    repo: Repository,
+    backup: BackupId,
+    target: String,
+    reader: OnceLock<DiskReader>,
+}
+
+impl ParentDisk {
+    /// The open disk (blocking: opens it on first use; two first users may both open it,
+    /// and one of the two readers is kept).
+    fn reader(&self) -> Result<&DiskReader> {
+        if let Some(r) = self.reader.get() {
+            return Ok(r);
+        }
+        let r = self.repo.open_disk(&self.backup, &self.target)?;
+        Ok(self.reader.get_or_init(|| r))
+    }
 }
 
 impl std::fmt::Debug for IngestSink {
@@ -40,16 +64,20 @@ impl IngestSink {
         parent: Option<&Manifest>,
     ) -> Result<IngestSink> {
         spec.parent = parent.map(|m| m.id.clone());
-        let in_parent: Vec<bool> = spec
+        let parents = spec
             .disks
             .iter()
-            .map(|d| parent.is_some_and(|m| m.disks.iter().any(|p| p.target == d.target)))
+            .map(|d| {
+                let m = parent.filter(|m| m.disks.iter().any(|p| p.target == d.target))?;
+                Some(ParentDisk {
+                    repo: repo.clone(),
+                    backup: m.id.clone(),
+                    target: d.target.clone(),
+                    reader: OnceLock::new(),
+                })
+            })
             .collect();
         call(move || {
-            let parents = match &spec.parent {
-                Some(id) => open_parents(&repo, id, &spec, &in_parent)?,
-                None => spec.disks.iter().map(|_| None).collect(),
-            };
             let writer = repo.begin_backup(spec)?;
             Ok(IngestSink {
                 writer: Arc::new(writer),
@@ -85,9 +113,10 @@ impl IngestSink {
     pub async fn parent_chunk(&self, disk: usize, index: u64, len: usize) -> Result<Vec<u8>> {
         let parents = self.parents.clone();
         call(move || {
-            let Some(Some(reader)) = parents.get(disk) else {
+            let Some(Some(parent)) = parents.get(disk) else {
                 return Ok(vec![0; len]);
             };
+            let reader = parent.reader()?;
             if index >= reader.chunk_count() {
                 return Ok(vec![0; len]);
             }
@@ -128,17 +157,4 @@ impl IngestSink {
             }
         }
     }
-}
-
-fn open_parents(
-    repo: &Repository,
-    parent: &BackupId,
-    spec: &BackupSpec,
-    in_parent: &[bool],
-) -> Result<Vec<Option<DiskReader>>> {
-    spec.disks
-        .iter()
-        .zip(in_parent)
-        .map(|(d, has)| has.then(|| repo.open_disk(parent, &d.target)).transpose())
-        .collect()
 }
