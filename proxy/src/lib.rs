@@ -11,4 +11,6 @@ pub mod nbd;
 pub mod plan;
 pub mod repo;
 pub mod restore;
+#[cfg(test)]
+mod rooms_test;
 mod send_check;
