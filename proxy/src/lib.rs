@@ -1,12 +1,16 @@
 //! Sluice's data path, async on tokio.
 //!
-//! Owns NBD (client and server), the hypervisor adapters, the ingest pipeline, restore
-//! exports and the backup and restore jobs. Reaches the repository (`catalog`) only through
-//! one seam on a bounded blocking pool.
+//! Owns NBD (client and server), the hypervisor adapters, the extent-to-chunk planner,
+//! restore exports and the backup and restore jobs. Reaches the repository (`catalog`) only
+//! through one seam, [`repo`], on a bounded blocking pool. Every public async operation
+//! returns a `Send` future (checked at compile time in `send_check.rs`).
 
 pub mod hypervisor;
-pub mod ingest;
 pub mod job;
 pub mod nbd;
 pub mod plan;
+pub mod repo;
 pub mod restore;
+#[cfg(test)]
+mod rooms_test;
+mod send_check;

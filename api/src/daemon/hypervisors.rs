@@ -85,33 +85,10 @@ impl<H: Hypervisor + 'static> Hv for H {
         progress: Arc<Progress>,
         cancel: CancellationToken,
     ) -> BoxFuture<'static, proxy::job::Result<BackupReport>> {
-        // `run_backup`'s future is not `Send` (a session guard is held across awaits), so
-        // each backup runs on its own thread with a current-thread runtime.
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let spawned = std::thread::Builder::new()
-            .name(format!("backup-{vm}"))
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build();
-                let out = match rt {
-                    Ok(rt) => rt.block_on(proxy::job::run_backup(
-                        &*self, &repo, &vm, &opts, progress, cancel,
-                    )),
-                    Err(e) => Err(job_error(format!("starting the job runtime: {e}"))),
-                };
-                let _ = tx.send(out);
-            });
         Box::pin(async move {
-            spawned.map_err(|e| job_error(format!("starting the job thread: {e}")))?;
-            rx.await
-                .map_err(|_| job_error("the backup thread ended without a result".into()))?
+            proxy::job::run_backup(&*self, &repo, &vm, &opts, progress, cancel).await
         })
     }
-}
-
-fn job_error(msg: String) -> proxy::job::Error {
-    proxy::job::Error::new(proxy::job::ErrorKind::Hypervisor, msg)
 }
 
 /// How a hypervisor is reached.

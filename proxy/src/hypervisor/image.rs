@@ -1,10 +1,13 @@
 //! Offline image inspection and editing through `qemu-img`: virtual size, persistent bitmaps
-//! and their flags, adding and removing bitmaps, creating scratch images.
+//! and their flags, adding and removing bitmaps, creating scratch images, and converting a
+//! restored raw file to qcow2.
 
 use std::path::Path;
+use std::time::Duration;
 
 use serde::Deserialize;
 use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
 
 use super::xml::validate_name;
 use super::{failed, io_failed, Error, ErrorKind, Result};
@@ -159,6 +162,66 @@ pub async fn create_scratch(path: &Path, size: u64) -> Result<()> {
         std::ffi::OsStr::new(&size),
     ];
     run_tool("qemu-img", &argv, &what).await.map(drop)
+}
+
+/// How a [`convert_raw_to_qcow2`] ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conversion {
+    Done,
+    /// `cancel` fired: `qemu-img` was killed and the output removed.
+    Cancelled,
+}
+
+/// How often a running conversion looks at its cancel token.
+const CANCEL_POLL: Duration = Duration::from_millis(20);
+
+/// `qemu-img convert -f raw -O qcow2 RAW OUT` (holes stay unallocated). Blocking: call it
+/// from a blocking thread (a restore's own thread). Watches `cancel` while `qemu-img` runs;
+/// on cancel or failure `out` is removed.
+pub fn convert_raw_to_qcow2(
+    raw: &Path,
+    out: &Path,
+    cancel: &CancellationToken,
+) -> Result<Conversion> {
+    let what = format!("conversion of {} to qcow2", out.display());
+    let mut child = std::process::Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(raw)
+        .arg(out)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            io_failed(
+                format!("cannot run qemu-img for {what} (install it: make deps)"),
+                e,
+            )
+        })?;
+    let status = loop {
+        if cancel.is_cancelled() {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::fs::remove_file(out);
+            return Ok(Conversion::Cancelled);
+        }
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => std::thread::sleep(CANCEL_POLL),
+            Err(e) => return Err(io_failed(format!("waiting for qemu-img for {what}"), e)),
+        }
+    };
+    if status.success() {
+        return Ok(Conversion::Done);
+    }
+    let mut stderr = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
+    }
+    let _ = std::fs::remove_file(out);
+    Err(failed(format!(
+        "qemu-img failed for {what}: {}",
+        stderr.trim()
+    )))
 }
 
 /// The bitmap `name` of `info`, or the problem that makes it unusable.

@@ -9,8 +9,10 @@ use super::{DiskExport, Result};
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-/// How an adapter releases what a guard holds.
-pub(crate) trait Release: Send + 'static {
+/// How an adapter releases what a guard holds. `Sync` so that a guard (and a `&BackupSession`
+/// held across an `.await` by the backup job) can be shared with a task on another worker
+/// thread: the job's future is `Send`.
+pub(crate) trait Release: Send + Sync + 'static {
     /// Releases it; `success` tells a backup whether to keep its new checkpoint.
     fn release(self: Box<Self>, success: bool) -> BoxFuture<Result<()>>;
     /// Releases it without anyone waiting (called from `Drop`, must not block on the network).

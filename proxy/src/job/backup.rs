@@ -27,7 +27,7 @@ use crate::hypervisor::{
     BackupRequest, BackupSession, CheckpointHealth, DomainInfo, ExpectedDisk, FreezeGuard,
     Hypervisor,
 };
-use crate::ingest::IngestSink;
+use crate::repo::IngestSink;
 
 /// Prefix of every checkpoint Sluice creates; only these are ever deleted by Sluice.
 pub const CHECKPOINT_PREFIX: &str = "sluice-";
@@ -109,6 +109,13 @@ pub async fn run_backup<H: Hypervisor>(
     progress: Arc<Progress>,
     cancel: CancellationToken,
 ) -> Result<BackupReport> {
+    let job = Job {
+        hv,
+        repo,
+        opts,
+        progress,
+        cancel,
+    };
     let dom = hv
         .domain(vm)
         .await
@@ -120,26 +127,89 @@ pub async fn run_backup<H: Hypervisor>(
         .await
         .map_err(|e| Error::hypervisor(format!("definition of vm {vm}"), e))?;
     end_stale_job(hv, vm, &opts.work_dir).await?;
+    // The parent's manifest is read once, here, and passed down (mode, spec, sink).
     let parent = last_backup(repo, &dom.uuid).await?;
     let mode = decide_mode(hv, &dom, parent.as_ref(), opts.force_full).await?;
     let checkpoint = new_checkpoint_name();
     let job_dir = make_job_dir(&opts.work_dir, &checkpoint, &dom)?;
-    let result = take_backup(
-        hv,
-        repo,
-        &dom,
-        &domain_xml,
-        parent,
+    let plan = Plan {
+        dom: &dom,
+        domain_xml: &domain_xml,
+        parent: parent.filter(|_| !mode.is_full()),
         mode,
-        &checkpoint,
-        &job_dir,
-        opts,
-        progress,
-        cancel,
-    )
-    .await;
+        checkpoint: &checkpoint,
+        job_dir: &job_dir,
+    };
+    let result = take_backup(&job, &plan).await;
     let _ = std::fs::remove_dir_all(&job_dir);
     result
+}
+
+/// Who runs a backup job, where it goes, how, and who watches it.
+struct Job<'a, H> {
+    hv: &'a H,
+    repo: &'a Repository,
+    opts: &'a BackupOptions,
+    progress: Arc<Progress>,
+    cancel: CancellationToken,
+}
+
+/// What a backup job knows once its mode is decided.
+struct Plan<'a> {
+    dom: &'a DomainInfo,
+    /// The VM's definition, kept in the manifest.
+    domain_xml: &'a str,
+    /// The backup an incremental builds on (`None` for every full).
+    parent: Option<Manifest>,
+    mode: Mode,
+    /// The checkpoint this backup creates.
+    checkpoint: &'a str,
+    /// Scratch images and socket; removed by the caller on every path.
+    job_dir: &'a Path,
+}
+
+impl Plan<'_> {
+    fn vm(&self) -> &str {
+        &self.dom.name
+    }
+
+    fn request(&self) -> BackupRequest {
+        BackupRequest {
+            vm: self.vm().to_string(),
+            disks: self.dom.disks.iter().map(|d| d.target.clone()).collect(),
+            incremental_from: self.mode.base_checkpoint().map(str::to_string),
+            new_checkpoint: Some(self.checkpoint.to_string()),
+            scratch_dir: self.job_dir.to_path_buf(),
+            socket: self.job_dir.join("nbd.sock"),
+        }
+    }
+
+    /// The new backup as the repository sees it (its parent is set by the sink).
+    fn spec(&self, session: &BackupSession) -> BackupSpec {
+        let disks = session.exports().iter().map(|e| DiskSpec {
+            target: e.disk.clone(),
+            size: e.capacity,
+            checkpoint: Some(self.checkpoint.to_string()),
+        });
+        BackupSpec {
+            vm: VmIdentity {
+                name: self.vm().to_string(),
+                uuid: self.dom.uuid.clone(),
+            },
+            disks: disks.collect(),
+            parent: None,
+            started: unix_now(),
+        }
+    }
+
+    fn commit_info(&self, consistency: Consistency) -> CommitInfo {
+        CommitInfo {
+            domain_xml: self.domain_xml.to_string(),
+            mode: self.mode.manifest_mode(),
+            consistency,
+            finished: unix_now(),
+        }
+    }
 }
 
 /// Marker of Sluice's job directories (`WORK_DIR/job-sluice-…`).
@@ -212,74 +282,26 @@ pub fn is_job_dir_name(name: &str) -> bool {
         .is_some_and(|r| r.starts_with(CHECKPOINT_PREFIX))
 }
 
-/// Everything after the mode is decided; `job_dir` is removed by the caller on every path.
-#[allow(clippy::too_many_arguments)]
-async fn take_backup<H: Hypervisor>(
-    hv: &H,
-    repo: &Repository,
-    dom: &DomainInfo,
-    domain_xml: &str,
-    parent: Option<Manifest>,
-    mode: Mode,
-    checkpoint: &str,
-    job_dir: &Path,
-    opts: &BackupOptions,
-    progress: Arc<Progress>,
-    cancel: CancellationToken,
-) -> Result<BackupReport> {
-    let vm = dom.name.as_str();
-    let req = BackupRequest {
-        vm: vm.to_string(),
-        disks: dom.disks.iter().map(|d| d.target.clone()).collect(),
-        incremental_from: mode.base_checkpoint().map(str::to_string),
-        new_checkpoint: Some(checkpoint.to_string()),
-        scratch_dir: job_dir.to_path_buf(),
-        socket: job_dir.join("nbd.sock"),
-    };
-    let (session, consistency) = point_in_time(hv, vm, req, opts.freeze).await?;
-    if let Some(hook) = &opts.after_point_in_time {
+/// Everything after the mode is decided: point in time, read, commit, end the job.
+async fn take_backup<H: Hypervisor>(job: &Job<'_, H>, plan: &Plan<'_>) -> Result<BackupReport> {
+    let vm = plan.vm();
+    let (session, consistency) = point_in_time(job.hv, vm, plan.request(), job.opts.freeze).await?;
+    if let Some(hook) = &job.opts.after_point_in_time {
         hook().await;
     }
-    let spec = BackupSpec {
-        vm: VmIdentity {
-            name: vm.to_string(),
-            uuid: dom.uuid.clone(),
-        },
-        disks: session
-            .exports()
-            .iter()
-            .map(|e| DiskSpec {
-                target: e.disk.clone(),
-                size: e.capacity,
-                checkpoint: Some(checkpoint.to_string()),
-            })
-            .collect(),
-        parent: parent
-            .as_ref()
-            .filter(|_| !mode.is_full())
-            .map(|m| m.id.clone()),
-        started: unix_now(),
-    };
-    let read = read_all(repo, &session, spec, &mode, opts, &progress, &cancel).await;
-    let (sink, stats) = match read {
+    let (sink, stats) = match read_all(job, plan, &session).await {
         Ok(ok) => ok,
         Err(e) => return Err(abort(session, e).await),
     };
-    let info = CommitInfo {
-        domain_xml: domain_xml.to_string(),
-        mode: mode.manifest_mode(),
-        consistency,
-        finished: unix_now(),
-    };
-    let manifest = match sink.commit(info).await {
+    let manifest = match sink.commit(plan.commit_info(consistency)).await {
         Ok(m) => m,
         Err(e) => return Err(abort(session, Error::repo(format!("commit of vm {vm}"), e)).await),
     };
     if let Err(e) = session.finish().await {
         tracing::warn!(vm, error = %e, "backup committed but ending the hypervisor job failed");
     }
-    Progress::add(&progress.bytes_new, manifest.stats.bytes_new_raw);
-    drop_old_checkpoints(hv, vm, checkpoint).await;
+    Progress::add(&job.progress.bytes_new, manifest.stats.bytes_new_raw);
+    drop_old_checkpoints(job.hv, vm, plan.checkpoint).await;
     Ok(BackupReport {
         bytes_read: stats.bytes_read,
         bytes_dirty: stats.bytes_dirty,
@@ -334,34 +356,37 @@ async fn thaw(vm: &str, guard: Option<FreezeGuard>) -> Consistency {
 }
 
 /// Reads every disk of the session concurrently into one new backup.
-async fn read_all(
-    repo: &Repository,
+async fn read_all<H>(
+    job: &Job<'_, H>,
+    plan: &Plan<'_>,
     session: &BackupSession,
-    spec: BackupSpec,
-    mode: &Mode,
-    opts: &BackupOptions,
-    progress: &Arc<Progress>,
-    cancel: &CancellationToken,
 ) -> Result<(IngestSink, DiskStats)> {
-    let vm = session.vm().to_string();
-    let sink = IngestSink::begin(repo.clone(), spec)
+    let (vm, opts) = (plan.vm(), job.opts);
+    let sink = IngestSink::begin(job.repo.clone(), plan.spec(session), plan.parent.as_ref())
         .await
         .map_err(|e| Error::repo(format!("backup of vm {vm}"), e))?;
-    let jobs = session.exports().iter().enumerate().map(|(index, export)| {
-        let job = DiskJob {
-            vm: vm.clone(),
+    let disks = session.exports().iter().enumerate().map(|(index, export)| {
+        let disk = DiskJob {
+            vm: vm.to_string(),
             index,
             export: export.clone(),
-            full: mode.is_full(),
+            full: plan.mode.is_full(),
             window: opts.window,
             batch_bytes: opts.batch_bytes,
             depth: opts.depth,
             connections: opts.connections,
             read_limit: opts.read_limit.clone(),
         };
-        back_up_disk(job, sink.clone(), progress.clone(), cancel.clone())
+        back_up_disk(disk, sink.clone(), job.progress.clone(), job.cancel.clone())
     });
-    let per_disk = futures_util::future::try_join_all(jobs).await?;
+    // On failure every disk's future (and its clone of the sink) is gone once this returns.
+    let per_disk = match futures_util::future::try_join_all(disks).await {
+        Ok(p) => p,
+        Err(e) => {
+            sink.abort().await;
+            return Err(e);
+        }
+    };
     let stats = per_disk
         .iter()
         .fold(DiskStats::default(), |a, s| DiskStats {
@@ -402,22 +427,9 @@ impl Mode {
 
 /// The newest committed backup of the VM with `uuid`, if any.
 async fn last_backup(repo: &Repository, uuid: &str) -> Result<Option<Manifest>> {
-    let repo = repo.clone();
-    let uuid = uuid.to_string();
-    let what = format!("backups of vm {uuid}");
-    tokio::task::spawn_blocking(move || -> catalog::Result<Option<Manifest>> {
-        let rows = repo.backups(Some(&uuid))?;
-        match rows
-            .iter()
-            .max_by_key(|r| (r.started, r.id.as_str().to_string()))
-        {
-            Some(row) => Ok(Some(repo.manifest(&row.id)?)),
-            None => Ok(None),
-        }
-    })
-    .await
-    .map_err(|e| Error::new(ErrorKind::Repository, format!("{what}: {e}")))?
-    .map_err(|e| Error::repo(what, e))
+    crate::repo::latest_backup(repo, uuid)
+        .await
+        .map_err(|e| Error::repo(format!("backups of vm {uuid}"), e))
 }
 
 /// Self-healing change tracking: an incremental only from a checkpoint that exists, is

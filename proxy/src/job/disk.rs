@@ -1,10 +1,13 @@
 //! Reading one disk's point-in-time export into the repository.
 //!
 //! Walks the export window by window: block status (`base:allocation`, and the dirty bitmap
-//! for an incremental), the plan of each window (`crate::plan`), then batches of chunks read
-//! with many NBD requests in flight, assembled over zeros or the parent's chunk, and handed
-//! to the repository through `crate::ingest`. Memory is bounded by `depth × batch_bytes`
-//! whatever the disk size.
+//! for an incremental) is asked once per window in a first pass, which keeps each window's
+//! dirty and zero ranges (a few ranges per window, not per chunk) so the bytes to read are
+//! known before reading starts; the second pass plans each window from what was kept
+//! (`crate::plan`, pure) and reads batches of chunks with many NBD requests in flight,
+//! assembled over zeros or the parent's chunk, handed to the repository through
+//! `crate::repo::IngestSink`. Chunk memory is bounded by `depth × batch_bytes` whatever the
+//! disk size.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -15,9 +18,9 @@ use tokio_util::sync::CancellationToken;
 use super::error::{Error, Result};
 use super::progress::Progress;
 use crate::hypervisor::DiskExport;
-use crate::ingest::IngestSink;
 use crate::nbd::{self, Address, Client, ClientOptions, Extent};
 use crate::plan::{self, Base, ChunkAction, ChunkPlan, Geometry};
+use crate::repo::IngestSink;
 
 /// `NBD_STATE_ZERO` in `base:allocation`: the extent reads as zeros.
 const STATE_ZERO: u32 = 1 << 1;
@@ -38,6 +41,20 @@ pub(crate) struct DiskJob {
     pub depth: usize,
     pub connections: usize,
     pub read_limit: Option<Arc<super::RateLimit>>,
+}
+
+/// Block status of one window, as asked once: its dirty and zero byte ranges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct WindowStatus {
+    window: Range<u64>,
+    dirty: Vec<Range<u64>>,
+    zero: Vec<Range<u64>>,
+}
+
+impl WindowStatus {
+    fn dirty_bytes(&self) -> u64 {
+        self.dirty.iter().map(|r| r.end - r.start).sum()
+    }
 }
 
 /// What one disk cost.
@@ -104,17 +121,19 @@ async fn connect(job: &DiskJob) -> nbd::Result<Client> {
 
 impl Ctx {
     async fn run(&self) -> Result<DiskStats> {
-        // Planning pass: the bytes to read are known before reading starts, for progress.
+        // First pass: block status once per window, kept, so the bytes to read are known
+        // before reading starts (progress).
         let mut stats = DiskStats::default();
+        let mut statuses = Vec::new();
         for w in self.windows() {
-            let (plans, dirty) = self.plan(w).await?;
-            stats.bytes_dirty += dirty;
-            let planned: u64 = plans.iter().map(ChunkPlan::read_bytes).sum();
+            let status = self.status(w).await?;
+            stats.bytes_dirty += status.dirty_bytes();
+            let planned: u64 = self.plan(&status)?.iter().map(ChunkPlan::read_bytes).sum();
             Progress::add(&self.progress.bytes_planned, planned);
+            statuses.push(status);
         }
-        for w in self.windows() {
-            let (plans, _) = self.plan(w).await?;
-            stats.bytes_read += self.ingest(plans).await?;
+        for status in &statuses {
+            stats.bytes_read += self.ingest(self.plan(status)?).await?;
         }
         Ok(stats)
     }
@@ -124,8 +143,8 @@ impl Ctx {
         (0..size.div_ceil(step)).map(move |i| i * step..((i + 1) * step).min(size))
     }
 
-    /// Dirty and zero byte ranges of window `w`.
-    async fn status(&self, w: Range<u64>) -> Result<(Vec<Range<u64>>, Vec<Range<u64>>)> {
+    /// Dirty and zero byte ranges of window `w`, asked of the export.
+    async fn status(&self, w: Range<u64>) -> Result<WindowStatus> {
         let what = || {
             format!(
                 "block status of disk {} of vm {} at offset {}",
@@ -145,20 +164,17 @@ impl Ctx {
             Some(ctx) if !self.job.full => pick(ctx, STATE_DIRTY),
             _ => vec![w.clone()],
         };
-        Ok((dirty, zero))
+        Ok(WindowStatus {
+            window: w,
+            dirty,
+            zero,
+        })
     }
 
-    /// The plan of window `w` and its dirty byte count.
-    async fn plan(&self, w: Range<u64>) -> Result<(Vec<ChunkPlan>, u64)> {
-        let (dirty, zero) = self.status(w.clone()).await?;
-        let what = format!(
-            "plan of disk {} of vm {}",
-            self.job.export.disk, self.job.vm
-        );
-        let dirty_bytes = dirty.iter().map(|r| r.end - r.start).sum();
-        let plans = plan::plan_window(self.geo, w, &dirty, &zero, self.job.full)
-            .map_err(|e| Error::plan(what, e))?;
-        Ok((plans, dirty_bytes))
+    /// The plan of one window from its block status (pure: no request).
+    fn plan(&self, s: &WindowStatus) -> Result<Vec<ChunkPlan>> {
+        plan::plan_window(self.geo, s.window.clone(), &s.dirty, &s.zero, self.job.full)
+            .map_err(|e| Error::plan(format!("plan of {}", self.what()), e))
     }
 
     /// Stores the planned chunks of one window; returns the bytes read from the hypervisor.
@@ -348,6 +364,110 @@ mod tests {
             .map(|b| b.iter().map(|p| p.index).collect())
             .collect();
         assert_eq!(idx, vec![vec![0, 1], vec![2], vec![6]]);
+    }
+
+    /// An in-memory export that records the offset of every block-status request.
+    struct Counting {
+        inner: nbd::MemoryExport,
+        asked: std::sync::Mutex<Vec<u64>>,
+    }
+
+    impl nbd::BlockExport for Counting {
+        fn size(&self) -> u64 {
+            self.inner.size()
+        }
+
+        fn read(
+            &self,
+            o: u64,
+            n: u32,
+        ) -> nbd::BoxFuture<'_, nbd::ExportResult<Vec<nbd::ReadPart>>> {
+            self.inner.read(o, n)
+        }
+
+        fn block_status(
+            &self,
+            context: usize,
+            offset: u64,
+            length: u32,
+        ) -> nbd::BoxFuture<'_, nbd::ExportResult<Vec<nbd::StatusExtent>>> {
+            self.asked.lock().unwrap().push(offset);
+            self.inner.block_status(context, offset, length)
+        }
+    }
+
+    /// Serves `data` as export `vda` on a unix socket in `dir`.
+    fn serve(dir: &std::path::Path, data: &[u8]) -> (Arc<Counting>, std::path::PathBuf) {
+        let export = Arc::new(Counting {
+            inner: nbd::MemoryExport::from_bytes(data, false),
+            asked: Default::default(),
+        });
+        let server = nbd::Server::new(nbd::ServerOptions::default());
+        server.add_export("vda", export.clone());
+        let socket = dir.join("nbd.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        tokio::spawn(server.serve_unix(listener));
+        (export, socket)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn block_status_is_asked_once_per_window() {
+        use catalog::{BackupSpec, DiskSpec, MemBackend, RepoConfig, RepoOptions, Repository};
+        let dir = tempfile::tempdir().unwrap();
+        let size: u64 = 4 << 20;
+        let mut data = vec![0u8; size as usize];
+        data[..64 << 10].fill(7);
+        data[(3 << 20)..(3 << 20) + 4096].fill(9);
+        let (export, socket) = serve(dir.path(), &data);
+        let opts = RepoOptions::new(dir.path().join("catalog.db"));
+        let backend = Arc::new(MemBackend::new());
+        let repo = Repository::create(backend, RepoConfig::default(), opts).unwrap();
+        let spec = BackupSpec {
+            vm: catalog::VmIdentity {
+                name: "v".into(),
+                uuid: "u".into(),
+            },
+            disks: vec![DiskSpec {
+                target: "vda".into(),
+                size,
+                checkpoint: None,
+            }],
+            parent: None,
+            started: 1,
+        };
+        let sink = IngestSink::begin(repo, spec, None).await.unwrap();
+        let window = 1 << 20;
+        let job = DiskJob {
+            vm: "v".into(),
+            index: 0,
+            export: DiskExport {
+                disk: "vda".into(),
+                socket,
+                export_name: "vda".into(),
+                dirty_bitmap_context: None,
+                capacity: size,
+            },
+            full: true,
+            window,
+            batch_bytes: 256 << 10,
+            depth: 4,
+            connections: 1,
+            read_limit: None,
+        };
+        let progress = Arc::new(Progress::default());
+        let stats = back_up_disk(job, sink, progress.clone(), CancellationToken::new())
+            .await
+            .unwrap();
+        let mut asked = export.asked.lock().unwrap().clone();
+        let all = asked.len();
+        asked.sort_unstable();
+        asked.dedup();
+        assert_eq!(asked.len(), all, "an offset was asked twice: {asked:?}");
+        let windows: Vec<u64> = (0..size / window).map(|i| i * window).collect();
+        assert!(windows.iter().all(|w| asked.contains(w)), "{asked:?}");
+        let p = progress.snapshot();
+        assert_eq!(p.bytes_done, size);
+        assert_eq!(stats.bytes_read, p.bytes_planned);
     }
 
     #[test]

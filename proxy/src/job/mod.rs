@@ -1,9 +1,9 @@
-//! Jobs: the long-running operations of the proxy (backup now; restore later), with their
-//! progress counters and their error type.
+//! Jobs: the backup job, the clean-up of what a killed one left (`stale`), read pacing
+//! (`throttle`), and the progress counters and error type that backups and restores share.
 //!
 //! A job owns the order of steps and every guard it takes from the hypervisor; it does not
 //! own NBD bytes (`crate::nbd`), extent arithmetic (`crate::plan`) or repository files
-//! (`catalog`, reached through `crate::ingest`).
+//! (`catalog`, reached only through `crate::repo`).
 
 pub mod backup;
 mod disk;

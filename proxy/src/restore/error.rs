@@ -125,8 +125,4 @@ impl Error {
             source: Some(Box::new(e)),
         }
     }
-
-    pub(crate) fn task(what: &str, e: tokio::task::JoinError) -> Self {
-        Error::new(ErrorKind::Io, format!("{what}: blocking task failed: {e}"))
-    }
 }

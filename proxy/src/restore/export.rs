@@ -1,6 +1,7 @@
 //! [`RepoExport`]: one disk of one backup served as an NBD export.
 //!
-//! Owns reads through the repository (on tokio's blocking pool), block status from the index
+//! Owns reads through the repository (each request one bounded call through `crate::repo`,
+//! on tokio's blocking pool), block status from the index
 //! (`base:allocation`: zero chunks are `HOLE | ZERO`; `sluice:changed-since:BACKUP`: chunks
 //! that differ from an older backup), and, for writable exports, routing writes to the
 //! copy-on-write [`overlay`](super::overlay). A corrupt or missing chunk fails only the request
@@ -66,16 +67,17 @@ impl std::fmt::Debug for RepoExport {
 }
 
 impl RepoExport {
-    /// Open `name` in `repo` (loads the indexes on the blocking pool).
+    /// Open `name` in `repo` (loads the indexes through `crate::repo`, on the blocking pool).
     pub async fn open(
         repo: &Repository,
         name: &ExportName,
         opts: ExportOptions,
     ) -> Result<Arc<RepoExport>> {
-        let (repo, name) = (repo.clone(), name.clone());
-        tokio::task::spawn_blocking(move || RepoExport::open_blocking(&repo, &name, &opts))
+        let (repo, what) = (repo.clone(), format!("export {name}"));
+        let name = name.clone();
+        crate::repo::run(move || RepoExport::open_blocking(&repo, &name, &opts))
             .await
-            .map_err(|e| Error::task("open export", e))?
+            .map_err(|e| Error::catalog(what, e))?
             .map(Arc::new)
     }
 
@@ -172,11 +174,11 @@ impl RepoExport {
         &self,
         f: impl FnOnce(&Inner) -> ExportResult<T> + Send + 'static,
     ) -> BoxFuture<'_, ExportResult<T>> {
-        let inner = self.inner.clone();
+        let (inner, me) = (self.inner.clone(), self.inner.clone());
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || f(&inner))
+            crate::repo::run(move || f(&inner))
                 .await
-                .map_err(|e| ExportError::io(format!("export task failed: {e}")))?
+                .map_err(|e| ExportError::io(format!("export {}: {e}", me.name)))?
         })
     }
 }
@@ -293,6 +295,27 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// Status of `[offset, offset+length)` in context number `context` (0: allocation, then
+    /// one `changed-since` context per older backup).
+    fn status(&self, context: usize, offset: u64, length: u64) -> Vec<StatusExtent> {
+        let Some(d) = context.checked_sub(1) else {
+            return self.allocation(offset, length);
+        };
+        let Some((_, bits)) = self.diffs.get(d) else {
+            return vec![StatusExtent { length, flags: 0 }];
+        };
+        let cs = self.chunk_size();
+        runs(offset, length, cs, |p| {
+            if bits.get(p / cs) {
+                STATE_CHANGED
+            } else {
+                0
+            }
+        })
+    }
+}
+
 fn push_extent(out: &mut Vec<StatusExtent>, e: StatusExtent) {
     match out.last_mut() {
         Some(last) if last.flags == e.flags => last.length += e.length,
@@ -359,27 +382,8 @@ impl BlockExport for RepoExport {
         offset: u64,
         length: u32,
     ) -> BoxFuture<'_, ExportResult<Vec<StatusExtent>>> {
-        let inner = &self.inner;
-        let out = match context.checked_sub(1) {
-            None => inner.allocation(offset, length as u64),
-            Some(d) => match inner.diffs.get(d) {
-                Some((_, bits)) => {
-                    let cs = inner.chunk_size();
-                    runs(offset, length as u64, cs, |p| {
-                        if bits.get(p / cs) {
-                            STATE_CHANGED
-                        } else {
-                            0
-                        }
-                    })
-                }
-                None => vec![StatusExtent {
-                    length: length as u64,
-                    flags: 0,
-                }],
-            },
-        };
-        Box::pin(async move { Ok(out) })
+        // The index may have to be read from the repository: a repository call like a read.
+        self.blocking(move |inner| Ok(inner.status(context, offset, length as u64)))
     }
 
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> BoxFuture<'_, ExportResult<()>> {

@@ -2,25 +2,32 @@
 //! written, so they stay holes).
 //!
 //! Raw is written by our own reader: chunks decoded on two threads and written with
-//! `pwrite` into a file sized with `set_len`. Qcow2 is that raw file converted by
-//! `qemu-img convert -O qcow2` (which keeps holes unallocated), then the raw file is removed;
-//! see docs/restore.md for why. Never overwrites an existing file.
+//! `pwrite` into a file sized with `set_len`. Qcow2 is that raw file converted to qcow2 by
+//! the image tooling (`crate::hypervisor::image::convert_raw_to_qcow2`, which keeps holes
+//! unallocated), then the raw file is removed; see docs/restore.md for why. Never overwrites
+//! an existing file.
 //!
-//! A [`FileRestoreControl`] gives a restore live progress (`bytes_done` of `bytes_planned`,
-//! zero chunks counted as done) and a cancel token, checked between batches of
-//! [`BATCH`] chunks and while `qemu-img` converts; a cancelled restore removes its partial
-//! files and returns [`ErrorKind::Cancelled`].
+//! A [`FileRestoreControl`] gives a restore live progress and a cancel token, checked between
+//! batches of [`BATCH`] chunks and while the conversion runs; a cancelled restore removes its
+//! partial files and returns [`ErrorKind::Cancelled`]. This module is the only writer of a
+//! file restore's progress: `bytes_planned` (the disks' sizes), `bytes_done` (every chunk
+//! finished, zero chunks included), `bytes_read` (data bytes read from the repository) and
+//! `bytes_zero` (zero chunks, never written).
+//!
+//! The async entry points reach the repository through `crate::repo`: the disk is opened with
+//! short bounded calls, and the whole-disk copy runs on a dedicated thread.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use catalog::{DiskReader, Repository};
 use tokio_util::sync::CancellationToken;
 
+use crate::hypervisor::image::{self, Conversion};
 use crate::job::Progress;
 
 use super::error::{Error, ErrorKind, Result};
@@ -51,9 +58,9 @@ const WORKERS: usize = 2;
 pub const BATCH: u64 = 32;
 
 /// Cancel and live progress of a restore to a file. A restore sets `bytes_planned` to its
-/// disk's size if nothing was planned yet (a job restoring several disks with one control
-/// plans their sum first), and adds every chunk it finishes to `bytes_done` (data also to
-/// `bytes_read`, zero chunks to `bytes_zero`).
+/// disk's size if nothing was planned yet ([`restore_disks_with`] plans the sum of its disks
+/// first), and adds every chunk it finishes to `bytes_done` (data also to `bytes_read`, zero
+/// chunks to `bytes_zero`).
 #[derive(Debug, Clone, Default)]
 pub struct FileRestoreControl {
     pub cancel: CancellationToken,
@@ -78,21 +85,68 @@ pub async fn restore_disk_with(
     format: ImageFormat,
     control: FileRestoreControl,
 ) -> Result<RestoreReport> {
-    let (repo, name) = (repo.clone(), name.clone());
-    tokio::task::spawn_blocking(move || {
-        let ctx = |e| Error::catalog(format!("restore {name}"), e);
-        let m = repo.manifest(&name.backup).map_err(ctx)?;
-        if m.vm.name != name.vm {
-            return Err(Error::not_found(format!(
-                "restore {name}: backup {} belongs to vm {:?}",
-                name.backup, m.vm.name
-            )));
-        }
-        let reader = repo.open_disk(&name.backup, &name.disk).map_err(ctx)?;
+    let reader = open_reader(repo, name).await?;
+    copy_in_thread(reader, path, format, control).await
+}
+
+/// Restores each `(disk, new file)` of `disks` in turn with one control, having planned the
+/// sum of their sizes first, so `bytes_done` reaches `bytes_planned` with the last disk.
+/// Every disk is opened before anything is written; the first failure (cancel included)
+/// stops the rest, and the files already restored stay for the caller to place or remove.
+pub async fn restore_disks_with(
+    repo: &Repository,
+    disks: &[(ExportName, PathBuf)],
+    format: ImageFormat,
+    control: FileRestoreControl,
+) -> Result<Vec<RestoreReport>> {
+    let mut readers = Vec::with_capacity(disks.len());
+    for (name, path) in disks {
+        readers.push((open_reader(repo, name).await?, path.clone()));
+    }
+    let planned = readers.iter().map(|(r, _)| r.size()).sum();
+    control
+        .progress
+        .bytes_planned
+        .store(planned, Ordering::Relaxed);
+    let mut reports = Vec::with_capacity(readers.len());
+    for (reader, path) in readers {
+        reports.push(copy_in_thread(reader, path, format, control.clone()).await?);
+    }
+    Ok(reports)
+}
+
+/// Disk `name.disk` of backup `name.backup`, refused if the backup is of another vm.
+async fn open_reader(repo: &Repository, name: &ExportName) -> Result<DiskReader> {
+    let ctx = |e| Error::catalog(format!("restore {name}"), e);
+    let m = crate::repo::manifest(repo, &name.backup)
+        .await
+        .map_err(ctx)?;
+    if m.vm.name != name.vm {
+        return Err(Error::not_found(format!(
+            "restore {name}: backup {} belongs to vm {:?}",
+            name.backup, m.vm.name
+        )));
+    }
+    crate::repo::open_disk(repo, &name.backup, &name.disk)
+        .await
+        .map_err(ctx)
+}
+
+/// [`restore_to_file_with`] on a dedicated thread (it reads the whole disk: see
+/// `crate::repo::dedicated`).
+async fn copy_in_thread(
+    reader: DiskReader,
+    path: PathBuf,
+    format: ImageFormat,
+    control: FileRestoreControl,
+) -> Result<RestoreReport> {
+    let what = format!("restore to {}", path.display());
+    let thread = format!("restore-{}", reader.manifest().target);
+    crate::repo::dedicated(&thread, move || {
         restore_to_file_with(&reader, &path, format, &control)
     })
     .await
-    .map_err(|e| Error::task("restore to file", e))?
+    .map_err(|e| Error::catalog(what, e))?
 }
 
 /// Restore `reader`'s disk to a new file at `path` (blocking; call from a blocking thread).
@@ -249,51 +303,20 @@ fn copy_chunk(
     Ok(())
 }
 
-/// `qemu-img convert` of `raw` into a new qcow2 `out`; killed (and `out` removed) on cancel.
+/// The raw file `raw` converted into a new qcow2 `out`; stopped (and `out` removed) on cancel.
 fn convert_qcow2(raw: &Path, out: &Path, cancel: &CancellationToken) -> Result<()> {
-    let mut child = std::process::Command::new("qemu-img")
-        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
-        .arg(raw)
-        .arg(out)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| Error::io("run qemu-img (install qemu-utils: make deps)", e))?;
-    let status = loop {
-        if cancel.is_cancelled() {
-            let _ = child.kill();
-            let _ = child.wait();
-            let _ = std::fs::remove_file(out);
-            return Err(Error::new(
-                ErrorKind::Cancelled,
-                format!(
-                    "restore to {} cancelled while converting to qcow2; nothing is left",
-                    out.display()
-                ),
-            ));
-        }
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => return Err(Error::io("wait for qemu-img", e)),
-        }
-    };
-    if !status.success() {
-        let mut err = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            let _ = std::io::Read::read_to_string(&mut e, &mut err);
-        }
-        let _ = std::fs::remove_file(out);
-        return Err(Error::new(
-            ErrorKind::Io,
+    let what = || format!("restore to {}", out.display());
+    match image::convert_raw_to_qcow2(raw, out, cancel) {
+        Ok(Conversion::Done) => Ok(()),
+        Ok(Conversion::Cancelled) => Err(Error::new(
+            ErrorKind::Cancelled,
             format!(
-                "qemu-img convert to {} failed: {}",
-                out.display(),
-                err.trim()
+                "restore to {} cancelled while converting to qcow2; nothing is left",
+                out.display()
             ),
-        ));
+        )),
+        Err(e) => Err(Error::hypervisor(what(), e)),
     }
-    Ok(())
 }
 
 #[cfg(test)]

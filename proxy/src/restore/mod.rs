@@ -4,12 +4,17 @@
 //! - [`export`]: [`RepoExport`], a [`crate::nbd::BlockExport`] over a backup disk: reads
 //!   through the repository, block status from the index, the restore-point diff context,
 //!   and an optional copy-on-write overlay (`overlay`) that makes it writable.
-//! - [`file`]: restore a disk to a raw or qcow2 file, sparse.
-//! - [`domain`]: a backup's saved domain definition rewritten for a new domain.
+//! - [`file`]: restore a disk (or several, with one progress) to a raw or qcow2 file,
+//!   sparse; the only writer of that progress.
+//! - [`domain`]: the rules of a restore as a new domain (name, one restored file per disk);
+//!   the XML rewrite itself is `crate::hypervisor::xml_restore`'s.
 //! - [`onto`]: a backup written back onto an existing, shut-off VM's disks (only the chunks
 //!   that can differ when the image's checkpoint bitmap allows).
 //!
-//! The repository is synchronous; everything here reaches it on tokio's blocking pool.
+//! The repository is synchronous; everything here reaches it through `crate::repo` (short
+//! calls on the bounded blocking pool, whole-disk copies on dedicated threads). Images and
+//! libvirt XML are the hypervisor adapters' (`crate::hypervisor::{image, offline,
+//! xml_restore}`).
 
 mod bits;
 pub mod diff;
@@ -25,7 +30,10 @@ pub use diff::{changed_since_context, CHANGED_SINCE_PREFIX, STATE_CHANGED};
 pub use domain::{relocate_chardevs, restore_as_domain, RestoredDisk};
 pub use error::{Error, ErrorKind, Result};
 pub use export::{ExportOptions, RepoExport};
-pub use file::{restore_disk, restore_to_file, ImageFormat, RestoreReport};
+pub use file::{
+    restore_disk, restore_disk_with, restore_disks_with, restore_to_file, FileRestoreControl,
+    ImageFormat, RestoreReport,
+};
 pub use name::ExportName;
 pub use onto::{restore_onto_vm, DiskOntoReport, OntoPath, OntoVmOptions, OntoVmReport};
 pub use overlay::OVERLAY_BLOCK;

@@ -126,12 +126,9 @@ pub async fn restore_onto_vm<H: Hypervisor>(
     let start = Instant::now();
     let vm = opts.vm.as_str();
     let dom = domain(hv, vm).await?;
-    let r = blocking(
-        repo,
-        move |repo, id: BackupId| repo.manifest(&id),
-        &opts.backup,
-    )
-    .await?;
+    let r = crate::repo::manifest(repo, &opts.backup)
+        .await
+        .map_err(|e| Error::catalog(&opts.backup, e))?;
     if r.vm.uuid != dom.uuid {
         return Err(Error::invalid(format!(
             "backup {} is of vm {} ({}), not of vm {vm} ({}): restore it as a new domain instead",
@@ -260,31 +257,11 @@ fn select_disks(
     Ok(out)
 }
 
-/// Runs a repository call on the blocking pool.
-async fn blocking<T: Send + 'static, A: Clone + Send + std::fmt::Display + 'static>(
-    repo: &Repository,
-    f: impl FnOnce(&Repository, A) -> catalog::Result<T> + Send + 'static,
-    arg: &A,
-) -> Result<T> {
-    let (repo, arg) = (repo.clone(), arg.clone());
-    let what = arg.to_string();
-    tokio::task::spawn_blocking(move || f(&repo, arg))
-        .await
-        .map_err(|e| Error::task("restore onto vm", e))?
-        .map_err(|e| Error::catalog(what, e))
-}
-
 /// The newest committed backup of the VM with `uuid` (the one its checkpoint belongs to).
 async fn latest_backup(repo: &Repository, uuid: &str) -> Result<Option<Manifest>> {
-    let uuid = uuid.to_string();
-    let f = |repo: &Repository, uuid: String| {
-        let rows = repo.backups(Some(&uuid))?;
-        let newest = rows
-            .iter()
-            .max_by_key(|r| (r.started, r.id.as_str().to_string()));
-        newest.map(|row| repo.manifest(&row.id)).transpose()
-    };
-    blocking(repo, f, &uuid).await
+    crate::repo::latest_backup(repo, uuid)
+        .await
+        .map_err(|e| Error::catalog(uuid, e))
 }
 
 /// One disk of one restore.
@@ -333,9 +310,10 @@ async fn restore_one<H: Hypervisor>(
 }
 
 async fn open_reader(repo: &Repository, backup: &BackupId, disk: &str) -> Result<Arc<DiskReader>> {
-    let disk = disk.to_string();
-    let f = move |repo: &Repository, id: BackupId| repo.open_disk(&id, &disk).map(Arc::new);
-    blocking(repo, f, backup).await
+    crate::repo::open_disk(repo, backup, disk)
+        .await
+        .map(Arc::new)
+        .map_err(|e| Error::catalog(backup, e))
 }
 
 /// The changed path's base backup and bitmap, or why only a full write is safe.
@@ -393,13 +371,14 @@ async fn plan(
             return Ok((OntoPath::Full { reason }, None));
         }
     };
-    let new = reader.clone();
-    let target = job.disk.target.clone();
-    let f = move |repo: &Repository, id: BackupId| {
-        let old = repo.open_disk(&id, &target)?;
+    let (new, repo_c) = (reader.clone(), repo.clone());
+    let (id, target) = (x.id.clone(), job.disk.target.clone());
+    let diff = crate::repo::call(move || {
+        let old = repo_c.open_disk(&id, &target)?;
         Ok(changed_chunks(&new, &old))
-    };
-    let diff = blocking(repo, f, &x.id).await??;
+    })
+    .await
+    .map_err(|e| Error::catalog(&x.id, e))??;
     let mut write = dirty.clone();
     write.union_with(&diff);
     let path = OntoPath::Changed {
@@ -506,8 +485,9 @@ enum Piece {
     Zero { offset: u64, len: u64 },
 }
 
-/// Writes the selected chunks (all when `chunks` is `None`): chunks are read on a blocking
-/// thread and written with up to [`DEPTH`] requests in flight.
+/// Writes the selected chunks (all when `chunks` is `None`): chunks are read on a dedicated
+/// thread (`crate::repo::dedicated`: it reads the whole disk, paced by the bounded channel)
+/// and written with up to [`DEPTH`] requests in flight.
 async fn write_chunks(
     client: &Client,
     reader: Arc<DiskReader>,
@@ -517,7 +497,8 @@ async fn write_chunks(
 ) -> Result<WriteStats> {
     let cs = reader.chunk_size() as u64;
     let (tx, mut rx) = mpsc::channel(DEPTH);
-    let producer = tokio::task::spawn_blocking(move || produce(&reader, chunks.as_ref(), &tx));
+    let thread = format!("onto-{}", reader.manifest().target);
+    let producer = crate::repo::dedicated(&thread, move || produce(&reader, chunks.as_ref(), &tx));
     let mut stats = WriteStats::default();
     let mut inflight = FuturesUnordered::new();
     let mut failure = None;
@@ -557,7 +538,10 @@ async fn write_chunks(
             failure = Some(Error::nbd(what, e));
         }
     }
-    let _ = producer.await;
+    if let (Err(e), None) = (producer.await, &failure) {
+        // The reader ended without sending everything (it panicked): not a whole restore.
+        failure = Some(Error::catalog(what, e));
+    }
     match failure {
         Some(e) => Err(e),
         None => Ok(stats),

@@ -97,10 +97,6 @@ impl ExportInfo {
     pub fn can_flush(&self) -> bool {
         self.has(tf::SEND_FLUSH)
     }
-    /// Whether `NBD_CMD_TRIM` is supported.
-    pub fn can_trim(&self) -> bool {
-        self.has(tf::SEND_TRIM)
-    }
     /// Whether `NBD_CMD_WRITE_ZEROES` is supported.
     pub fn can_write_zeroes(&self) -> bool {
         self.has(tf::SEND_WRITE_ZEROES)
