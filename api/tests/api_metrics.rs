@@ -12,9 +12,11 @@ use api::daemon::auth::TokenStore;
 use api::daemon::http::app;
 use api::daemon::hypervisors::{HvSpec, Hypervisors};
 use api::daemon::state::AppState;
-use axum::http::StatusCode;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
 use common::{api, call};
 use testbed::qmp::PlainQemu;
+use tower::ServiceExt;
 
 const MIB: u64 = 1 << 20;
 
@@ -97,6 +99,19 @@ async fn metrics_parse_and_move_after_a_backup() -> anyhow::Result<()> {
     );
     let app = app(st.clone());
     let before = scrape(&app, &a.auditor).await;
+    // Prometheus picks its parser by the content type: the body is the text format 0.0.4.
+    let resp = app
+        .clone()
+        .oneshot(
+            Request::get("/metrics")
+                .header("authorization", format!("Bearer {}", a.auditor))
+                .body(Body::empty())?,
+        )
+        .await?;
+    assert_eq!(
+        resp.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
     assert_eq!(before["sluice_backups_total{result=\"succeeded\"}"], 0.0);
     assert_eq!(before["sluice_repository_logical_bytes"], 0.0);
 

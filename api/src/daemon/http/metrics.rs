@@ -9,13 +9,10 @@ use axum::Json;
 
 use crate::daemon::auth::{Action, Caller};
 use crate::daemon::error::ApiResult;
-use crate::daemon::jobs::metrics::Gauges;
+use crate::daemon::jobs::metrics::{Gauges, CONTENT_TYPE};
 use crate::daemon::state::SharedState;
 use crate::wire::hypervisors::HvState;
 use crate::wire::jobs::JobState;
-
-/// Content type of the text exposition format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Prometheus metrics (text exposition format 0.0.4).
 #[utoipa::path(get, path = "/metrics", tag = "meta",

@@ -1,12 +1,22 @@
 //! Prometheus metrics: the job counters the registry records as jobs end, and the text
-//! exposition format (version 0.0.4) of those plus the repository's figures at scrape time.
+//! exposition (format 0.0.4) of those plus the repository's figures at scrape time.
 //!
-//! Written by hand: no Prometheus client crate was available offline. The format is small
-//! (`# HELP`, `# TYPE`, `name{label="v"} value` lines) and a test parses what we print.
+//! `prometheus-client` keeps the metrics (atomic counters and histograms in a
+//! [`Registry`]) and writes the text. Its Prometheus text encoder (not its OpenMetrics
+//! one) keeps the exposition as it was before the crate: a counter registered as `x` is
+//! named `x_total` in its `# HELP`, `# TYPE` and sample lines, and no `# EOF` line ends the
+//! text. What is read at scrape time ([`Gauges`]) goes into a registry made for that scrape,
+//! encoded after the counters'. Not here: how the figures are gathered (the `/metrics` route).
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 use crate::wire::jobs::{JobInfo, JobState};
 
@@ -15,40 +25,68 @@ pub const DURATION_BUCKETS: [f64; 11] = [
     1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 14400.0,
 ];
 
-#[derive(Debug, Default, Clone)]
-struct Histogram {
-    /// Per bucket of [`DURATION_BUCKETS`], not cumulative.
-    counts: [u64; DURATION_BUCKETS.len()],
-    count: u64,
-    sum: f64,
+/// Content type of what [`JobMetrics::render`] writes: the text exposition format 0.0.4.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+/// Every metric's name starts with this and `_`.
+const PREFIX: &str = "sluice";
+
+/// The final states a backup counter is shown for from the start (at zero).
+const RESULTS: [&str; 3] = ["succeeded", "failed", "cancelled"];
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
 }
 
-impl Histogram {
-    fn observe(&mut self, v: f64) {
-        if let Some(i) = DURATION_BUCKETS.iter().position(|&b| v <= b) {
-            self.counts[i] += 1;
-        }
-        self.count += 1;
-        self.sum += v;
-    }
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KindResult {
+    kind: String,
+    result: &'static str,
 }
 
-#[derive(Debug, Default)]
-struct Counters {
-    /// (kind, final state) -> jobs.
-    ended: BTreeMap<(String, &'static str), u64>,
-    bytes_read: u64,
-    bytes_new: u64,
-    bytes_dedup: u64,
-    bytes_zero: u64,
-    /// kind -> durations.
-    durations: BTreeMap<String, Histogram>,
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct HypervisorLabel {
+    hypervisor: String,
+}
+
+/// A gauge of a count or a byte size.
+type U64Gauge = Gauge<u64, AtomicU64>;
+
+fn gauge_of(v: u64) -> U64Gauge {
+    let g = U64Gauge::default();
+    g.set(v);
+    g
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
 }
 
 /// Counters of ended jobs (since the daemon started).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct JobMetrics {
-    inner: Mutex<Counters>,
+    /// Holds (clones of) every metric below, for encoding.
+    registry: Registry,
+    /// Backup jobs ended, by result.
+    backups: Family<ResultLabel, Counter>,
+    /// Jobs ended, by kind and result.
+    ended: Family<KindResult, Counter>,
+    bytes_read: Counter,
+    bytes_new: Counter,
+    bytes_dedup: Counter,
+    bytes_zero: Counter,
+    durations: Family<KindLabel, Histogram, fn() -> Histogram>,
 }
 
 /// Figures read at scrape time.
@@ -76,174 +114,259 @@ fn state_label(s: JobState) -> &'static str {
     }
 }
 
+impl Default for JobMetrics {
+    fn default() -> Self {
+        let m = JobMetrics {
+            registry: Registry::with_prefix(PREFIX),
+            backups: Family::default(),
+            ended: Family::default(),
+            bytes_read: Counter::default(),
+            bytes_new: Counter::default(),
+            bytes_dedup: Counter::default(),
+            bytes_zero: Counter::default(),
+            durations: Family::new_with_constructor(duration_histogram),
+        };
+        for result in RESULTS {
+            m.backups.get_or_create_owned(&ResultLabel { result });
+        }
+        m.registered()
+    }
+}
+
 impl JobMetrics {
+    /// Puts every metric into the registry; the help texts get their final `.` from it.
+    fn registered(mut self) -> Self {
+        let r = &mut self.registry;
+        r.register(
+            "backups",
+            "Backup jobs ended, by result",
+            self.backups.clone(),
+        );
+        r.register(
+            "jobs_ended",
+            "Jobs ended, by kind and result",
+            self.ended.clone(),
+        );
+        r.register(
+            "backup_read_bytes",
+            "Bytes read from hypervisors by ended jobs",
+            self.bytes_read.clone(),
+        );
+        r.register(
+            "backup_stored_bytes",
+            "Bytes of chunks stored as new by ended jobs (before compression)",
+            self.bytes_new.clone(),
+        );
+        r.register(
+            "backup_dedup_bytes",
+            "Bytes of chunks found already stored by ended jobs",
+            self.bytes_dedup.clone(),
+        );
+        r.register(
+            "backup_zero_bytes",
+            "Bytes of zero chunks (never stored) of ended jobs",
+            self.bytes_zero.clone(),
+        );
+        r.register(
+            "job_duration_seconds",
+            "Run time of ended jobs (queue time excluded)",
+            self.durations.clone(),
+        );
+        self
+    }
+
     /// Records a job that has just ended, and how long it ran.
     pub fn record(&self, job: &JobInfo, seconds: f64) {
-        let mut c = self.inner.lock().expect("metrics lock");
-        *c.ended
-            .entry((job.kind.to_string(), state_label(job.state)))
-            .or_default() += 1;
+        let kind = job.kind.to_string();
+        let result = state_label(job.state);
+        if kind == "backup" && RESULTS.contains(&result) {
+            self.backups.get_or_create(&ResultLabel { result }).inc();
+        }
+        self.ended
+            .get_or_create(&KindResult {
+                kind: kind.clone(),
+                result,
+            })
+            .inc();
         let p = &job.progress;
-        c.bytes_read += p.bytes_read;
-        c.bytes_new += p.bytes_new;
-        c.bytes_dedup += p.bytes_dedup;
-        c.bytes_zero += p.bytes_zero;
-        c.durations
-            .entry(job.kind.to_string())
-            .or_default()
+        self.bytes_read.inc_by(p.bytes_read);
+        self.bytes_new.inc_by(p.bytes_new);
+        self.bytes_dedup.inc_by(p.bytes_dedup);
+        self.bytes_zero.inc_by(p.bytes_zero);
+        self.durations
+            .get_or_create(&KindLabel { kind })
             .observe(seconds);
     }
 
     /// The exposition text of the counters and `g`.
     pub fn render(&self, g: &Gauges) -> String {
-        let c = self.inner.lock().expect("metrics lock");
         let mut out = String::new();
-        let backups = c.ended.iter().filter(|((k, _), _)| k == "backup");
-        head(
-            &mut out,
-            "sluice_backups_total",
-            "counter",
-            "Backup jobs ended, by result.",
-        );
-        for result in ["succeeded", "failed", "cancelled"] {
-            let n: u64 = backups
-                .clone()
-                .filter(|((_, s), _)| *s == result)
-                .map(|(_, n)| n)
-                .sum();
-            let _ = writeln!(out, "sluice_backups_total{{result=\"{result}\"}} {n}");
-        }
-        head(
-            &mut out,
-            "sluice_jobs_ended_total",
-            "counter",
-            "Jobs ended, by kind and result.",
-        );
-        for ((kind, state), n) in &c.ended {
-            let _ = writeln!(
-                out,
-                "sluice_jobs_ended_total{{kind=\"{kind}\",result=\"{state}\"}} {n}"
-            );
-        }
-        counter(
-            &mut out,
-            "sluice_backup_read_bytes_total",
-            "Bytes read from hypervisors by ended jobs.",
-            c.bytes_read,
-        );
-        counter(
-            &mut out,
-            "sluice_backup_stored_bytes_total",
-            "Bytes of chunks stored as new by ended jobs (before compression).",
-            c.bytes_new,
-        );
-        counter(
-            &mut out,
-            "sluice_backup_dedup_bytes_total",
-            "Bytes of chunks found already stored by ended jobs.",
-            c.bytes_dedup,
-        );
-        counter(
-            &mut out,
-            "sluice_backup_zero_bytes_total",
-            "Bytes of zero chunks (never stored) of ended jobs.",
-            c.bytes_zero,
-        );
-        durations(&mut out, &c.durations);
-        gauges(&mut out, g);
+        prometheus_text::encode(&mut out, &self.registry)
+            .and_then(|()| prometheus_text::encode(&mut out, &scrape_registry(g)))
+            .expect("encoding metrics into a String cannot fail");
         out
     }
 }
 
-fn head(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-fn counter(out: &mut String, name: &str, help: &str, v: u64) {
-    head(out, name, "counter", help);
-    let _ = writeln!(out, "{name} {v}");
-}
-
-fn gauge(out: &mut String, name: &str, help: &str, v: impl std::fmt::Display) {
-    head(out, name, "gauge", help);
-    let _ = writeln!(out, "{name} {v}");
-}
-
-fn durations(out: &mut String, hs: &BTreeMap<String, Histogram>) {
-    let name = "sluice_job_duration_seconds";
-    head(
-        out,
-        name,
-        "histogram",
-        "Run time of ended jobs (queue time excluded).",
-    );
-    for (kind, h) in hs {
-        let mut cum = 0;
-        for (b, n) in DURATION_BUCKETS.iter().zip(h.counts) {
-            cum += n;
-            let _ = writeln!(out, "{name}_bucket{{kind=\"{kind}\",le=\"{b}\"}} {cum}");
-        }
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{kind=\"{kind}\",le=\"+Inf\"}} {}",
-            h.count
-        );
-        let _ = writeln!(out, "{name}_sum{{kind=\"{kind}\"}} {}", h.sum);
-        let _ = writeln!(out, "{name}_count{{kind=\"{kind}\"}} {}", h.count);
+/// The figures of one scrape, as gauges of their own registry.
+fn scrape_registry(g: &Gauges) -> Registry {
+    let mut r = Registry::with_prefix(PREFIX);
+    let jobs = Family::<StateLabel, U64Gauge>::default();
+    for (state, n) in [("queued", g.queued), ("running", g.running)] {
+        jobs.get_or_create(&StateLabel { state }).set(n);
     }
+    r.register("jobs", "Jobs not ended yet, by state", jobs);
+    for (name, help, v) in [
+        ("policies", "Installed backup policies", g.policies),
+        ("repository_backups", "Backups in the repository", g.backups),
+        ("repository_chunks", "Distinct chunks stored", g.chunks),
+        (
+            "repository_logical_bytes",
+            "Sum of the disk sizes of every backup",
+            g.logical_bytes,
+        ),
+        (
+            "repository_stored_bytes",
+            "Bytes the backups added to the store (compressed)",
+            g.stored_bytes,
+        ),
+    ] {
+        r.register(name, help, gauge_of(v));
+    }
+    let ratio = Gauge::<f64, AtomicU64>::default();
+    ratio.set(g.dedup_ratio);
+    r.register(
+        "repository_dedup_ratio",
+        "Logical bytes / stored bytes (dedup, zero skipping and compression)",
+        ratio,
+    );
+    let up = Family::<HypervisorLabel, U64Gauge>::default();
+    for (name, answered) in &g.hypervisors {
+        up.get_or_create(&HypervisorLabel {
+            hypervisor: name.clone(),
+        })
+        .set(u64::from(*answered));
+    }
+    r.register(
+        "hypervisor_up",
+        "1 if the hypervisor answered when last asked, else 0 (down, or not asked yet)",
+        up,
+    );
+    r
 }
 
-fn gauges(out: &mut String, g: &Gauges) {
-    head(out, "sluice_jobs", "gauge", "Jobs not ended yet, by state.");
-    let _ = writeln!(out, "sluice_jobs{{state=\"queued\"}} {}", g.queued);
-    let _ = writeln!(out, "sluice_jobs{{state=\"running\"}} {}", g.running);
-    gauge(
-        out,
-        "sluice_policies",
-        "Installed backup policies.",
-        g.policies,
-    );
-    gauge(
-        out,
-        "sluice_repository_backups",
-        "Backups in the repository.",
-        g.backups,
-    );
-    gauge(
-        out,
-        "sluice_repository_chunks",
-        "Distinct chunks stored.",
-        g.chunks,
-    );
-    gauge(
-        out,
-        "sluice_repository_logical_bytes",
-        "Sum of the disk sizes of every backup.",
-        g.logical_bytes,
-    );
-    gauge(
-        out,
-        "sluice_repository_stored_bytes",
-        "Bytes the backups added to the store (compressed).",
-        g.stored_bytes,
-    );
-    gauge(
-        out,
-        "sluice_repository_dedup_ratio",
-        "Logical bytes / stored bytes (dedup, zero skipping and compression).",
-        g.dedup_ratio,
-    );
-    head(
-        out,
-        "sluice_hypervisor_up",
-        "gauge",
-        "1 if the hypervisor answered when last asked, else 0 (down, or not asked yet).",
-    );
-    for (name, up) in &g.hypervisors {
-        let _ = writeln!(
-            out,
-            "sluice_hypervisor_up{{hypervisor=\"{name}\"}} {}",
-            u8::from(*up)
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::jobs::{JobKind, JobMode, JobProgress};
+
+    fn ended(kind: JobKind, state: JobState, bytes_read: u64) -> JobInfo {
+        JobInfo {
+            id: 1,
+            kind,
+            vm: "vm".into(),
+            state,
+            mode: JobMode::Auto,
+            error: None,
+            created: 0,
+            finished: None,
+            message: None,
+            backup_id: None,
+            policy: None,
+            host: String::new(),
+            hypervisor: None,
+            progress: JobProgress {
+                bytes_read,
+                ..JobProgress::default()
+            },
+        }
+    }
+
+    /// The `# TYPE` lines and sample lines, as dashboards and alerts name them (these are
+    /// the names and label sets of the exposition written by hand before the crate).
+    #[test]
+    fn exposition_keeps_names_types_and_labels() {
+        let m = JobMetrics::default();
+        m.record(&ended(JobKind::Backup, JobState::Succeeded, 4096), 2.5);
+        m.record(&ended(JobKind::Backup, JobState::Failed, 0), 0.5);
+        m.record(&ended(JobKind::Restore, JobState::Cancelled, 0), 4000.0);
+        let text = m.render(&Gauges {
+            queued: 1,
+            running: 2,
+            logical_bytes: 1 << 25,
+            dedup_ratio: 2.5,
+            hypervisors: vec![("qemu".into(), true), ("far".into(), false)],
+            ..Gauges::default()
+        });
+        let types: Vec<&str> = text.lines().filter(|l| l.starts_with("# TYPE ")).collect();
+        assert_eq!(
+            types,
+            [
+                "# TYPE sluice_backups_total counter",
+                "# TYPE sluice_jobs_ended_total counter",
+                "# TYPE sluice_backup_read_bytes_total counter",
+                "# TYPE sluice_backup_stored_bytes_total counter",
+                "# TYPE sluice_backup_dedup_bytes_total counter",
+                "# TYPE sluice_backup_zero_bytes_total counter",
+                "# TYPE sluice_job_duration_seconds histogram",
+                "# TYPE sluice_jobs gauge",
+                "# TYPE sluice_policies gauge",
+                "# TYPE sluice_repository_backups gauge",
+                "# TYPE sluice_repository_chunks gauge",
+                "# TYPE sluice_repository_logical_bytes gauge",
+                "# TYPE sluice_repository_stored_bytes gauge",
+                "# TYPE sluice_repository_dedup_ratio gauge",
+                "# TYPE sluice_hypervisor_up gauge",
+            ]
         );
+        for line in [
+            "# HELP sluice_backups_total Backup jobs ended, by result.",
+            "sluice_backups_total{result=\"succeeded\"} 1",
+            "sluice_backups_total{result=\"failed\"} 1",
+            "sluice_backups_total{result=\"cancelled\"} 0",
+            "sluice_jobs_ended_total{kind=\"backup\",result=\"failed\"} 1",
+            "sluice_jobs_ended_total{kind=\"restore\",result=\"cancelled\"} 1",
+            "sluice_backup_read_bytes_total 4096",
+            "sluice_job_duration_seconds_bucket{kind=\"backup\",le=\"1\"} 1",
+            "sluice_job_duration_seconds_bucket{kind=\"backup\",le=\"5\"} 2",
+            "sluice_job_duration_seconds_bucket{kind=\"backup\",le=\"+Inf\"} 2",
+            "sluice_job_duration_seconds_bucket{kind=\"restore\",le=\"3600\"} 0",
+            "sluice_job_duration_seconds_bucket{kind=\"restore\",le=\"14400\"} 1",
+            "sluice_job_duration_seconds_sum{kind=\"backup\"} 3.0",
+            "sluice_job_duration_seconds_count{kind=\"restore\"} 1",
+            "sluice_jobs{state=\"queued\"} 1",
+            "sluice_jobs{state=\"running\"} 2",
+            "sluice_policies 0",
+            "sluice_repository_logical_bytes 33554432",
+            "sluice_repository_dedup_ratio 2.5",
+            "sluice_hypervisor_up{hypervisor=\"qemu\"} 1",
+            "sluice_hypervisor_up{hypervisor=\"far\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+        }
+        // The Prometheus text format, not OpenMetrics: no `# EOF`, no `# UNIT`.
+        assert!(
+            text.lines().all(|l| !l.starts_with('#')
+                || l.starts_with("# HELP ")
+                || l.starts_with("# TYPE ")),
+            "{text}"
+        );
+    }
+
+    /// Backup results are shown at zero before any backup ends; jobs of other kinds do not
+    /// count as backups.
+    #[test]
+    fn backup_results_start_at_zero() {
+        let m = JobMetrics::default();
+        let text = m.render(&Gauges::default());
+        for result in RESULTS {
+            let line = format!("sluice_backups_total{{result=\"{result}\"}} 0");
+            assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+        }
+        m.record(&ended(JobKind::Restore, JobState::Succeeded, 0), 1.0);
+        let text = m.render(&Gauges::default());
+        assert!(text
+            .lines()
+            .any(|l| l == "sluice_backups_total{result=\"succeeded\"} 0"));
     }
 }
