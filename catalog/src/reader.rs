@@ -322,11 +322,6 @@ impl DiskReader {
         Ok(())
     }
 
-    /// Index of the chunk holding byte `offset`.
-    pub fn chunk_of(&self, offset: u64) -> u64 {
-        offset / self.disk.chunk_size as u64
-    }
-
     /// Number of index blocks.
     pub fn index_blocks(&self) -> u64 {
         index::block_count(self.chunk_count(), self.disk.index_block_len)
