@@ -111,7 +111,7 @@ impl<H: Hypervisor + 'static> Hv for H {
 }
 
 fn job_error(msg: String) -> proxy::job::Error {
-    proxy::job::Error::new(proxy::job::ErrorKind::Hypervisor, msg)
+    proxy::job::Error::new(proxy::job::ErrorKind::Retry, msg)
 }
 
 /// How a hypervisor is reached.

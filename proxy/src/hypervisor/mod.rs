@@ -21,7 +21,7 @@ pub mod xml;
 use std::future::Future;
 use std::path::PathBuf;
 
-pub(crate) use error::{failed, io_failed};
+pub(crate) use error::{failed, io_failed, Cause};
 pub use error::{Error, ErrorKind, Result};
 pub use session::{BackupSession, FreezeGuard};
 

@@ -33,10 +33,7 @@ impl std::fmt::Debug for IngestSink {
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f).await.map_err(|e| {
-        catalog::Error::new(
-            catalog::ErrorKind::Io,
-            format!("repository task failed: {e}"),
-        )
+        catalog::Error::new(catalog::ErrorKind::Io, "repository task failed").with_source(e)
     })?
 }
 

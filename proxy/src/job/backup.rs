@@ -276,7 +276,7 @@ async fn take_backup<H: Hypervisor>(
         Err(e) => return Err(abort(session, Error::repo(format!("commit of vm {vm}"), e)).await),
     };
     if let Err(e) = session.finish().await {
-        tracing::warn!(vm, error = %e, "backup committed but ending the hypervisor job failed");
+        tracing::warn!(vm, error = %catalog::Chain(&e), "backup committed but ending the hypervisor job failed");
     }
     Progress::add(&progress.bytes_new, manifest.stats.bytes_new_raw);
     drop_old_checkpoints(hv, vm, checkpoint).await;
@@ -291,7 +291,7 @@ async fn take_backup<H: Hypervisor>(
 async fn abort(session: BackupSession, e: Error) -> Error {
     let vm = session.vm().to_string();
     if let Err(ae) = session.abort().await {
-        tracing::error!(vm, error = %ae, "aborting the hypervisor job failed");
+        tracing::error!(vm, error = %catalog::Chain(&ae), "aborting the hypervisor job failed");
     }
     e
 }
@@ -307,7 +307,7 @@ async fn point_in_time<H: Hypervisor>(
         match hv.freeze(vm).await {
             Ok(g) => Some(g),
             Err(e) => {
-                tracing::warn!(vm, error = %e, "guest agent answered but freeze failed: crash-consistent backup");
+                tracing::warn!(vm, error = %catalog::Chain(&e), "guest agent answered but freeze failed: crash-consistent backup");
                 None
             }
         }
@@ -327,7 +327,7 @@ async fn thaw(vm: &str, guard: Option<FreezeGuard>) -> Consistency {
     match g.thaw().await {
         Ok(()) => Consistency::Application,
         Err(e) => {
-            tracing::error!(vm, error = %e, "thaw after freeze failed");
+            tracing::error!(vm, error = %catalog::Chain(&e), "thaw after freeze failed");
             Consistency::Application
         }
     }
@@ -416,7 +416,7 @@ async fn last_backup(repo: &Repository, uuid: &str) -> Result<Option<Manifest>> 
         }
     })
     .await
-    .map_err(|e| Error::new(ErrorKind::Repository, format!("{what}: {e}")))?
+    .map_err(|e| Error::new(ErrorKind::Failed, what.clone()).with_source(e))?
     .map_err(|e| Error::repo(what, e))
 }
 
@@ -485,7 +485,7 @@ async fn drop_old_checkpoints<H: Hypervisor>(hv: &H, vm: &str, keep: &str) {
     let cps = match hv.list_checkpoints(vm).await {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(vm, error = %e, "listing checkpoints for cleanup failed");
+            tracing::warn!(vm, error = %catalog::Chain(&e), "listing checkpoints for cleanup failed");
             return;
         }
     };
@@ -494,7 +494,7 @@ async fn drop_old_checkpoints<H: Hypervisor>(hv: &H, vm: &str, keep: &str) {
         .filter(|c| c.name.starts_with(CHECKPOINT_PREFIX) && c.name != keep)
     {
         if let Err(e) = hv.delete_checkpoint(vm, &cp.name, false).await {
-            tracing::warn!(vm, checkpoint = %cp.name, error = %e, "deleting an old checkpoint failed");
+            tracing::warn!(vm, checkpoint = %cp.name, error = %catalog::Chain(&e), "deleting an old checkpoint failed");
         }
     }
 }
@@ -525,8 +525,12 @@ fn make_job_dir(work_dir: &Path, checkpoint: &str, dom: &DomainInfo) -> Result<P
     let io = |what: &str, e: std::io::Error| {
         Error::new(
             ErrorKind::InvalidInput,
-            format!("{what} {}: {e}; check the work directory", dir.display()),
+            format!(
+                "{what} job directory {} (check the work directory)",
+                dir.display()
+            ),
         )
+        .with_source(e)
     };
     std::fs::create_dir_all(&dir).map_err(|e| io("creating", e))?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))

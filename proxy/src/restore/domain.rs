@@ -45,7 +45,7 @@ pub struct RestoredDisk {
 }
 
 /// The domain XML for restoring `domain_xml` (a backup's saved definition) as a new domain
-/// named `new_name` with the disks in `disks`. Refused with [`ErrorKind::Conflict`] when
+/// named `new_name` with the disks in `disks`. Refused with [`ErrorKind::Refused`] when
 /// `new_name` is in `existing` (the names of the domains libvirt already has), and with
 /// [`ErrorKind::InvalidInput`] for a bad name, unparsable XML, a disk with no restored
 /// file, or a restored file for no disk.
@@ -58,12 +58,12 @@ pub fn restore_as_domain(
     check_name(new_name)?;
     if existing.iter().any(|n| n == new_name) {
         return Err(Error::new(
-            ErrorKind::Conflict,
+            ErrorKind::Refused,
             format!("domain {new_name} already exists"),
         ));
     }
     let doc = Document::parse(domain_xml)
-        .map_err(|e| invalid(format!("saved domain definition does not parse: {e}")))?;
+        .map_err(|e| invalid("saved domain definition does not parse".into()).with_source(e))?;
     let root = doc.root_element();
     if !root.has_tag_name("domain") {
         return Err(invalid(
@@ -90,7 +90,7 @@ const CHARDEVS: [&str; 4] = ["serial", "console", "channel", "parallel"];
 /// different paths share one). A console that names its serial's path keeps sharing it.
 pub fn relocate_chardevs(domain_xml: &str, dir: &Path) -> Result<String> {
     let doc = Document::parse(domain_xml)
-        .map_err(|e| invalid(format!("domain definition does not parse: {e}")))?;
+        .map_err(|e| invalid("domain definition does not parse".into()).with_source(e))?;
     let Some(devices) = child(doc.root_element(), "devices") else {
         return Ok(domain_xml.to_string());
     };
@@ -360,7 +360,7 @@ mod tests {
     #[test]
     fn existing_names_are_never_clobbered() {
         let e = restore_as_domain(SAVED, "web-2", &restored(), &["web-2".into()]).unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Conflict);
+        assert_eq!(e.kind(), ErrorKind::Refused);
         assert!(e.to_string().contains("web-2"));
     }
 

@@ -115,7 +115,7 @@ pub fn restore_to_file_with(
     let start = Instant::now();
     if path.exists() {
         return Err(Error::new(
-            ErrorKind::Conflict,
+            ErrorKind::Refused,
             format!("restore target {} already exists", path.display()),
         ));
     }
@@ -285,7 +285,7 @@ fn convert_qcow2(raw: &Path, out: &Path, cancel: &CancellationToken) -> Result<(
         }
         let _ = std::fs::remove_file(out);
         return Err(Error::new(
-            ErrorKind::Io,
+            ErrorKind::Retry,
             format!(
                 "qemu-img convert to {} failed: {}",
                 out.display(),
