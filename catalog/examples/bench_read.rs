@@ -224,7 +224,7 @@ fn run_batches(root: &Path, reqs: &[RangeRequest], path: ReadPath) -> anyhow::Re
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// Read the disk whole in a child process (so `SLUICE_IO_URING` is read fresh), after
+/// Read the disk whole in a child process (a fresh process, which reads `SLUICE_IO_URING`), after
 /// evicting the packs from the page cache if `evict_root` is given; GB/s.
 fn reader_run(dir: &Path, force_pread: bool, evict_root: Option<&Path>) -> anyhow::Result<f64> {
     if let Some(root) = evict_root {

@@ -12,7 +12,8 @@
 use std::fmt;
 
 /// What the caller should do about an [`Error`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// The named object does not exist (backup, disk, chunk, pack, key).
     NotFound,
@@ -210,6 +211,11 @@ mod tests {
         assert_eq!(e.to_string(), "chunk 00ff: opening object packs/ab/abcd");
         let plain = Error::invalid("range past the end of disk vda");
         assert_eq!(Chain(&plain).to_string(), plain.to_string());
+        assert_eq!(e.kind().as_str(), "io");
+        assert_eq!(
+            serde_json::to_value(ErrorKind::InvalidInput).unwrap(),
+            "invalid_input"
+        );
         let three = Layer(
             "a",
             Some(Box::new(Layer("b", Some(Box::new(Layer("c", None)))))),
