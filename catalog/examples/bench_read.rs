@@ -8,7 +8,8 @@
 //!    alternating the two paths for ROUNDS rounds, and prints each path's best and median;
 //! 2. reads the whole backup disk through `DiskReader::read_at` (4 MiB requests: fetch,
 //!    checksum, blake3 of every chunk) in child processes with `SLUICE_IO_URING=off` and
-//!    `=on`, alternating, and prints GB/s.
+//!    `=on` (the child opens its backend with `FsOptions::io_uring` set from it, as the
+//!    daemon does), alternating, and prints GB/s.
 //!
 //! Both are measured with the packs in the page cache (the syscall path) and with the packs
 //! evicted before each round (`POSIX_FADV_DONTNEED` on the pack files only: the device).
@@ -19,8 +20,8 @@ use anyhow::{bail, Context};
 use catalog::backend::uring::{self, ReadPath};
 use catalog::backend::RangeRequest;
 use catalog::{
-    BackupMode, BackupSpec, CommitInfo, Consistency, DiskSpec, FsBackend, RepoConfig, RepoOptions,
-    Repository, VmIdentity,
+    BackupMode, BackupSpec, CommitInfo, Consistency, DiskSpec, FsBackend, FsOptions, RepoConfig,
+    RepoOptions, Repository, VmIdentity,
 };
 use std::path::Path;
 use std::sync::Arc;
@@ -32,6 +33,9 @@ mod common;
 use common::noise;
 
 const CS: usize = 64 << 10;
+
+/// The daemon's switch for io_uring reads; the reader child reads it as the daemon does.
+const ENV: &str = "SLUICE_IO_URING";
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -54,12 +58,21 @@ fn main() -> anyhow::Result<()> {
     );
     let reqs = shuffled_requests(&repo)?;
     let root = dir.path().join("repo");
+    raw_reads(&root, &reqs, rounds)?;
+    for cold in [false, true] {
+        reader_reads(dir.path(), cold.then_some(root.as_path()), rounds.min(3))?;
+    }
+    Ok(())
+}
+
+/// Part 1: every blob straight from its pack, by `pread` and by io_uring, cached and evicted.
+fn raw_reads(root: &Path, reqs: &[RangeRequest], rounds: usize) -> anyhow::Result<()> {
     let total: u64 = reqs.iter().map(|r| r.len as u64).sum();
-    run_batches(&root, &reqs, ReadPath::Pread)?; // warm the page cache
-    let (mut pread, mut auto) = (Vec::new(), Vec::new());
+    run_batches(root, reqs, ReadPath::Pread)?; // warm the page cache
+    let (mut pread, mut uring) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
-        pread.push(total as f64 / run_batches(&root, &reqs, ReadPath::Pread)? / 1e9);
-        auto.push(total as f64 / run_batches(&root, &reqs, ReadPath::Uring)? / 1e9);
+        pread.push(total as f64 / run_batches(root, reqs, ReadPath::Pread)? / 1e9);
+        uring.push(total as f64 / run_batches(root, reqs, ReadPath::Uring)? / 1e9);
     }
     println!(
         "raw blob reads, {} x ~64 KiB shuffled, batches of 32:",
@@ -67,36 +80,36 @@ fn main() -> anyhow::Result<()> {
     );
     println!(" packs in the page cache, {rounds} rounds:");
     print_row("pread", &mut pread);
-    print_row("io_uring", &mut auto);
-    let (mut pread, mut auto) = (Vec::new(), Vec::new());
+    print_row("io_uring", &mut uring);
+    let (mut pread, mut uring) = (Vec::new(), Vec::new());
     for _ in 0..rounds.min(3) {
-        evict(&root)?;
-        pread.push(total as f64 / run_batches(&root, &reqs, ReadPath::Pread)? / 1e9);
-        evict(&root)?;
-        auto.push(total as f64 / run_batches(&root, &reqs, ReadPath::Uring)? / 1e9);
+        evict(root)?;
+        pread.push(total as f64 / run_batches(root, reqs, ReadPath::Pread)? / 1e9);
+        evict(root)?;
+        uring.push(total as f64 / run_batches(root, reqs, ReadPath::Uring)? / 1e9);
     }
     println!(" packs evicted from the page cache before each round (POSIX_FADV_DONTNEED):");
     print_row("pread", &mut pread);
-    print_row("io_uring", &mut auto);
-    for cold in [false, true] {
-        let (mut rp, mut ru) = (Vec::new(), Vec::new());
-        for _ in 0..rounds.min(3) {
-            rp.push(reader_run(
-                dir.path(),
-                true,
-                cold.then_some(root.as_path()),
-            )?);
-            ru.push(reader_run(
-                dir.path(),
-                false,
-                cold.then_some(root.as_path()),
-            )?);
-        }
-        let how = if cold { "evicted" } else { "in the page cache" };
-        println!("whole disk through DiskReader::read_at (4 MiB requests), packs {how}:");
-        print_row("pread", &mut rp);
-        print_row("io_uring", &mut ru);
+    print_row("io_uring", &mut uring);
+    Ok(())
+}
+
+/// Part 2: the whole disk through `DiskReader` in child processes, `pread` against io_uring,
+/// with the packs under `evict_root` evicted before each run if given.
+fn reader_reads(dir: &Path, evict_root: Option<&Path>, rounds: usize) -> anyhow::Result<()> {
+    let (mut rp, mut ru) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        rp.push(reader_run(dir, true, evict_root)?);
+        ru.push(reader_run(dir, false, evict_root)?);
     }
+    let how = if evict_root.is_some() {
+        "evicted"
+    } else {
+        "in the page cache"
+    };
+    println!("whole disk through DiskReader::read_at (4 MiB requests), packs {how}:");
+    print_row("pread", &mut rp);
+    print_row("io_uring", &mut ru);
     Ok(())
 }
 
@@ -138,9 +151,10 @@ fn opts(dir: &Path) -> RepoOptions {
     RepoOptions::new(dir.join("catalog.sqlite"))
 }
 
-fn open(dir: &Path) -> anyhow::Result<Repository> {
-    let b = FsBackend::open(dir.join("repo"))?;
-    Ok(Repository::open(Arc::new(b), opts(dir))?)
+fn open(dir: &Path, fs: FsOptions) -> anyhow::Result<(Repository, bool)> {
+    let b = FsBackend::open_with(dir.join("repo"), fs)?;
+    let on = b.uses_io_uring();
+    Ok((Repository::open(Arc::new(b), opts(dir))?, on))
 }
 
 fn fabricate(dir: &Path, size: usize) -> anyhow::Result<Repository> {
@@ -210,7 +224,7 @@ fn run_batches(root: &Path, reqs: &[RangeRequest], path: ReadPath) -> anyhow::Re
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// Read the disk whole in a child process (so `SLUICE_IO_URING` is read fresh), after
+/// Read the disk whole in a child process (a fresh process, which reads `SLUICE_IO_URING`), after
 /// evicting the packs from the page cache if `evict_root` is given; GB/s.
 fn reader_run(dir: &Path, force_pread: bool, evict_root: Option<&Path>) -> anyhow::Result<f64> {
     if let Some(root) = evict_root {
@@ -218,7 +232,7 @@ fn reader_run(dir: &Path, force_pread: bool, evict_root: Option<&Path>) -> anyho
     }
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.arg("--reader").arg(dir);
-    cmd.env(uring::ENV, if force_pread { "off" } else { "on" });
+    cmd.env(ENV, if force_pread { "off" } else { "on" });
     let out = cmd.output()?;
     if !out.status.success() {
         bail!("reader child: {}", String::from_utf8_lossy(&out.stderr));
@@ -226,13 +240,14 @@ fn reader_run(dir: &Path, force_pread: bool, evict_root: Option<&Path>) -> anyho
     let s = String::from_utf8_lossy(&out.stdout);
     let (on, gbs) = s.trim().split_once(' ').context("reader child output")?;
     if (on == "true") == force_pread {
-        bail!("{}: the reader child used the other path", uring::ENV);
+        bail!("{ENV}: the reader child used the other path");
     }
     Ok(gbs.parse()?)
 }
 
 fn reader_child(dir: &Path) -> anyhow::Result<()> {
-    let repo = open(dir)?;
+    let io_uring = std::env::var(ENV).is_ok_and(|v| v == "on");
+    let (repo, on) = open(dir, FsOptions { io_uring })?;
     let id = repo.backups(None)?.first().context("no backup")?.id.clone();
     let r = repo.open_disk(&id, "vda")?;
     let mut buf = vec![0u8; 4 << 20];
@@ -244,6 +259,6 @@ fn reader_child(dir: &Path) -> anyhow::Result<()> {
         at += len as u64;
     }
     let gbs = r.size() as f64 / t.elapsed().as_secs_f64() / 1e9;
-    println!("{} {gbs:.3}", uring::enabled());
+    println!("{on} {gbs:.3}");
     Ok(())
 }

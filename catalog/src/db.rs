@@ -1,7 +1,8 @@
 //! The SQLite catalog: an index of the repository, never the truth.
 //!
 //! Owns the schema, its versioned migrations and every query. WAL mode, `synchronous=FULL`.
-//! Everything but `jobs` can be rebuilt from the repository (`Repository::rebuild_catalog`).
+//! Everything in it can be rebuilt from the repository (`Repository::rebuild_catalog`); job
+//! history is the daemon's (`jobs.jsonl`), not the catalog's.
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::blob::BlobKind;
@@ -34,6 +35,10 @@ pub(crate) const MIGRATIONS: &[&str] = &[
      CREATE TABLE jobs (id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL,
         vm_uuid TEXT, state TEXT NOT NULL, started INTEGER NOT NULL, finished INTEGER,
         message TEXT);",
+    // v3: neither was ever read by the product: a backup's checkpoint is in its manifest
+    // (and `disks.checkpoint`), job history in the daemon's `jobs.jsonl`.
+    "DROP TABLE checkpoints;
+     DROP TABLE jobs;",
 ];
 
 /// Current schema version.
@@ -69,25 +74,6 @@ pub struct BackupRow {
     pub protected: bool,
     /// Bytes of new blobs it stored.
     pub bytes_stored: u64,
-}
-
-/// A job row (history kept by the daemon; not rebuilt from the repository).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JobRow {
-    /// Job id.
-    pub id: i64,
-    /// e.g. `backup`, `verify`.
-    pub kind: String,
-    /// VM, if any.
-    pub vm_uuid: Option<String>,
-    /// e.g. `running`, `done`, `failed`.
-    pub state: String,
-    /// Unix seconds.
-    pub started: i64,
-    /// Unix seconds.
-    pub finished: Option<i64>,
-    /// Last message.
-    pub message: Option<String>,
 }
 
 /// A connection to the catalog database.
@@ -335,7 +321,7 @@ impl Catalog {
         tx.commit().map_err(e("insert backup"))
     }
 
-    /// Forget a backup (its disks and checkpoints too).
+    /// Forget a backup (its disks too).
     pub fn remove_backup(&self, id: &BackupId) -> Result<()> {
         let tx = self
             .conn
@@ -343,7 +329,6 @@ impl Catalog {
             .map_err(e("remove backup"))?;
         for sql in [
             "DELETE FROM disks WHERE backup_id = ?1",
-            "DELETE FROM checkpoints WHERE backup_id = ?1",
             "DELETE FROM backups WHERE id = ?1",
         ] {
             tx.execute(sql, [id.as_str()]).map_err(e("remove backup"))?;
@@ -416,81 +401,14 @@ impl Catalog {
         rows.collect::<rusqlite::Result<_>>().map_err(e("vms"))
     }
 
-    /// Checkpoints of a VM: (disk, checkpoint name, backup id), oldest backup first.
-    pub fn checkpoints(&self, vm_uuid: &str) -> Result<Vec<(String, String, String)>> {
-        let mut st = self
-            .conn
-            .prepare(
-                "SELECT disk, name, backup_id FROM checkpoints WHERE vm_uuid = ?1
-                 ORDER BY backup_id",
-            )
-            .map_err(e("checkpoints"))?;
-        let rows = st
-            .query_map([vm_uuid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .map_err(e("checkpoints"))?;
-        rows.collect::<rusqlite::Result<_>>()
-            .map_err(e("checkpoints"))
-    }
-
-    /// Drop everything rebuildable (jobs stay).
+    /// Drop everything (all of it is rebuilt from the repository).
     pub fn clear_derived(&self) -> Result<()> {
         self.conn
             .execute_batch(
                 "BEGIN; DELETE FROM chunks; DELETE FROM packs; DELETE FROM disks;
-                 DELETE FROM checkpoints; DELETE FROM backups; DELETE FROM vms; COMMIT;",
+                 DELETE FROM backups; DELETE FROM vms; COMMIT;",
             )
             .map_err(e("clear"))
-    }
-
-    /// Record a job start; returns its id.
-    pub fn job_start(&self, kind: &str, vm_uuid: Option<&str>, now: i64) -> Result<i64> {
-        self.conn
-            .execute(
-                "INSERT INTO jobs (kind, vm_uuid, state, started) VALUES (?1, ?2, 'running', ?3)",
-                params![kind, vm_uuid, now],
-            )
-            .map_err(e("job start"))?;
-        Ok(self.conn.last_insert_rowid())
-    }
-
-    /// Record a job's end state.
-    pub fn job_finish(&self, id: i64, state: &str, message: Option<&str>, now: i64) -> Result<()> {
-        let n = self
-            .conn
-            .execute(
-                "UPDATE jobs SET state = ?2, message = ?3, finished = ?4 WHERE id = ?1",
-                params![id, state, message, now],
-            )
-            .map_err(e("job finish"))?;
-        if n == 0 {
-            return Err(Error::not_found(format!("job {id} not found")));
-        }
-        Ok(())
-    }
-
-    /// The newest `limit` jobs, newest first.
-    pub fn jobs(&self, limit: u32) -> Result<Vec<JobRow>> {
-        let mut st = self
-            .conn
-            .prepare(
-                "SELECT id, kind, vm_uuid, state, started, finished, message FROM jobs
-                 ORDER BY id DESC LIMIT ?1",
-            )
-            .map_err(e("jobs"))?;
-        let rows = st
-            .query_map([limit], |r| {
-                Ok(JobRow {
-                    id: r.get(0)?,
-                    kind: r.get(1)?,
-                    vm_uuid: r.get(2)?,
-                    state: r.get(3)?,
-                    started: r.get(4)?,
-                    finished: r.get(5)?,
-                    message: r.get(6)?,
-                })
-            })
-            .map_err(e("jobs"))?;
-        rows.collect::<rusqlite::Result<_>>().map_err(e("jobs"))
     }
 
     /// Raw connection for tests of migrations.
@@ -524,14 +442,6 @@ fn insert_disks(tx: &rusqlite::Transaction<'_>, m: &Manifest) -> Result<()> {
             ],
         )
         .map_err(e("insert disk"))?;
-        if let Some(cp) = &d.checkpoint {
-            tx.execute(
-                "INSERT OR REPLACE INTO checkpoints (vm_uuid, disk, name, backup_id)
-                 VALUES (?1, ?2, ?3, ?4)",
-                params![m.vm.uuid, d.target, cp, m.id.as_str()],
-            )
-            .map_err(e("insert checkpoint"))?;
-        }
     }
     Ok(())
 }

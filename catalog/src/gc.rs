@@ -228,7 +228,7 @@ impl Repository {
                 .backend
                 .get_range(&pack.key(), e.offset, e.length as usize)?;
             blob::decode(&b, e.digest).map_err(|err| {
-                Error::corrupt(format!("gc refuses to repack pack {pack}: {err}"))
+                Error::corrupt(format!("gc refuses to repack pack {pack}")).with_source(err)
             })?;
             out.add(e.digest, e.kind, &b);
             if out.len() as u64 >= self.config().pack_target {

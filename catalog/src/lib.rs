@@ -45,8 +45,9 @@
 //! references. Only excluding GC for the writer's whole life makes "a backup that began
 //! before GC and commits after is complete" hold without tracking every reused chunk.
 //!
-//! io_uring is opt-in for batched restore reads only (`SLUICE_IO_URING=on`,
-//! `backend::uring`): `bench_read` measured no gain over `pread` here (docs/benchmarks.md).
+//! io_uring is opt-in for batched restore reads only ([`FsOptions::io_uring`], which the
+//! daemon sets from `SLUICE_IO_URING=on`; `backend::uring`): `bench_read` measured no gain
+//! over `pread` here (docs/benchmarks.md). The crate reads no environment variables.
 
 pub mod backend;
 mod bloom;
@@ -64,11 +65,11 @@ mod verify;
 mod writer;
 
 pub use backend::fault::FaultBackend;
-pub use backend::fs::FsBackend;
+pub use backend::fs::{FsBackend, FsOptions};
 pub use backend::mem::MemBackend;
 pub use backend::{Backend, LockGuard, LockMode};
-pub use db::{BackupRow, Catalog, JobRow, Location, SCHEMA_VERSION};
-pub use error::{Error, ErrorKind, Result};
+pub use db::{BackupRow, Catalog, Location, SCHEMA_VERSION};
+pub use error::{Chain, Error, ErrorKind, Result};
 pub use format::config::RepoConfig;
 pub use format::manifest::{
     BackupMode, BackupStats, Consistency, DiskManifest, Manifest, VmIdentity,

@@ -5,7 +5,7 @@
 //! demand and kept in a bounded cache instead of the whole chunk-id list (32 bytes per chunk,
 //! 512 MiB for a 1 TiB disk at 64 KiB). A range read fetches the chunks it needs in batches
 //! through [`Backend::get_ranges`](crate::backend::Backend::get_ranges) (for the filesystem
-//! backend: `pread`, or io_uring with `SLUICE_IO_URING=on`). Corruption is an error naming the
+//! backend: `pread`, or io_uring with `FsOptions::io_uring`). Corruption is an error naming the
 //! chunk, backup, disk and offset; zero chunks read as zeros without touching storage.
 
 use crate::backend::RangeRequest;
@@ -320,11 +320,6 @@ impl DiskReader {
             at = stop;
         }
         Ok(())
-    }
-
-    /// Index of the chunk holding byte `offset`.
-    pub fn chunk_of(&self, offset: u64) -> u64 {
-        offset / self.disk.chunk_size as u64
     }
 
     /// Number of index blocks.

@@ -5,7 +5,7 @@
 
 use crate::backend::{Backend, LockGuard, LockMode};
 use crate::db::{BackupRow, Catalog, Location};
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Chain, Error, ErrorKind, Result};
 use crate::format::blob::{self, BlobKind};
 use crate::format::config::RepoConfig;
 use crate::format::index;
@@ -317,8 +317,8 @@ impl Repository {
                 Ok(entries.len() as u64)
             }
             Err(e) if e.kind() == ErrorKind::Corrupt => {
-                tracing::warn!(pack = %id, error = %e, "pack trailer unreadable; not indexed");
-                skipped.push(format!("pack {id}: {e}"));
+                tracing::warn!(pack = %id, error = %Chain(&e), "pack trailer unreadable; not indexed");
+                skipped.push(format!("pack {id}: {}", Chain(&e)));
                 Ok(0)
             }
             Err(e) => Err(e),
@@ -342,8 +342,8 @@ impl Repository {
                     added += 1;
                 }
                 Err(e) if e.kind() == ErrorKind::Corrupt => {
-                    tracing::warn!(backup = %id, error = %e, "manifest unreadable; not listed");
-                    skipped.push(format!("backup {id}: {e}"));
+                    tracing::warn!(backup = %id, error = %Chain(&e), "manifest unreadable; not listed");
+                    skipped.push(format!("backup {id}: {}", Chain(&e)));
                 }
                 Err(e) => return Err(e),
             }

@@ -192,6 +192,7 @@ mod tests {
         assert_ne!(week(t("2024-01-07 23:59")), week(t("2024-01-08 00:00")));
     }
 
+    // Over 60 lines: one table of policies and what each keeps, one row per policy.
     #[test]
     fn table_daily_weekly_monthly() {
         let c = cands(&[

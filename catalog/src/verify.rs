@@ -10,7 +10,7 @@
 //! one pack at a time in the catalog's pack order. Only problems are kept in RAM.
 
 use crate::backend::LockMode;
-use crate::error::{ErrorKind, Result};
+use crate::error::{Chain, ErrorKind, Result};
 use crate::format::blob;
 use crate::format::index;
 use crate::ids::{BackupId, ChunkDigest, PackId};
@@ -140,7 +140,7 @@ impl Repository {
                 w.report.problems.push(Problem {
                     digest: None,
                     kind,
-                    detail: e.to_string(),
+                    detail: Chain(&e).to_string(),
                     affected: vec![aff],
                 });
                 return Ok(());
@@ -157,7 +157,7 @@ impl Repository {
                 match self.load_index_block(bid, n) {
                     Ok(ids) => w.scratch.add_needed(&ids)?,
                     Err(e) if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::NotFound) => {
-                        push_problem(&mut w.report, *bid, e.kind(), e.to_string());
+                        push_problem(&mut w.report, *bid, e.kind(), Chain(&e).to_string());
                     }
                     Err(e) => return Err(e),
                 }
@@ -194,7 +194,7 @@ impl Repository {
                 match r {
                     Ok(_) => {}
                     Err(e) if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::NotFound) => {
-                        push_problem(report, d, e.kind(), format!("chunk {d}: {e}"))
+                        push_problem(report, d, e.kind(), format!("chunk {d}: {}", Chain(&e)))
                     }
                     Err(e) => return Err(e),
                 }

@@ -12,10 +12,14 @@ fn fs_backend_passes_contract() {
 /// Batched reads use `pread` unless asked otherwise (`backend_uring.rs` runs io_uring).
 #[test]
 fn fs_backend_batches_use_pread_by_default() {
-    use catalog::backend::uring;
-    if std::env::var(uring::ENV).is_err() {
-        assert!(!uring::enabled());
-    }
+    let dir = tempfile::tempdir().unwrap();
+    assert!(!FsBackend::open(dir.path().join("store"))
+        .unwrap()
+        .uses_io_uring());
+    let default = catalog::FsOptions::default();
+    assert!(!default.io_uring);
+    let b = FsBackend::open_with(dir.path().join("store"), default).unwrap();
+    assert!(!b.uses_io_uring());
 }
 
 #[test]

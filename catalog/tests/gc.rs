@@ -78,6 +78,7 @@ fn gc_repacks_mostly_dead_packs() {
     );
 }
 
+// Over 60 lines: one interleaving of a writer and GC, told in the order it happens.
 #[test]
 fn backup_begun_before_gc_commits_complete_after_it() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,7 +1,7 @@
 //! The disk reader: index blocks loaded on demand (a damaged block fails only the reads it
 //! covers), batched range reads across batch and chunk boundaries, a short last chunk, zero
 //! chunks, on the default (`pread`) path. (`SLUICE_IO_URING=on cargo test -p catalog` runs
-//! the same through io_uring.)
+//! the same through io_uring: `common::fs_repo` passes it on as `FsOptions::io_uring`.)
 
 mod common;
 
@@ -140,4 +140,31 @@ fn differences_match_a_comparison_of_whole_indexes() {
     let mut got = Vec::new();
     n.for_each_difference(&o, |i| got.push(i)).unwrap();
     assert_eq!(got, vec![3, 50, 100]);
+}
+
+#[test]
+fn a_pack_that_cannot_be_opened_fails_reads_with_the_os_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let (b, repo, _d, m) = setup(dir.path());
+    let r = repo.open_disk(&m.id, "vda").unwrap();
+    let first = r.digest(0).unwrap(); // index block 0 is loaded now
+    let loc = repo.with_catalog(|c| c.lookup(&first)).unwrap().unwrap();
+    let path = b.root().join(loc.pack.key());
+    // A pack that cannot be opened even as root: a symlink to itself (ELOOP).
+    std::fs::remove_file(&path).unwrap();
+    std::os::unix::fs::symlink(&path, &path).unwrap();
+
+    let mut buf = vec![0u8; 2 * CS];
+    let e = r.read_at(0, &mut buf).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Io, "{e}");
+    let chain = catalog::Chain(&e).to_string();
+    assert!(
+        chain.contains(&loc.pack.key())
+            && chain.ends_with("Too many levels of symbolic links (os error 40)"),
+        "the chain names the pack and the OS reason: {chain}"
+    );
+    assert!(
+        !e.to_string().contains("os error"),
+        "the message does not repeat its cause: {e}"
+    );
 }

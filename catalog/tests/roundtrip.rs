@@ -237,8 +237,21 @@ fn catalog_rebuilds_from_repository_alone() {
     assert!(repo.backups(None).unwrap()[0].protected);
     assert_eq!(repo.with_catalog(|c| c.chunk_count()).unwrap(), chunks);
     assert_eq!(read_all(&repo, &m2, "vda").unwrap(), d);
-    let cps = repo.with_catalog(|c| c.checkpoints(&vm().uuid)).unwrap();
-    assert_eq!(cps.len(), 2);
+    // The next backup finds its base checkpoint in the newest backup's manifest.
+    let cps: Vec<Option<String>> = repo
+        .backups(None)
+        .unwrap()
+        .iter()
+        .map(|r| repo.manifest(&r.id).unwrap().disks[0].checkpoint.clone())
+        .collect();
+    assert_eq!(
+        cps,
+        [
+            m1.disks[0].checkpoint.clone(),
+            m2.disks[0].checkpoint.clone()
+        ]
+    );
+    assert!(cps.iter().all(Option::is_some), "{cps:?}");
 }
 
 #[test]
@@ -252,12 +265,41 @@ fn catalog_migrations_keep_data_and_refuse_newer_schemas() {
             .execute("INSERT INTO vms (uuid, name) VALUES ('u', 'n')", [])
             .unwrap();
     }
+    {
+        // A catalog of version 2 (checkpoints and jobs tables, with rows).
+        let c = Catalog::open_at_version(&path, 2).unwrap();
+        assert_eq!(c.version().unwrap(), 2);
+        c.conn()
+            .execute_batch(
+                "INSERT INTO checkpoints VALUES ('u', 'vda', 'cp1', 'b1');
+                 INSERT INTO jobs (kind, vm_uuid, state, started) VALUES ('backup', 'u', 'done', 5);",
+            )
+            .unwrap();
+    }
     let c = Catalog::open(&path).unwrap();
     assert_eq!(c.version().unwrap(), catalog::SCHEMA_VERSION);
+    assert_eq!(catalog::SCHEMA_VERSION, 3);
     assert_eq!(c.vms().unwrap(), vec![("u".to_string(), "n".to_string())]);
-    let id = c.job_start("backup", Some("u"), 5).unwrap();
-    c.job_finish(id, "done", None, 6).unwrap();
-    assert_eq!(c.jobs(10).unwrap()[0].state, "done");
+    let tables: Vec<String> = c
+        .conn()
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        tables,
+        ["backups", "chunks", "disks", "packs", "vms"],
+        "v3 drops checkpoints and jobs"
+    );
+    drop(c);
+    let c = Catalog::open(&path).unwrap();
+    assert_eq!(
+        c.version().unwrap(),
+        catalog::SCHEMA_VERSION,
+        "reopening a current catalog"
+    );
     c.conn().pragma_update(None, "user_version", 99).unwrap();
     drop(c);
     assert_eq!(

@@ -154,6 +154,7 @@ fn chunk_puts(disk: usize, chunks: impl IntoIterator<Item = u64>) -> Vec<Put> {
         .collect()
 }
 
+// Over 60 lines: one chain of three backups, each step built on the disks of the last.
 #[test]
 fn incremental_index_blocks_equal_the_whole_index_writer() {
     let dir = tempfile::tempdir().unwrap();

@@ -12,5 +12,4 @@ pub mod plan;
 pub mod repo;
 pub mod restore;
 #[cfg(test)]
-mod rooms_test;
 mod send_check;

@@ -115,18 +115,8 @@ impl From<proxy::hypervisor::Error> for ApiError {
     }
 }
 
-/// An error's message followed by each of its causes (`msg: cause: cause`), each once: what
-/// every edge of the daemon (answers, job messages, logs) prints.
+/// An error's message followed by each of its causes (`msg: cause: cause`), each once
+/// ([`catalog::Chain`]): what every edge of the daemon (answers, job messages, logs) prints.
 pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    while let Some(cause) = next {
-        let text = cause.to_string();
-        if !text.is_empty() && !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        next = cause.source();
-    }
-    out
+    catalog::Chain(e).to_string()
 }

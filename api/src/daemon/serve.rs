@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use axum::Router;
-use catalog::{FsBackend, RepoConfig, RepoOptions, Repository};
+use catalog::{FsBackend, FsOptions, RepoConfig, RepoOptions, Repository};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use sha2::{Digest, Sha256};
@@ -418,13 +418,22 @@ fn restore_dirs(cfg: &Config) -> anyhow::Result<Vec<std::path::PathBuf>> {
     Ok(cfg.restore_dirs())
 }
 
+/// `SLUICE_IO_URING=on` (or `1`, `yes`): restore reads through io_uring where the kernel
+/// allows it (`catalog::FsOptions::io_uring`; off by default, see docs/benchmarks.md).
+fn fs_options() -> FsOptions {
+    let v = std::env::var("SLUICE_IO_URING").unwrap_or_default();
+    FsOptions {
+        io_uring: matches!(v.as_str(), "on" | "1" | "yes"),
+    }
+}
+
 async fn open_repo(cfg: &Config) -> anyhow::Result<Repository> {
     let dir = cfg.repo_dir();
     let opts = RepoOptions::new(cfg.data_dir.join("catalog.sqlite"));
     let chunk = cfg.chunk_size;
     tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&dir)?;
-        let backend = Arc::new(FsBackend::open(&dir)?);
+        let backend = Arc::new(FsBackend::open_with(&dir, fs_options())?);
         let exists = dir.join("config").exists();
         let r = if exists {
             Repository::open(backend, opts)

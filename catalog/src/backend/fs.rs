@@ -1,9 +1,11 @@
 //! Local filesystem backend: one file per object under a root directory.
 //!
 //! Owns atomic durable writes (temp name, fsync, rename, directory fsync), ranged reads with
-//! `pread`, and the repository lock as `flock` on `<root>/lock` (released by the kernel
+//! `pread` (batched reads through io_uring when [`FsOptions::io_uring`] asks and the kernel
+//! allows it), and the repository lock as `flock` on `<root>/lock` (released by the kernel
 //! when a process dies, so `kill -9` never leaves a stale lock).
 
+use super::uring::{self, ReadPath};
 use super::{check_range, validate_key, Backend, LockGuard, LockMode};
 use crate::error::{Error, ErrorKind, Result};
 use std::fs::{self, File, OpenOptions};
@@ -16,20 +18,45 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone)]
 pub struct FsBackend {
     root: PathBuf,
+    /// How [`Backend::get_ranges`] reads.
+    batch_path: ReadPath,
+}
+
+/// How an [`FsBackend`] reads (the daemon fills it from its environment).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FsOptions {
+    /// Batched ranged reads (restores) through io_uring where a runtime probe passes (see
+    /// [`super::uring`]); off (the default): `pread`.
+    pub io_uring: bool,
 }
 
 impl FsBackend {
-    /// Use (and create if needed) the directory `root`.
+    /// Use (and create if needed) the directory `root`, with the default [`FsOptions`].
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
+        Self::open_with(root, FsOptions::default())
+    }
+
+    /// Use (and create if needed) the directory `root`, reading as `opts` says.
+    pub fn open_with(root: impl Into<PathBuf>, opts: FsOptions) -> Result<Self> {
         let root = root.into();
         fs::create_dir_all(&root)
             .map_err(|e| Error::io(format!("creating repository dir {}", root.display()), e))?;
-        Ok(FsBackend { root })
+        let on = opts.io_uring && uring::probe_ok();
+        if opts.io_uring {
+            tracing::debug!(io_uring = on, "batched read path chosen");
+        }
+        let batch_path = if on { ReadPath::Uring } else { ReadPath::Pread };
+        Ok(FsBackend { root, batch_path })
     }
 
     /// The root directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Whether batched reads go through io_uring (asked for, and the probe passed).
+    pub fn uses_io_uring(&self) -> bool {
+        self.batch_path == ReadPath::Uring
     }
 
     fn path(&self, key: &str) -> Result<PathBuf> {
@@ -130,7 +157,7 @@ impl Backend for FsBackend {
     }
 
     fn get_ranges(&self, reqs: &[super::RangeRequest]) -> Vec<Result<Vec<u8>>> {
-        super::uring::read_ranges(&self.root, reqs, super::uring::ReadPath::Auto)
+        uring::read_ranges(&self.root, reqs, self.batch_path)
     }
 
     fn len(&self, key: &str) -> Result<u64> {

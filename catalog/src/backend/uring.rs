@@ -3,12 +3,14 @@
 //! Owns the read loop of [`Backend::get_ranges`](super::Backend::get_ranges) for the
 //! filesystem backend. io_uring (one ring per thread, depth [`DEPTH`], short reads
 //! resubmitted, every read in flight reaped before its buffer is released) is used only
-//! when `SLUICE_IO_URING=on` and a runtime probe passes (a ring is set up and a no-op
-//! completed once per process; many container hosts forbid io_uring with seccomp, and then
-//! `pread` is used). It is off by default because `bench_read` measured no gain on this
-//! machine (docs/benchmarks.md, "Restore reads"): page-cache hits run at the same speed
-//! either way, and cold 64 KiB reads are bound by the device at any depth. Kept, tested
-//! and benchmarked so that a machine where it helps (deep NVMe queues) can turn it on.
+//! when [`FsOptions::io_uring`](super::fs::FsOptions) asks (the daemon sets it from
+//! `SLUICE_IO_URING=on`; this crate reads no environment) and a runtime probe passes (a
+//! ring is set up and a no-op completed once per process; many container hosts forbid
+//! io_uring with seccomp, and then `pread` is used). It is off by default because
+//! `bench_read` measured no gain on this machine (docs/benchmarks.md, "Restore reads"):
+//! page-cache hits run at the same speed either way, and cold 64 KiB reads are bound by
+//! the device at any depth. Kept, tested and benchmarked so that a machine where it helps
+//! (deep NVMe queues) can turn it on.
 
 use super::{check_range, validate_key, RangeRequest};
 use crate::error::{Error, Result};
@@ -19,28 +21,13 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 /// Reads in flight per ring.
 pub const DEPTH: u32 = 32;
 
-/// Environment variable: `on` (or `1`) uses io_uring where the probe passes; anything
-/// else, or unset, uses `pread`.
-pub const ENV: &str = "SLUICE_IO_URING";
-
 thread_local! {
     static RING: RefCell<Option<IoUring>> = const { RefCell::new(None) };
-}
-
-/// Whether batched reads use io_uring in this process (probed once).
-pub fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
-        let asked = std::env::var(ENV).is_ok_and(|v| matches!(v.as_str(), "on" | "1" | "yes"));
-        let on = asked && probe_ok();
-        tracing::debug!(io_uring = on, asked, "batched read path chosen");
-        on
-    })
 }
 
 /// Whether this kernel and sandbox let a process use io_uring (probed once).
@@ -85,22 +72,20 @@ struct Job<'a> {
 /// How a batch is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadPath {
-    /// io_uring if [`enabled`], else `pread` (what the backend uses).
-    Auto,
     /// `pread`, one range after another.
     Pread,
-    /// io_uring if [`probe_ok`], whatever the environment says (benchmarks).
+    /// io_uring if [`probe_ok`], else `pread`.
     Uring,
 }
 
 /// Read every range of `reqs` from files under `root` (keys as in the backend), by `path`
-/// (benchmarks compare the two in one process; the backend uses `Auto`).
+/// (the backend's choice; benchmarks compare the two in one process).
 pub fn read_ranges(root: &Path, reqs: &[RangeRequest], path: ReadPath) -> Vec<Result<Vec<u8>>> {
-    let mut files: HashMap<&str, Result<(File, u64)>> = HashMap::new();
+    let mut files: HashMap<&str, Result<(File, u64), Arc<Error>>> = HashMap::new();
     for r in reqs {
         files
             .entry(r.key.as_str())
-            .or_insert_with(|| open(root, &r.key));
+            .or_insert_with(|| open(root, &r.key).map_err(Arc::new));
     }
     let mut out: Vec<Option<Result<Vec<u8>>>> = Vec::with_capacity(reqs.len());
     let mut jobs = Vec::new();
@@ -108,7 +93,8 @@ pub fn read_ranges(root: &Path, reqs: &[RangeRequest], path: ReadPath) -> Vec<Re
     for r in reqs {
         let checked = match &files[r.key.as_str()] {
             Ok((f, total)) => check_range(&r.key, *total, r.offset, r.len).map(|()| f),
-            Err(e) => Err(Error::new(e.kind(), e.to_string())),
+            // Every read of an object that did not open fails with that cause.
+            Err(e) => Err(Error::new(e.kind(), describe(r)).with_source(e.clone())),
         };
         match checked {
             Ok(file) => {
@@ -125,25 +111,21 @@ pub fn read_ranges(root: &Path, reqs: &[RangeRequest], path: ReadPath) -> Vec<Re
             Err(e) => out.push(Some(Err(e))),
         }
     }
-    let uring = match path {
-        ReadPath::Auto => enabled(),
-        ReadPath::Pread => false,
-        ReadPath::Uring => probe_ok(),
-    };
-    run(&mut jobs, uring);
+    run(&mut jobs, path == ReadPath::Uring && probe_ok());
     for (slot, j) in slots.into_iter().zip(jobs) {
-        let r = &reqs[slot];
         out[slot] = Some(match j.err {
             None => Ok(j.buf),
-            Some(e) => Err(Error::io(
-                format!("reading {} bytes at {} of {}", r.len, r.offset, r.key),
-                e,
-            )),
+            Some(e) => Err(Error::io(describe(&reqs[slot]), e)),
         });
     }
     out.into_iter()
         .map(|r| r.unwrap_or_else(|| Err(Error::invalid("batch read lost a result"))))
         .collect()
+}
+
+/// What a failed read of `r` says it was doing.
+fn describe(r: &RangeRequest) -> String {
+    format!("reading {} bytes at {} of {}", r.len, r.offset, r.key)
 }
 
 fn open(root: &Path, key: &str) -> Result<(File, u64)> {
@@ -194,66 +176,92 @@ fn run(jobs: &mut [Job<'_>], uring: bool) {
     }
 }
 
+/// Where a ring's batch stands.
+#[derive(Default)]
+struct Flight {
+    /// The first job never submitted.
+    next: usize,
+    /// Jobs to submit (again, after a short read) before `next`.
+    queue: Vec<usize>,
+    /// Reads submitted and not yet reaped.
+    in_flight: usize,
+}
+
+impl Flight {
+    /// The next job to submit, if any is left.
+    fn next_job(&mut self, jobs: usize) -> Option<usize> {
+        self.queue.pop().or_else(|| {
+            let i = self.next;
+            (i < jobs).then(|| {
+                self.next += 1;
+                i
+            })
+        })
+    }
+}
+
 /// Submit and reap until every job is complete or failed. An `Err` means the ring itself
 /// failed; jobs then hold how far they got, and no read is left in flight.
 fn ring_reads(ring: &mut IoUring, jobs: &mut [Job<'_>]) -> std::io::Result<()> {
-    let mut next = 0usize;
-    let mut queue: Vec<usize> = Vec::new();
-    let mut in_flight = 0usize;
+    let mut flight = Flight::default();
     loop {
-        while in_flight < DEPTH as usize {
-            let i = match queue.pop() {
-                Some(i) => i,
-                None if next < jobs.len() => {
-                    next += 1;
-                    next - 1
-                }
-                None => break,
-            };
-            let j = &mut jobs[i];
-            if j.buf.is_empty() {
-                continue;
-            }
-            let rest = &mut j.buf[j.done..];
-            let len = rest.len().min(u32::MAX as usize) as u32;
-            let e = opcode::Read::new(types::Fd(j.file.as_raw_fd()), rest.as_mut_ptr(), len)
-                .offset(j.offset + j.done as u64)
-                .build()
-                .user_data(i as u64);
-            // SAFETY: the buffer belongs to `jobs`, which outlives this function, is not
-            // touched until the read's completion is reaped below, and every submitted read
-            // is reaped before returning (or the process aborts, see `reap_all`).
-            if unsafe { ring.submission().push(&e) }.is_err() {
-                // Queue full (cannot happen at this depth): submit what is queued first.
-                queue.push(i);
-                break;
-            }
-            in_flight += 1;
-        }
-        if in_flight == 0 {
+        queue_reads(ring, jobs, &mut flight);
+        if flight.in_flight == 0 {
             return Ok(());
         }
         if let Err(e) = submit_wait(ring) {
             // Entries still queued were never submitted; they die with the ring.
             let queued = ring.submission().len();
-            reap_all(ring, in_flight.saturating_sub(queued));
+            reap_all(ring, flight.in_flight.saturating_sub(queued));
             return Err(e);
         }
-        for c in ring.completion() {
-            in_flight -= 1;
-            let j = &mut jobs[c.user_data() as usize];
-            match c.result() {
-                n if n > 0 => {
-                    j.done += n as usize;
-                    if j.done < j.buf.len() {
-                        queue.push(c.user_data() as usize);
-                    }
+        reap(ring, jobs, &mut flight);
+    }
+}
+
+/// Queue reads on `ring` until [`DEPTH`] are in flight or no job is left.
+fn queue_reads(ring: &mut IoUring, jobs: &mut [Job<'_>], flight: &mut Flight) {
+    while flight.in_flight < DEPTH as usize {
+        let Some(i) = flight.next_job(jobs.len()) else {
+            break;
+        };
+        let j = &mut jobs[i];
+        if j.buf.is_empty() {
+            continue;
+        }
+        let rest = &mut j.buf[j.done..];
+        let len = rest.len().min(u32::MAX as usize) as u32;
+        let e = opcode::Read::new(types::Fd(j.file.as_raw_fd()), rest.as_mut_ptr(), len)
+            .offset(j.offset + j.done as u64)
+            .build()
+            .user_data(i as u64);
+        // SAFETY: the buffer belongs to `jobs`, which outlives `ring_reads`, is not touched
+        // until the read's completion is reaped (`reap`), and every submitted read is reaped
+        // before `ring_reads` returns (or the process aborts, see `reap_all`).
+        if unsafe { ring.submission().push(&e) }.is_err() {
+            // Queue full (cannot happen at this depth): submit what is queued first.
+            flight.queue.push(i);
+            break;
+        }
+        flight.in_flight += 1;
+    }
+}
+
+/// Take every completion: count the bytes read, queue short reads again, record failures.
+fn reap(ring: &mut IoUring, jobs: &mut [Job<'_>], flight: &mut Flight) {
+    for c in ring.completion() {
+        flight.in_flight -= 1;
+        let i = c.user_data() as usize;
+        let j = &mut jobs[i];
+        match c.result() {
+            n if n > 0 => {
+                j.done += n as usize;
+                if j.done < j.buf.len() {
+                    flight.queue.push(i);
                 }
-                0 => {
-                    j.err = Some(std::io::ErrorKind::UnexpectedEof.into());
-                }
-                n => j.err = Some(std::io::Error::from_raw_os_error(-n)),
             }
+            0 => j.err = Some(std::io::ErrorKind::UnexpectedEof.into()),
+            n => j.err = Some(std::io::Error::from_raw_os_error(-n)),
         }
     }
 }

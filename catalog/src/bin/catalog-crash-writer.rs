@@ -8,6 +8,7 @@ use catalog::{
     BackupMode, BackupSpec, CommitInfo, Consistency, DiskSpec, FsBackend, GcOptions, RepoConfig,
     RepoOptions, Repository, RetentionPolicy, VmIdentity,
 };
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 const CS: usize = 64 << 10;
@@ -21,7 +22,7 @@ fn main() {
     }
     let seed: u64 = args[3].parse().unwrap_or(1);
     if let Err(e) = run(&args[1], &args[2], seed) {
-        eprintln!("catalog-crash-writer: {e}");
+        eprintln!("catalog-crash-writer: {}", catalog::Chain(&e));
         std::process::exit(1);
     }
 }
@@ -70,34 +71,61 @@ fn next(rng: &mut u64) -> u64 {
     *rng
 }
 
+/// One backup of the VM: a full first, then incrementals changing a few random chunks.
 fn one_backup(repo: &Repository, rng: &mut u64, round: i64) -> catalog::Result<()> {
     let parent = repo.backups(None)?.last().map(|r| r.id.clone());
     let mut disk = vec![0u8; CS * CHUNKS];
     if let Some(p) = &parent {
         repo.open_disk(p, "vda")?.read_at(0, &mut disk)?;
     }
-    let spec = BackupSpec {
+    let w = repo.begin_backup(spec(parent.clone(), disk.len() as u64, round))?;
+    let changed = change_chunks(&mut disk, rng, parent.is_some());
+    // Each position is put once per backup (the writer's contract).
+    for &i in &changed {
+        w.put_chunk(0, i as u64, &disk[i * CS..(i + 1) * CS])?;
+    }
+    let info = CommitInfo {
+        domain_xml: blake3::hash(&disk).to_hex().to_string(),
+        mode: if parent.is_some() {
+            BackupMode::Incremental
+        } else {
+            BackupMode::Full
+        },
+        consistency: Consistency::Crash,
+        finished: 1_700_000_000 + round * 60 + 30,
+    };
+    w.commit(info)?;
+    Ok(())
+}
+
+/// The backup of round `round`, of one disk of `size` bytes.
+fn spec(parent: Option<catalog::BackupId>, size: u64, round: i64) -> BackupSpec {
+    BackupSpec {
         vm: VmIdentity {
             name: "crash".into(),
             uuid: "crash-uuid".into(),
         },
         disks: vec![DiskSpec {
             target: "vda".into(),
-            size: disk.len() as u64,
+            size,
             checkpoint: None,
         }],
-        parent: parent.clone(),
+        parent,
         started: 1_700_000_000 + round * 60,
-    };
-    let w = repo.begin_backup(spec)?;
-    let changes = if parent.is_some() {
+    }
+}
+
+/// Rewrites every chunk of `disk` (no parent) or 1 to 12 random ones (zeros, text or noise);
+/// returns the chunks changed.
+fn change_chunks(disk: &mut [u8], rng: &mut u64, has_parent: bool) -> BTreeSet<usize> {
+    let changes = if has_parent {
         1 + next(rng) % 12
     } else {
         CHUNKS as u64
     };
-    let mut changed = std::collections::BTreeSet::new();
+    let mut changed = BTreeSet::new();
     for k in 0..changes {
-        let i = if parent.is_some() {
+        let i = if has_parent {
             (next(rng) % CHUNKS as u64) as usize
         } else {
             k as usize
@@ -115,20 +143,5 @@ fn one_backup(repo: &Repository, rng: &mut u64, round: i64) -> catalog::Result<(
         }
         changed.insert(i);
     }
-    // Each position is put once per backup (the writer's contract).
-    for &i in &changed {
-        w.put_chunk(0, i as u64, &disk[i * CS..(i + 1) * CS])?;
-    }
-    let info = CommitInfo {
-        domain_xml: blake3::hash(&disk).to_hex().to_string(),
-        mode: if parent.is_some() {
-            BackupMode::Incremental
-        } else {
-            BackupMode::Full
-        },
-        consistency: Consistency::Crash,
-        finished: 1_700_000_000 + round * 60 + 30,
-    };
-    w.commit(info)?;
-    Ok(())
+    changed
 }

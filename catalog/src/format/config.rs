@@ -101,7 +101,7 @@ impl RepoConfig {
             hash_mode: b[32],
         };
         c.validate()
-            .map_err(|e| Error::corrupt(format!("repository config: {e}")))?;
+            .map_err(|e| Error::corrupt("repository config").with_source(e))?;
         Ok(c)
     }
 }

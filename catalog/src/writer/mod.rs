@@ -11,7 +11,7 @@ mod index;
 mod pipeline;
 
 use crate::backend::{LockGuard, LockMode};
-use crate::error::{Error, Result};
+use crate::error::{Chain, Error, Result};
 use crate::format::index::{block_count, chunk_count, ids_in_block};
 use crate::format::manifest::{
     BackupMode, BackupStats, Consistency, DiskManifest, Manifest, VmIdentity,
@@ -221,10 +221,9 @@ impl BackupWriter {
             .as_ref()
             .ok_or_else(|| Error::invalid("backup writer finished"))?;
         match p.failure() {
-            Some(m) => Err(Error::new(
-                crate::ErrorKind::Io,
-                format!("backup {} failed: {m}", self.id),
-            )),
+            Some(first) => Err(
+                Error::new(first.kind(), format!("backup {} failed", self.id)).with_source(first),
+            ),
             None => Ok(p),
         }
     }
@@ -326,11 +325,6 @@ impl BackupWriter {
         Ok(())
     }
 
-    /// Record that chunk `index` is all zeros.
-    pub fn put_zero(&self, disk: usize, index: u64) -> Result<()> {
-        self.put_zeros(disk, index..index + 1)
-    }
-
     /// Keep the parent's chunks in `range` (the default for unwritten positions; this only
     /// checks that a parent exists and the range is valid).
     pub fn keep_parent(&self, disk: usize, range: Range<u64>) -> Result<()> {
@@ -359,7 +353,7 @@ impl BackupWriter {
             .ok_or_else(|| Error::invalid("backup writer finished"))?;
         let mut st = pipe.finish()?;
         if let Some(e) = st.error.take() {
-            return Err(e.context(format!("backup {}", self.id)));
+            return Err(Error::new(e.kind(), format!("backup {}", self.id)).with_source(e));
         }
         if st.blocks.len() != self.plans.len() {
             return Err(Error::new(
@@ -380,7 +374,7 @@ impl BackupWriter {
         bytes = m.encode()?;
         self.repo.backend().put(&Manifest::key(&m.id), &bytes)?;
         if let Err(e) = self.repo.catalog().insert_backup(&m, false) {
-            tracing::warn!(backup = %m.id, error = %e, "committed backup not recorded; next open will");
+            tracing::warn!(backup = %m.id, error = %Chain(&e), "committed backup not recorded; next open will");
         }
         tracing::info!(backup = %m.id, vm = %m.vm.name, new = m.stats.chunks_new, "backup committed");
         Ok(m)

@@ -63,7 +63,8 @@ pub(crate) struct StoreState {
     pub meta: u64,
     pub pack: PackBuilder,
     pub stats: BackupStats,
-    pub error: Option<Error>,
+    /// The first failure (shared with [`Pipeline::failure`]).
+    pub error: Option<Arc<Error>>,
 }
 
 /// Shared state workers read.
@@ -71,7 +72,7 @@ struct Shared {
     repo: Repository,
     parents: Vec<Arc<ParentIndex>>,
     pending: Mutex<HashSet<ChunkDigest>>,
-    failed: Mutex<Option<String>>,
+    failed: Mutex<Option<Arc<Error>>>,
     level: i32,
 }
 
@@ -123,7 +124,7 @@ impl Pipeline {
     }
 
     /// The first failure so far, if any.
-    pub fn failure(&self) -> Option<String> {
+    pub fn failure(&self) -> Option<Arc<Error>> {
         self.shared
             .failed
             .lock()
@@ -353,8 +354,9 @@ fn store_loop(sh: Arc<Shared>, disks: Vec<DiskIndex>, rx: Receiver<Outcome>) -> 
 }
 
 fn record_failure(sh: &Shared, st: &mut StoreState, e: Error) {
-    *sh.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
     if st.error.is_none() {
+        let e = Arc::new(e);
+        *sh.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.clone());
         st.error = Some(e);
     }
 }

@@ -2,8 +2,8 @@
 #![allow(dead_code)]
 
 use catalog::{
-    Backend, BackupMode, BackupSpec, CommitInfo, Consistency, DiskSpec, FsBackend, Manifest,
-    MemBackend, RepoConfig, RepoOptions, Repository, VmIdentity,
+    Backend, BackupMode, BackupSpec, CommitInfo, Consistency, DiskSpec, FsBackend, FsOptions,
+    Manifest, MemBackend, RepoConfig, RepoOptions, Repository, VmIdentity,
 };
 use std::sync::Arc;
 
@@ -61,8 +61,11 @@ pub fn mem_repo(dir: &std::path::Path) -> (MemBackend, Repository) {
     (b, r)
 }
 
+/// A filesystem repository under `dir`; its batched reads use io_uring when the test run
+/// has `SLUICE_IO_URING=on` (as the daemon reads it), else `pread`.
 pub fn fs_repo(dir: &std::path::Path) -> (FsBackend, Repository) {
-    let b = FsBackend::open(dir.join("repo")).unwrap();
+    let io_uring = std::env::var("SLUICE_IO_URING").is_ok_and(|v| v == "on");
+    let b = FsBackend::open_with(dir.join("repo"), FsOptions { io_uring }).unwrap();
     let r = Repository::create(Arc::new(b.clone()), small_config(), opts(dir)).unwrap();
     (b, r)
 }

@@ -1,8 +1,13 @@
 //! The one error type of the hypervisor adapters, with a small kind that tells the backup job
 //! what to do next.
+//!
+//! A message names what was being done and never repeats its cause: the cause (the OS error
+//! of a socket, libvirt's message, a parser's complaint) is the `source`, and the edges print
+//! the whole chain with [`catalog::Chain`].
 
 /// What the caller should do about an [`Error`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// The VM, disk or checkpoint named does not exist.
     NotFound,
@@ -18,6 +23,22 @@ pub enum ErrorKind {
     InvalidInput,
     /// The hypervisor or a helper process failed: give up on this backup.
     Failed,
+}
+
+impl ErrorKind {
+    /// The kind's snake_case name (`not_found`, `inconsistent`, `unsupported`,
+    /// `agent_unavailable`, `busy`, `invalid_input`, `failed`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Inconsistent => "inconsistent",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::AgentUnavailable => "agent_unavailable",
+            ErrorKind::Busy => "busy",
+            ErrorKind::InvalidInput => "invalid_input",
+            ErrorKind::Failed => "failed",
+        }
+    }
 }
 
 /// An error from a hypervisor adapter. Its message names the VM, disk or checkpoint involved.
@@ -43,10 +64,10 @@ impl Error {
         }
     }
 
-    /// Attaches the underlying cause; its text ends the message (`context: cause`), as in the
-    /// job errors that wrap this one, so an operator sees why (e.g. the OS error of a socket).
+    /// Attaches the underlying cause, kept as the `source` (not copied into the message):
+    /// [`catalog::Chain`] shows it (`context: cause`), so an operator sees why (e.g. the OS
+    /// error of a socket).
     pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
-        self.message = format!("{}: {source}", self.message);
         self.source = Some(Box::new(source));
         self
     }
@@ -56,7 +77,7 @@ impl Error {
         self.kind
     }
 
-    /// The message (with its cause's text, if it has one).
+    /// The message, without its cause.
     pub fn message(&self) -> &str {
         &self.message
     }
@@ -71,21 +92,46 @@ pub(crate) fn io_failed(message: impl Into<String>, source: std::io::Error) -> E
     failed(message).with_source(source)
 }
 
+/// A cause known only by its text (libvirt's message for an error: the `virt` crate's own
+/// `Display` adds level, code and domain numbers that tell an operator nothing).
+#[derive(Debug)]
+pub(crate) struct Cause(pub String);
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Cause {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use catalog::Chain;
 
     #[test]
-    fn the_cause_is_in_the_message() {
+    fn the_chain_shows_the_cause_once() {
         let os = std::io::Error::from_raw_os_error(2); // ENOENT
         let e = io_failed("cannot connect to qmp socket /run/x.sock", os);
-        let text = e.to_string();
-        assert!(
-            text.starts_with("cannot connect to qmp socket /run/x.sock: ")
-                && text.contains("No such file or directory"),
-            "{text}"
+        assert_eq!(
+            Chain(&e).to_string(),
+            "cannot connect to qmp socket /run/x.sock: No such file or directory (os error 2)"
         );
+        assert_eq!(e.to_string(), "cannot connect to qmp socket /run/x.sock");
+        assert_eq!(e.message(), e.to_string());
         assert!(std::error::Error::source(&e).is_some());
-        assert_eq!(failed("plain").to_string(), "plain");
+        assert_eq!(Chain(&failed("plain")).to_string(), "plain");
+        let lv = failed("vm web").with_source(Cause("Domain not found".into()));
+        assert_eq!(Chain(&lv).to_string(), "vm web: Domain not found");
+    }
+
+    #[test]
+    fn kinds_have_snake_case_names() {
+        assert_eq!(ErrorKind::AgentUnavailable.as_str(), "agent_unavailable");
+        assert_eq!(
+            serde_json::to_string(&ErrorKind::InvalidInput).unwrap(),
+            "\"invalid_input\""
+        );
     }
 }

@@ -22,7 +22,7 @@ pub mod xml_restore;
 use std::future::Future;
 use std::path::PathBuf;
 
-pub(crate) use error::{failed, io_failed};
+pub(crate) use error::{failed, io_failed, Cause};
 pub use error::{Error, ErrorKind, Result};
 pub use session::{BackupSession, FreezeGuard};
 

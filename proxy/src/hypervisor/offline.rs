@@ -239,7 +239,7 @@ fn exit_error(what: &str, status: std::process::ExitStatus, stderr: &str) -> Err
 async fn remove_bitmaps(images: &[PathBuf], bitmap: &str) {
     for image in images {
         if let Err(e) = image::remove_bitmap(image, bitmap).await {
-            tracing::warn!(image = %image.display(), bitmap, error = %e, "cannot remove the bitmap of a failed backup");
+            tracing::warn!(image = %image.display(), bitmap, error = %catalog::Chain(&e), "cannot remove the bitmap of a failed backup");
         }
     }
 }

@@ -298,7 +298,7 @@ async fn take_backup<H: Hypervisor>(job: &Job<'_, H>, plan: &Plan<'_>) -> Result
         Err(e) => return Err(abort(session, Error::repo(format!("commit of vm {vm}"), e)).await),
     };
     if let Err(e) = session.finish().await {
-        tracing::warn!(vm, error = %e, "backup committed but ending the hypervisor job failed");
+        tracing::warn!(vm, error = %catalog::Chain(&e), "backup committed but ending the hypervisor job failed");
     }
     Progress::add(&job.progress.bytes_new, manifest.stats.bytes_new_raw);
     drop_old_checkpoints(job.hv, vm, plan.checkpoint).await;
@@ -313,7 +313,7 @@ async fn take_backup<H: Hypervisor>(job: &Job<'_, H>, plan: &Plan<'_>) -> Result
 async fn abort(session: BackupSession, e: Error) -> Error {
     let vm = session.vm().to_string();
     if let Err(ae) = session.abort().await {
-        tracing::error!(vm, error = %ae, "aborting the hypervisor job failed");
+        tracing::error!(vm, error = %catalog::Chain(&ae), "aborting the hypervisor job failed");
     }
     e
 }
@@ -329,7 +329,7 @@ async fn point_in_time<H: Hypervisor>(
         match hv.freeze(vm).await {
             Ok(g) => Some(g),
             Err(e) => {
-                tracing::warn!(vm, error = %e, "guest agent answered but freeze failed: crash-consistent backup");
+                tracing::warn!(vm, error = %catalog::Chain(&e), "guest agent answered but freeze failed: crash-consistent backup");
                 None
             }
         }
@@ -349,7 +349,7 @@ async fn thaw(vm: &str, guard: Option<FreezeGuard>) -> Consistency {
     match g.thaw().await {
         Ok(()) => Consistency::Application,
         Err(e) => {
-            tracing::error!(vm, error = %e, "thaw after freeze failed");
+            tracing::error!(vm, error = %catalog::Chain(&e), "thaw after freeze failed");
             Consistency::Application
         }
     }
@@ -497,7 +497,7 @@ async fn drop_old_checkpoints<H: Hypervisor>(hv: &H, vm: &str, keep: &str) {
     let cps = match hv.list_checkpoints(vm).await {
         Ok(c) => c,
         Err(e) => {
-            tracing::warn!(vm, error = %e, "listing checkpoints for cleanup failed");
+            tracing::warn!(vm, error = %catalog::Chain(&e), "listing checkpoints for cleanup failed");
             return;
         }
     };
@@ -506,7 +506,7 @@ async fn drop_old_checkpoints<H: Hypervisor>(hv: &H, vm: &str, keep: &str) {
         .filter(|c| c.name.starts_with(CHECKPOINT_PREFIX) && c.name != keep)
     {
         if let Err(e) = hv.delete_checkpoint(vm, &cp.name, false).await {
-            tracing::warn!(vm, checkpoint = %cp.name, error = %e, "deleting an old checkpoint failed");
+            tracing::warn!(vm, checkpoint = %cp.name, error = %catalog::Chain(&e), "deleting an old checkpoint failed");
         }
     }
 }
@@ -537,8 +537,12 @@ fn make_job_dir(work_dir: &Path, checkpoint: &str, dom: &DomainInfo) -> Result<P
     let io = |what: &str, e: std::io::Error| {
         Error::new(
             ErrorKind::InvalidInput,
-            format!("{what} {}: {e}; check the work directory", dir.display()),
+            format!(
+                "{what} job directory {} (check the work directory)",
+                dir.display()
+            ),
         )
+        .with_source(e)
     };
     std::fs::create_dir_all(&dir).map_err(|e| io("creating", e))?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))

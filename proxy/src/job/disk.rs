@@ -269,7 +269,7 @@ impl Ctx {
             .map_err(|e| Error::nbd(format!("read of {} at offset {}", self.what(), r.start), e))?;
         if data.len() as u64 != r.end - r.start {
             return Err(Error::new(
-                super::ErrorKind::Nbd,
+                super::ErrorKind::Failed,
                 format!(
                     "read of {} at offset {}: got {} bytes, asked {}",
                     self.what(),

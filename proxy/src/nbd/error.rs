@@ -2,12 +2,14 @@
 //! do about it.
 //!
 //! Owns error construction helpers; it does not own the mapping to NBD wire error numbers
-//! (that is `proto::Errno`).
+//! (that is `proto::Errno`). A message never repeats its cause: the cause (an OS error, a TLS
+//! failure) is the `source`, and the edges print the chain with [`catalog::Chain`].
 
 use std::sync::Arc;
 
 /// What went wrong, in terms of what the caller can do about it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// The connection failed or closed (socket error, EOF, TLS failure during transfer). A new
     /// connection may succeed: retrying can help.
@@ -26,6 +28,21 @@ pub enum ErrorKind {
     InvalidArgument,
     /// TLS could not be set up (bad certificate file, failed handshake).
     Tls,
+}
+
+impl ErrorKind {
+    /// The kind's snake_case name (`connection`, `protocol`, `refused`, `remote`,
+    /// `invalid_argument`, `tls`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Connection => "connection",
+            ErrorKind::Protocol => "protocol",
+            ErrorKind::Refused => "refused",
+            ErrorKind::Remote => "remote",
+            ErrorKind::InvalidArgument => "invalid_argument",
+            ErrorKind::Tls => "tls",
+        }
+    }
 }
 
 /// An NBD error: a kind, a lowercase message naming the export, offset or message involved,
@@ -102,18 +119,47 @@ impl Error {
         &self.message
     }
 
-    /// The same error with `context: ` put in front of its message.
+    /// The same error with `context: ` put in front of its message (the same failure
+    /// described more fully; not a cause).
     pub fn context(mut self, context: impl std::fmt::Display) -> Self {
         self.message = format!("{context}: {}", self.message);
         self
     }
 }
 
-/// Turn an I/O error while talking to `what` into a connection or protocol error.
+/// Turn an I/O error while talking to `what` into a connection error, the I/O error its
+/// source.
 pub(crate) fn io_error(what: &str, err: std::io::Error) -> Error {
-    let message = match err.kind() {
-        std::io::ErrorKind::UnexpectedEof => format!("{what}: connection closed by peer"),
-        _ => format!("{what}: {err}"),
-    };
-    Error::new(ErrorKind::Connection, message).with_source(err)
+    match err.kind() {
+        // The OS's text ("failed to fill whole buffer") says less than this.
+        std::io::ErrorKind::UnexpectedEof => Error::new(
+            ErrorKind::Connection,
+            format!("{what}: connection closed by peer"),
+        ),
+        _ => Error::new(ErrorKind::Connection, what).with_source(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use catalog::Chain;
+
+    #[test]
+    fn io_errors_keep_the_os_reason_as_the_source() {
+        let refused = std::io::Error::from_raw_os_error(libc::ECONNREFUSED);
+        let e = io_error("connecting to nbd server /run/x.sock", refused);
+        assert_eq!(e.kind(), ErrorKind::Connection);
+        assert_eq!(e.to_string(), "connecting to nbd server /run/x.sock");
+        assert_eq!(
+            Chain(&e).to_string(),
+            "connecting to nbd server /run/x.sock: Connection refused (os error 111)"
+        );
+        let eof = io_error("reading reply", std::io::ErrorKind::UnexpectedEof.into());
+        assert_eq!(
+            Chain(&eof).to_string(),
+            "reading reply: connection closed by peer"
+        );
+        assert_eq!(ErrorKind::InvalidArgument.as_str(), "invalid_argument");
+    }
 }

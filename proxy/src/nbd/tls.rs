@@ -43,20 +43,19 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn tls_error(message: String) -> Error {
+fn tls_error(message: impl Into<String>) -> Error {
     Error::new(ErrorKind::Tls, message)
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let pem = std::fs::read(path).map_err(|e| {
-        tls_error(format!(
-            "cannot read certificate file {}: {e}",
-            path.display()
-        ))
+        tls_error(format!("cannot read certificate file {}", path.display())).with_source(e)
     })?;
     let certs = rustls_pemfile::certs(&mut pem.as_slice())
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| tls_error(format!("bad certificate file {}: {e}", path.display())))?;
+        .map_err(|e| {
+            tls_error(format!("bad certificate file {}", path.display())).with_source(e)
+        })?;
     if certs.is_empty() {
         return Err(tls_error(format!(
             "certificate file {} holds no certificate",
@@ -67,19 +66,20 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
 }
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
-    let pem = std::fs::read(path)
-        .map_err(|e| tls_error(format!("cannot read key file {}: {e}", path.display())))?;
+    let pem = std::fs::read(path).map_err(|e| {
+        tls_error(format!("cannot read key file {}", path.display())).with_source(e)
+    })?;
     rustls_pemfile::private_key(&mut pem.as_slice())
-        .map_err(|e| tls_error(format!("bad key file {}: {e}", path.display())))?
+        .map_err(|e| tls_error(format!("bad key file {}", path.display())).with_source(e))?
         .ok_or_else(|| tls_error(format!("key file {} holds no private key", path.display())))
 }
 
 fn root_store(ca_file: &Path) -> Result<RootCertStore> {
     let mut roots = RootCertStore::empty();
     for cert in read_certs(ca_file)? {
-        roots
-            .add(cert)
-            .map_err(|e| tls_error(format!("bad ca certificate in {}: {e}", ca_file.display())))?;
+        roots.add(cert).map_err(|e| {
+            tls_error(format!("bad ca certificate in {}", ca_file.display())).with_source(e)
+        })?;
     }
     Ok(roots)
 }
@@ -92,16 +92,14 @@ impl ClientTls {
             .map_err(|_| tls_error(format!("invalid tls server name {server_name:?}")))?;
         let builder = ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
-            .map_err(|e| tls_error(format!("tls client configuration: {e}")))?
+            .map_err(|e| tls_error("tls client configuration").with_source(e))?
             .with_root_certificates(root_store(ca_file)?);
         let config = match identity {
             Some(id) => builder
                 .with_client_auth_cert(read_certs(&id.cert_file)?, read_key(&id.key_file)?)
                 .map_err(|e| {
-                    tls_error(format!(
-                        "client certificate {}: {e}",
-                        id.cert_file.display()
-                    ))
+                    tls_error(format!("client certificate {}", id.cert_file.display()))
+                        .with_source(e)
                 })?,
             None => builder.with_no_client_auth(),
         };
@@ -117,7 +115,7 @@ impl ClientTls {
         let tls = connector
             .connect(self.server_name.clone(), stream)
             .await
-            .map_err(|e| tls_error(format!("tls handshake with nbd server failed: {e}")))?;
+            .map_err(|e| tls_error("tls handshake with nbd server failed").with_source(e))?;
         Ok(Box::new(tls))
     }
 }
@@ -140,7 +138,7 @@ impl ServerTls {
     pub fn new(identity: &Identity, client_ca_file: Option<&Path>) -> Result<Self> {
         let builder = ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
-            .map_err(|e| tls_error(format!("tls server configuration: {e}")))?;
+            .map_err(|e| tls_error("tls server configuration").with_source(e))?;
         let builder = match client_ca_file {
             Some(ca) => {
                 let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
@@ -148,7 +146,7 @@ impl ServerTls {
                     provider(),
                 )
                 .build()
-                .map_err(|e| tls_error(format!("client certificate verifier: {e}")))?;
+                .map_err(|e| tls_error("client certificate verifier").with_source(e))?;
                 builder.with_client_cert_verifier(verifier)
             }
             None => builder.with_no_client_auth(),
@@ -160,9 +158,10 @@ impl ServerTls {
             )
             .map_err(|e| {
                 tls_error(format!(
-                    "server certificate {}: {e}",
+                    "server certificate {}",
                     identity.cert_file.display()
                 ))
+                .with_source(e)
             })?;
         Ok(ServerTls {
             config: Arc::new(config),
@@ -175,7 +174,7 @@ impl ServerTls {
         let tls = acceptor
             .accept(stream)
             .await
-            .map_err(|e| tls_error(format!("tls handshake with nbd client failed: {e}")))?;
+            .map_err(|e| tls_error("tls handshake with nbd client failed").with_source(e))?;
         Ok(Box::new(tls))
     }
 }

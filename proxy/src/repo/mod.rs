@@ -129,17 +129,14 @@ where
     let name = name.to_string();
     async move {
         let io = |m: String| catalog::Error::new(catalog::ErrorKind::Io, m);
-        spawned.map_err(|e| io(format!("starting repository thread {name}: {e}")))?;
+        spawned.map_err(|e| io(format!("starting repository thread {name}")).with_source(e))?;
         rx.await
             .map_err(|_| io(format!("repository thread {name} ended without a result")))
     }
 }
 
 fn task_failed(e: tokio::task::JoinError) -> catalog::Error {
-    catalog::Error::new(
-        catalog::ErrorKind::Io,
-        format!("repository task failed: {e}"),
-    )
+    catalog::Error::new(catalog::ErrorKind::Io, "repository task failed").with_source(e)
 }
 
 fn closed() -> catalog::Error {

@@ -33,7 +33,7 @@ pub struct RestoredDisk {
 }
 
 /// The domain XML for restoring `domain_xml` (a backup's saved definition) as a new domain
-/// named `new_name` with the disks in `disks`. Refused with [`ErrorKind::Conflict`] when
+/// named `new_name` with the disks in `disks`. Refused with [`ErrorKind::Refused`] when
 /// `new_name` is in `existing` (the names of the domains libvirt already has), and with
 /// [`ErrorKind::InvalidInput`] for a bad name, unparsable XML, a disk with no restored
 /// file, or a restored file for no disk.
@@ -46,7 +46,7 @@ pub fn restore_as_domain(
     check_name(new_name)?;
     if existing.iter().any(|n| n == new_name) {
         return Err(Error::new(
-            ErrorKind::Conflict,
+            ErrorKind::Refused,
             format!("domain {new_name} already exists"),
         ));
     }
@@ -146,7 +146,7 @@ mod tests {
     #[test]
     fn existing_names_are_never_clobbered() {
         let e = restore_as_domain(SAVED, "web-2", &restored(), &["web-2".into()]).unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Conflict);
+        assert_eq!(e.kind(), ErrorKind::Refused);
         assert!(e.to_string().contains("web-2"));
     }
 

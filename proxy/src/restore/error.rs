@@ -1,42 +1,12 @@
-//! The restore module's error type and its small [`ErrorKind`].
+//! The restore module's error type; its kind is the jobs' [`ErrorKind`] (a restore is a job).
 //!
-//! Owns the mapping from repository (`catalog`) errors; it does not own logging.
+//! Owns the mapping from repository (`catalog`), hypervisor and NBD errors; it does not own
+//! logging. A message names what was being done and never repeats its cause: the cause is the
+//! `source`, and the edges print the whole chain with [`catalog::Chain`].
 
 use std::fmt;
 
-/// What the caller should do about an [`Error`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ErrorKind {
-    /// A name, range or option is invalid: fix the input.
-    InvalidInput,
-    /// The backup, disk or VM does not exist.
-    NotFound,
-    /// Stored data fails a check: run verify; never trust the data.
-    Corrupt,
-    /// A local file, tool or storage I/O failure: retrying may help.
-    Io,
-    /// The target already exists (a file or domain would be clobbered).
-    Conflict,
-    /// Refused as asked: the target's state forbids it now (a running VM, no confirmation);
-    /// the message says what to do.
-    Refused,
-    /// The caller cancelled; the message says what was already written.
-    Cancelled,
-}
-
-impl fmt::Display for ErrorKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ErrorKind::InvalidInput => "invalid input",
-            ErrorKind::NotFound => "not found",
-            ErrorKind::Corrupt => "corrupt",
-            ErrorKind::Io => "i/o error",
-            ErrorKind::Conflict => "conflict",
-            ErrorKind::Refused => "refused",
-            ErrorKind::Cancelled => "cancelled",
-        })
-    }
-}
+pub use crate::job::ErrorKind;
 
 type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -63,6 +33,12 @@ impl Error {
         }
     }
 
+    /// Attaches the underlying cause, kept as the `source` (not copied into the message).
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+
     /// What the caller should do.
     pub fn kind(&self) -> ErrorKind {
         self.kind
@@ -76,53 +52,47 @@ impl Error {
         Error::new(ErrorKind::NotFound, message)
     }
 
+    /// A local file or tool I/O failure: retrying may help.
     pub(crate) fn io(message: impl Into<String>, e: std::io::Error) -> Self {
-        let message = format!("{}: {e}", message.into());
-        Error {
-            kind: ErrorKind::Io,
-            message,
-            source: Some(Box::new(e)),
-        }
+        Error::new(ErrorKind::Retry, message).with_source(e)
     }
 
     /// A repository error, with `what` saying what was being done.
     pub(crate) fn catalog(what: impl fmt::Display, e: catalog::Error) -> Self {
-        let kind = match e.kind() {
-            catalog::ErrorKind::NotFound => ErrorKind::NotFound,
-            catalog::ErrorKind::Corrupt => ErrorKind::Corrupt,
-            catalog::ErrorKind::InvalidInput => ErrorKind::InvalidInput,
-            catalog::ErrorKind::Conflict => ErrorKind::Conflict,
-            catalog::ErrorKind::Io | catalog::ErrorKind::Locked => ErrorKind::Io,
-        };
-        Error {
-            kind,
-            message: format!("{what}: {e}"),
-            source: Some(Box::new(e)),
-        }
+        Error::new(e.kind().into(), what.to_string()).with_source(e)
     }
 
     /// A hypervisor adapter error, with `what` saying what was being done.
     pub(crate) fn hypervisor(what: impl fmt::Display, e: crate::hypervisor::Error) -> Self {
-        use crate::hypervisor::ErrorKind as H;
-        let kind = match e.kind() {
-            H::NotFound => ErrorKind::NotFound,
-            H::InvalidInput | H::Unsupported => ErrorKind::InvalidInput,
-            H::Busy => ErrorKind::Refused,
-            H::Inconsistent | H::AgentUnavailable | H::Failed => ErrorKind::Io,
-        };
-        Error {
-            kind,
-            message: format!("{what}: {e}"),
-            source: Some(Box::new(e)),
-        }
+        Error::new(e.kind().into(), what.to_string()).with_source(e)
     }
 
     /// An NBD client error, with `what` saying what was being done.
     pub(crate) fn nbd(what: impl fmt::Display, e: crate::nbd::Error) -> Self {
-        Error {
-            kind: ErrorKind::Io,
-            message: format!("{what}: {e}"),
-            source: Some(Box::new(e)),
-        }
+        Error::new(e.kind().into(), what.to_string()).with_source(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use catalog::Chain;
+
+    #[test]
+    fn causes_are_sources_and_kinds_come_from_them() {
+        let os = std::io::Error::from_raw_os_error(28); // ENOSPC
+        let e = Error::io("write /restores/web.raw", os);
+        assert_eq!(e.kind(), ErrorKind::Retry);
+        assert_eq!(e.to_string(), "write /restores/web.raw");
+        assert_eq!(
+            Chain(&e).to_string(),
+            "write /restores/web.raw: No space left on device (os error 28)"
+        );
+        let gone = catalog::Error::new(catalog::ErrorKind::NotFound, "backup b1 not found");
+        let e = Error::catalog("restore b1", gone);
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        assert_eq!(Chain(&e).to_string(), "restore b1: backup b1 not found");
+        let exists = catalog::Error::new(catalog::ErrorKind::Conflict, "exists");
+        assert_eq!(Error::catalog("x", exists).kind(), ErrorKind::Refused);
     }
 }

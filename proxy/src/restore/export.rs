@@ -219,8 +219,8 @@ impl Inner {
     }
 
     fn corrupt(&self, e: catalog::Error) -> ExportError {
-        tracing::warn!(export = %self.name, error = %e, "restore read failed");
-        ExportError::io(format!("export {}: {e}", self.name))
+        tracing::warn!(export = %self.name, error = %catalog::Chain(&e), "restore read failed");
+        ExportError::io(format!("export {}: {}", self.name, catalog::Chain(&e)))
     }
 
     fn read(&self, offset: u64, length: u32) -> ExportResult<Vec<ReadPart>> {

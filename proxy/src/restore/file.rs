@@ -169,7 +169,7 @@ pub fn restore_to_file_with(
     let start = Instant::now();
     if path.exists() {
         return Err(Error::new(
-            ErrorKind::Conflict,
+            ErrorKind::Refused,
             format!("restore target {} already exists", path.display()),
         ));
     }

@@ -49,7 +49,7 @@ impl ExportName {
         let (left, backup) = s.rsplit_once('@').ok_or_else(bad)?;
         let (vm, disk) = left.split_once('/').ok_or_else(bad)?;
         let backup = BackupId::parse(backup)
-            .map_err(|e| Error::invalid(format!("export name {s:?}: {e}")))?;
+            .map_err(|e| Error::invalid(format!("export name {s:?}")).with_source(e))?;
         ExportName::new(vm, disk, &backup)
     }
 

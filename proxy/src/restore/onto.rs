@@ -191,10 +191,10 @@ fn require_confirm(
 fn partly_done(e: Error, vm: &str, done: &[DiskOntoReport]) -> Error {
     let names: Vec<&str> = done.iter().map(|d| d.disk.as_str()).collect();
     let message = format!(
-        "{e}; disks {} of vm {vm} were already restored",
+        "restore onto vm {vm} stopped after disks {} were restored",
         names.join(", ")
     );
-    Error::new(e.kind(), message)
+    Error::new(e.kind(), message).with_source(e)
 }
 
 async fn domain<H: Hypervisor>(hv: &H, vm: &str) -> Result<DomainInfo> {
@@ -367,7 +367,7 @@ async fn plan(
     let dirty = match dirty_chunks(job, cp, reader).await {
         Ok(bits) => bits,
         Err(e) => {
-            let reason = format!("reading bitmap {cp} failed: {e}");
+            let reason = format!("reading bitmap {cp} failed: {}", catalog::Chain(&e));
             return Ok((OntoPath::Full { reason }, None));
         }
     };

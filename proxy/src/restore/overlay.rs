@@ -246,8 +246,10 @@ impl Overlay {
         let blen = ((bstart + OVERLAY_BLOCK).min(self.size) - bstart) as usize;
         let mut buf = vec![0u8; blen];
         if src == Source::Base {
-            base.read_at(bstart, &mut buf)
-                .map_err(|e| ExportError::io(format!("copy-on-write of block at {bstart}: {e}")))?;
+            base.read_at(bstart, &mut buf).map_err(|e| {
+                let e = catalog::Chain(&e);
+                ExportError::io(format!("copy-on-write of block at {bstart}: {e}"))
+            })?;
         }
         let within = (pos - bstart) as usize;
         buf[within..within + piece.len()].copy_from_slice(piece);

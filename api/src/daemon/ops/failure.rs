@@ -4,29 +4,15 @@
 use crate::daemon::error::chain;
 use crate::wire::jobs::{ErrorKind, JobError};
 
-/// A failed or cancelled backup.
+/// A failed or cancelled backup: its kind is the library's own (`proxy::job::ErrorKind`,
+/// derived there from the wrapped repository, hypervisor or NBD error).
 pub fn backup(e: &proxy::job::Error) -> JobError {
-    use proxy::job::ErrorKind as K;
-    let kind = match e.kind() {
-        K::Cancelled => ErrorKind::Cancelled,
-        K::InvalidInput => ErrorKind::InvalidInput,
-        K::Hypervisor | K::Nbd | K::Repository => cause_kind(e).unwrap_or(ErrorKind::Retry),
-    };
-    JobError::new(kind, chain(e))
+    JobError::new(job_kind(e.kind()), chain(e))
 }
 
-/// A failed or cancelled restore.
+/// A failed or cancelled restore (same kinds as a backup).
 pub fn restore(e: &proxy::restore::Error) -> JobError {
-    use proxy::restore::ErrorKind as K;
-    let kind = match e.kind() {
-        K::InvalidInput => ErrorKind::InvalidInput,
-        K::NotFound => ErrorKind::NotFound,
-        K::Corrupt => ErrorKind::Corrupt,
-        K::Io => ErrorKind::Retry,
-        K::Conflict | K::Refused => ErrorKind::Refused,
-        K::Cancelled => ErrorKind::Cancelled,
-    };
-    JobError::new(kind, chain(e))
+    JobError::new(job_kind(e.kind()), chain(e))
 }
 
 /// A hypervisor that failed a job's call.
@@ -76,32 +62,17 @@ fn hypervisor_kind(k: proxy::hypervisor::ErrorKind) -> ErrorKind {
     }
 }
 
-fn nbd_kind(k: proxy::nbd::ErrorKind) -> ErrorKind {
-    use proxy::nbd::ErrorKind as K;
+fn job_kind(k: proxy::job::ErrorKind) -> ErrorKind {
+    use proxy::job::ErrorKind as K;
     match k {
-        K::Connection | K::Remote | K::Tls => ErrorKind::Retry,
-        K::Protocol => ErrorKind::Failed,
+        K::Retry => ErrorKind::Retry,
+        K::Corrupt => ErrorKind::Corrupt,
+        K::NotFound => ErrorKind::NotFound,
         K::Refused => ErrorKind::Refused,
-        K::InvalidArgument => ErrorKind::InvalidInput,
+        K::InvalidInput => ErrorKind::InvalidInput,
+        K::Cancelled => ErrorKind::Cancelled,
+        K::Failed => ErrorKind::Failed,
     }
-}
-
-/// The kind of the first library error in `e`'s causes.
-fn cause_kind(e: &(dyn std::error::Error + 'static)) -> Option<ErrorKind> {
-    let mut next = e.source();
-    while let Some(c) = next {
-        if let Some(r) = c.downcast_ref::<catalog::Error>() {
-            return Some(repo_kind(r.kind()));
-        }
-        if let Some(h) = c.downcast_ref::<proxy::hypervisor::Error>() {
-            return Some(hypervisor_kind(h.kind()));
-        }
-        if let Some(n) = c.downcast_ref::<proxy::nbd::Error>() {
-            return Some(nbd_kind(n.kind()));
-        }
-        next = c.source();
-    }
-    None
 }
 
 #[cfg(test)]

@@ -15,11 +15,13 @@ use virt::sys;
 
 use super::session::{BoxFuture, Release};
 use super::xml::{self, validate_name};
+use super::Cause;
 use super::{
     offline, BackupRequest, BackupSession, CheckpointHealth, CheckpointInfo, CheckpointProblem,
     DiskExport, DiskInfo, DomainInfo, Error, ErrorKind, ExpectedDisk, FreezeGuard, Hypervisor,
     Result, VmState,
 };
+use catalog::Chain;
 use worker::Worker;
 
 /// Turns a libvirt error into ours, choosing the kind from libvirt's error code.
@@ -35,7 +37,7 @@ fn virt_err(context: String) -> impl FnOnce(VirtError) -> Error {
             sys::VIR_ERR_OPERATION_TIMEOUT | sys::VIR_ERR_RESOURCE_BUSY => ErrorKind::Busy,
             _ => ErrorKind::Failed,
         };
-        Error::new(kind, format!("{context}: {}", e.message()))
+        Error::new(kind, context).with_source(Cause(e.message().to_string()))
     }
 }
 
@@ -321,7 +323,7 @@ fn end_job(conn: &Connect, vm: &str, drop_checkpoint: Option<&str>) -> Result<()
     if let Some(cp) = drop_checkpoint {
         let deleted = ffi::checkpoint_lookup(&dom, cp).and_then(|c| c.delete(0));
         if let Err(e) = deleted {
-            tracing::warn!(vm, checkpoint = cp, error = %e, "cannot delete the checkpoint of a failed backup");
+            tracing::warn!(vm, checkpoint = cp, error = %catalog::Chain(&e), "cannot delete the checkpoint of a failed backup");
         }
     }
     aborted
@@ -372,7 +374,7 @@ impl Release for JobEnd {
         let (vm, cp) = (self.vm, self.new_checkpoint);
         self.worker.fire(move |c| {
             if let Err(e) = end_job(c, &vm, cp.as_deref()) {
-                tracing::error!(vm = %vm, error = %e, "background abort of a backup job failed");
+                tracing::error!(vm = %vm, error = %catalog::Chain(&e), "background abort of a backup job failed");
             }
         });
     }
@@ -403,7 +405,7 @@ impl Release for Thaw {
         let vm = self.vm;
         self.worker.fire(move |c| {
             if let Err(e) = thaw_now(c, &vm) {
-                tracing::error!(vm = %vm, error = %e, "background thaw failed");
+                tracing::error!(vm = %vm, error = %catalog::Chain(&e), "background thaw failed");
             }
         });
     }
@@ -435,7 +437,7 @@ fn check_running(
     if problems.is_empty() {
         if let Err(e) = redefine(dom, vm, &cp_xml) {
             problems.push(CheckpointProblem::Refused {
-                reason: e.to_string(),
+                reason: Chain(&e).to_string(),
             });
         }
     }
@@ -650,7 +652,7 @@ impl Hypervisor for LibvirtHypervisor {
                     match described {
                         Ok(info) => out.push(info),
                         Err(e) if e.kind() == ErrorKind::NotFound => {
-                            tracing::debug!(error = %e, "vm vanished while listing");
+                            tracing::debug!(error = %catalog::Chain(&e), "vm vanished while listing");
                         }
                         Err(e) => return Err(e),
                     }

@@ -69,8 +69,9 @@ fn run(uri: String, rx: mpsc::Receiver<Job>, ready: oneshot::Sender<Result<()>>)
         Err(e) => {
             let err = Error::new(
                 crate::hypervisor::ErrorKind::Failed,
-                format!("cannot connect to libvirt at {uri}: {}", e.message()),
-            );
+                format!("cannot connect to libvirt at {uri}"),
+            )
+            .with_source(crate::hypervisor::Cause(e.message().to_string()));
             let _ = ready.send(Err(err));
             return;
         }

@@ -75,7 +75,7 @@ pub(super) async fn setup(
         Ok(exports) => Ok((f, exports)),
         Err(e) => {
             if let Err(t) = f.teardown(c, false).await {
-                tracing::error!(vm = %req.vm, error = %t, "teardown after a failed qmp backup start failed");
+                tracing::error!(vm = %req.vm, error = %catalog::Chain(&t), "teardown after a failed qmp backup start failed");
             }
             Err(e)
         }
@@ -157,7 +157,7 @@ impl Fleece {
         let mut first: Option<Error> = None;
         let mut note = |r: Result<()>| {
             if let Err(e) = r {
-                tracing::warn!(error = %e, "qmp backup teardown step failed");
+                tracing::warn!(error = %catalog::Chain(&e), "qmp backup teardown step failed");
                 first.get_or_insert(e);
             }
         };

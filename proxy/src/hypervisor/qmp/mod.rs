@@ -274,7 +274,7 @@ impl Release for QmpEnd {
         let release = self.release(false);
         rt.spawn(async move {
             if let Err(e) = release.await {
-                tracing::error!(vm = %vm, error = %e, "background teardown of a qmp backup failed");
+                tracing::error!(vm = %vm, error = %catalog::Chain(&e), "background teardown of a qmp backup failed");
             }
         });
     }

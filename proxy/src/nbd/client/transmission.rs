@@ -276,7 +276,7 @@ async fn reader_loop(mut rd: Reader, shared: Arc<Shared>) {
             break e;
         }
     };
-    tracing::debug!(peer = %shared.label, error = %err, "nbd client connection ended");
+    tracing::debug!(peer = %shared.label, error = %catalog::Chain(&err), "nbd client connection ended");
     shared.fail_all(err);
 }
 

@@ -132,7 +132,7 @@ impl Server {
     fn spawn(self: Arc<Self>, stream: BoxStream, peer: String) {
         tokio::spawn(async move {
             if let Err(e) = self.serve_stream(stream).await {
-                tracing::warn!(peer = %peer, error = %e, "nbd connection failed");
+                tracing::warn!(peer = %peer, error = %catalog::Chain(&e), "nbd connection failed");
             }
         });
     }

@@ -236,7 +236,7 @@ fn chunk(flags: u16, kind: u16, cookie: u64, length: usize) -> [u8; proto::STRUC
 }
 
 async fn send_error(ctx: &Ctx, r: &Request, e: ExportError) -> Result<()> {
-    tracing::debug!(export = %ctx.name, error = %e, "nbd request failed");
+    tracing::debug!(export = %ctx.name, error = %catalog::Chain(&e), "nbd request failed");
     let code = if e.errno == 0 { errno::EIO } else { e.errno };
     let structured = ctx.structured && matches!(r.command, cmd::READ | cmd::BLOCK_STATUS);
     send(ctx, |buf| {
