@@ -12,11 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use api::cli::client::{Client, ClientError};
-use api::cli::verbs::{follow_job, wait_job};
+use api::cli::progress::{follow_job, wait_job};
 use api::daemon::jobs::JobDone;
-use api::wire::jobs::{ErrorKind, JobError, JobMode};
+use api::wire::jobs::{ErrorKind, JobError, JobInfo, JobMode, JobState};
 use common::api;
-use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -71,11 +70,11 @@ async fn wait_follows_the_event_stream_to_the_end() {
     let c = client(serve(&a).await, &a.admin);
     let (id, release) = gated_job(&a, true);
     let release: Release = Arc::new(Mutex::new(Some(release)));
-    let mut seen: Vec<Value> = Vec::new();
+    let mut seen: Vec<JobInfo> = Vec::new();
     let r = release.clone();
-    let mut update = |j: &Value| {
+    let mut update = |j: &JobInfo| {
         seen.push(j.clone());
-        if j["progress"]["bytes_done"] == 400 {
+        if j.progress.bytes_done == 400 {
             release_now(&r);
         }
     };
@@ -84,7 +83,8 @@ async fn wait_follows_the_event_stream_to_the_end() {
         .expect("the wait ends")
         .expect("the wait succeeds");
     assert_eq!(waited.fell_back, None, "the stream did not break");
-    assert_eq!(waited.end["state"], "succeeded");
+    assert_eq!(waited.end.state, JobState::Succeeded);
+    assert_eq!(waited.json["state"], "succeeded", "the JSON as sent");
     assert_eq!(
         waited.events,
         seen.len(),
@@ -93,10 +93,10 @@ async fn wait_follows_the_event_stream_to_the_end() {
     assert!(seen.len() >= 2, "progress then end: {seen:?}");
     assert!(
         seen.iter()
-            .any(|j| j["state"] == "running" && j["progress"]["bytes_planned"] == 1000),
+            .any(|j| j.state == JobState::Running && j.progress.bytes_planned == 1000),
         "a running snapshot with the plan fed the bar: {seen:?}"
     );
-    assert_eq!(seen.last().unwrap()["progress"]["bytes_done"], 1000);
+    assert_eq!(seen.last().unwrap().progress.bytes_done, 1000);
 
     // exit codes: 0 succeeded (a finished job streams its end at once), 5 failed.
     assert_eq!(wait_job(&c, id, "backup test", true).await.unwrap(), 0);
@@ -167,9 +167,9 @@ async fn a_broken_stream_falls_back_to_polling() {
     let (id, release) = gated_job(&a, true);
     let release: Release = Arc::new(Mutex::new(Some(release)));
     let mut seen = 0usize;
-    let mut update = |j: &Value| {
+    let mut update = |j: &JobInfo| {
         seen += 1;
-        if j["progress"]["bytes_done"] == 400 && !relay.down.swap(true, Ordering::SeqCst) {
+        if j.progress.bytes_done == 400 && !relay.down.swap(true, Ordering::SeqCst) {
             // the "daemon" goes away mid-stream, comes back after 1.5 s; the job ends meanwhile
             relay.cut();
             let (r, down) = (release.clone(), relay.down.clone());
@@ -189,7 +189,14 @@ async fn a_broken_stream_falls_back_to_polling() {
     assert!(!why.is_empty());
     assert!(waited.events >= 1, "the stream fed the first snapshots");
     assert!(seen > waited.events, "polls fed the rest");
-    assert_eq!(waited.end["state"], "succeeded");
-    assert_eq!(waited.end["progress"]["bytes_done"], 1000);
-    assert_eq!(waited.end["backup_id"], "20261122T000000Z-00000000");
+    assert_eq!(waited.end.state, JobState::Succeeded);
+    assert_eq!(waited.end.progress.bytes_done, 1000);
+    assert_eq!(
+        waited.end.backup_id.as_deref(),
+        Some("20261122T000000Z-00000000")
+    );
+    assert_eq!(
+        waited.json["progress"]["bytes_done"], 1000,
+        "the JSON as sent"
+    );
 }

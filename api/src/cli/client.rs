@@ -1,6 +1,10 @@
 //! The CLI's HTTP client of the API: one HTTP/1 connection per request, over TLS pinned to
 //! the server certificate's SHA-256 fingerprint (or plain HTTP for `http://` URLs), and a
 //! reader of Server-Sent Events streams (a job's progress).
+//!
+//! Answers are read into the shared wire types ([`crate::wire`]) and kept as the JSON the
+//! server sent ([`Reply`]): tables are printed from the first, `--json` from the second, so
+//! `--json` shows every field as sent (bytes as numbers, fields this CLI does not know).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,8 +17,13 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpStream;
+
+use crate::wire::error::ErrorBody;
 
 /// An API failure as the CLI reports it.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +32,47 @@ pub struct ClientError {
     pub status: u16,
     pub code: String,
     pub message: String,
+}
+
+/// An answer: the JSON the server sent, and the same read into its wire type.
+#[derive(Debug, Clone)]
+pub struct Reply<T> {
+    /// As sent (what `--json` prints).
+    pub json: Value,
+    /// Read into the wire type (what tables are printed from).
+    pub body: T,
+}
+
+impl<T: DeserializeOwned> Reply<T> {
+    /// Reads `json` into `T`; `what` names the answer in the error (`GET /jobs/7`).
+    pub fn read(json: Value, what: &str) -> anyhow::Result<Reply<T>> {
+        let body = T::deserialize(&json).with_context(|| {
+            format!(
+                "the answer to {what} is not a {}",
+                std::any::type_name::<T>()
+            )
+        })?;
+        Ok(Reply { json, body })
+    }
+}
+
+impl<T> Reply<Vec<T>> {
+    /// Keeps the entries `keep` accepts, in the JSON as in the body.
+    pub fn retain(self, keep: impl Fn(&T) -> bool) -> Reply<Vec<T>> {
+        let sent = match self.json {
+            Value::Array(a) => a,
+            _ => Vec::new(),
+        };
+        let (json, body) = sent
+            .into_iter()
+            .zip(self.body)
+            .filter(|(_, t)| keep(t))
+            .unzip();
+        Reply {
+            json: Value::Array(json),
+            body,
+        }
+    }
 }
 
 /// Where and how to reach the daemon.
@@ -34,24 +84,56 @@ pub struct Client {
 }
 
 impl Client {
-    /// Sends `method path` with an optional JSON body; returns the JSON answer.
+    /// `GET path`, read into `T`.
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<Reply<T>> {
+        self.ask("GET", path, None).await
+    }
+
+    /// `POST path` with the JSON of `body`, the answer read into `T`.
+    pub async fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+    ) -> anyhow::Result<Reply<T>> {
+        let body = serde_json::to_value(body).context("encoding the request")?;
+        self.ask("POST", path, Some(body)).await
+    }
+
+    /// `DELETE path`; the answer has no body.
+    pub async fn delete(&self, path: &str) -> anyhow::Result<()> {
+        self.call("DELETE", path, None).await.map(drop)
+    }
+
+    /// Sends `method path` with an optional JSON body; the answer read into `T`.
+    pub async fn ask<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Reply<T>> {
+        let json = self.call(method, path, body).await?;
+        Reply::read(json, &format!("{method} {path}"))
+    }
+
+    /// Sends `method path` with an optional JSON body; returns the JSON answer (`null` for
+    /// an empty one).
     pub async fn call(
         &self,
         method: &str,
         path: &str,
-        body: Option<serde_json::Value>,
-    ) -> anyhow::Result<serde_json::Value> {
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
         let resp = self.request(method, path, body).await?;
         let status = resp.status().as_u16();
         let bytes = resp.into_body().collect().await?.to_bytes();
-        let json: serde_json::Value = if bytes.is_empty() {
-            serde_json::Value::Null
+        let json: Value = if bytes.is_empty() {
+            Value::Null
         } else {
             serde_json::from_slice(&bytes)
                 .context("the server answered with something other than JSON")?
         };
         if status >= 400 {
-            return Err(api_error(status, &json).into());
+            return Err(api_error(status, json).into());
         }
         Ok(json)
     }
@@ -63,7 +145,7 @@ impl Client {
         if status >= 400 {
             let bytes = resp.into_body().collect().await?.to_bytes();
             let json = serde_json::from_slice(&bytes).unwrap_or_default();
-            return Err(api_error(status, &json).into());
+            return Err(api_error(status, json).into());
         }
         Ok(EventStream {
             body: resp.into_body(),
@@ -76,7 +158,7 @@ impl Client {
         &self,
         method: &str,
         path: &str,
-        body: Option<serde_json::Value>,
+        body: Option<Value>,
     ) -> anyhow::Result<hyper::Response<Incoming>> {
         let (tls, rest) = if let Some(r) = self.url.strip_prefix("https://") {
             (true, r)
@@ -151,11 +233,17 @@ pub fn encode(s: &str) -> String {
     out
 }
 
-fn api_error(status: u16, json: &serde_json::Value) -> ClientError {
+/// An error answer (`{"error":{"code":..,"message":..}}`; empty code and message when the
+/// body is something else).
+fn api_error(status: u16, json: Value) -> ClientError {
+    let (code, message) = match serde_json::from_value::<ErrorBody>(json) {
+        Ok(b) => (b.error.code, b.error.message),
+        Err(_) => (String::new(), String::new()),
+    };
     ClientError {
         status,
-        code: json["error"]["code"].as_str().unwrap_or("").into(),
-        message: json["error"]["message"].as_str().unwrap_or("").into(),
+        code,
+        message,
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod backups;
 pub mod cron;
+pub mod display;
 pub mod error;
 pub mod exports;
 pub mod hypervisors;

@@ -1,0 +1,90 @@
+//! `job list`, `job show ID`, `job cancel ID`.
+
+use clap::Subcommand;
+
+use crate::cli::client::Client;
+use crate::cli::table::{or_dash, show, size, when};
+use crate::wire::jobs::JobInfo;
+
+#[derive(Subcommand, Debug)]
+pub enum JobCmd {
+    /// Every job, newest first.
+    List,
+    /// One job with its progress.
+    Show { id: u64 },
+    /// Ask a job to stop (it ends as `cancelled` once it has released its resources).
+    Cancel { id: u64 },
+}
+
+/// Runs a `job` verb.
+pub async fn run(c: &Client, cmd: JobCmd, as_json: bool) -> anyhow::Result<i32> {
+    match cmd {
+        JobCmd::List => {
+            let v = c.get::<Vec<JobInfo>>("/jobs").await?;
+            show(&v, as_json, |l| table(l));
+        }
+        JobCmd::Show { id } => {
+            let v = c.get::<JobInfo>(&format!("/jobs/{id}")).await?;
+            show(&v, as_json, detail);
+        }
+        JobCmd::Cancel { id } => {
+            let v = c
+                .ask::<JobInfo>("POST", &format!("/jobs/{id}/cancel"), None)
+                .await?;
+            show(&v, as_json, |j| {
+                println!("job {id} {}: cancel requested", j.state)
+            });
+        }
+    }
+    Ok(0)
+}
+
+fn table(list: &[JobInfo]) {
+    println!(
+        "{:>5} {:<8} {:<24} {:<10} {:<9} {:>10} MESSAGE",
+        "ID", "KIND", "VM", "STATE", "MODE", "DONE"
+    );
+    for j in list {
+        println!(
+            "{:>5} {:<8} {:<24} {:<10} {:<9} {:>10} {}",
+            j.id,
+            j.kind.to_string(),
+            j.vm,
+            j.state.to_string(),
+            j.mode.to_string(),
+            size(j.progress.bytes_done),
+            or_dash(j.message.as_ref())
+        );
+    }
+}
+
+/// `job show ID`: what, where, when, how far.
+fn detail(j: &JobInfo) {
+    let p = &j.progress;
+    println!("job         {} ({} of {}, {})", j.id, j.kind, j.vm, j.mode);
+    println!("state       {}", j.state);
+    println!(
+        "hypervisor  {} (host {})",
+        or_dash(j.hypervisor.as_ref()),
+        j.host
+    );
+    println!("policy      {}", or_dash(j.policy.as_ref()));
+    println!("created     {}", when(Some(j.created)));
+    println!("finished    {}", when(j.finished));
+    println!(
+        "progress    {} of {} done in {:.1} s",
+        size(p.bytes_done),
+        size(p.bytes_planned),
+        p.elapsed_secs
+    );
+    println!(
+        "read        {} ({} zero, {} new, {} deduplicated), {}/s",
+        size(p.bytes_read),
+        size(p.bytes_zero),
+        size(p.bytes_new),
+        size(p.bytes_dedup),
+        size(p.read_rate as u64)
+    );
+    println!("backup      {}", or_dash(j.backup_id.as_ref()));
+    println!("message     {}", or_dash(j.message.as_ref()));
+}

@@ -1,0 +1,107 @@
+//! `restore ID`: one disk to an image file (`--to PATH`), every disk as a new domain
+//! (`--as-domain NAME`) or back onto the VM's own disks (`--onto-vm --confirm`). Waits for the
+//! job unless `--no-wait`.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::cli::client::{Client, ClientError};
+use crate::cli::progress::wait_job;
+use crate::cli::table::show;
+use crate::wire::jobs::JobInfo;
+use crate::wire::restores::{RestoreFormat, RestoreRequest};
+
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// Backup id.
+    pub id: String,
+    /// Image file to write (inside a restore directory of the daemon).
+    #[arg(long, conflicts_with = "as_domain")]
+    pub to: Option<PathBuf>,
+    /// qcow2 (default) or raw.
+    #[arg(long, value_parser = parse_format)]
+    pub format: Option<RestoreFormat>,
+    /// Disk target (default: the backup's first disk).
+    #[arg(long)]
+    pub disk: Option<String>,
+    /// Replace an existing file at --to.
+    #[arg(long)]
+    pub force: bool,
+    /// Define a new domain of this name with the restored disks.
+    #[arg(long)]
+    pub as_domain: Option<String>,
+    /// Write the backup back onto its own (shut-off) VM's disks; needs --confirm.
+    #[arg(long, conflicts_with_all = ["to", "as_domain"])]
+    pub onto_vm: bool,
+    /// Confirm that --onto-vm overwrites the VM's disks.
+    #[arg(long)]
+    pub confirm: bool,
+    /// The libvirt hypervisor of --as-domain / --onto-vm (default: the one with the
+    /// backed-up VM, else the only libvirt one).
+    #[arg(long, value_name = "NAME", conflicts_with = "to")]
+    pub hypervisor: Option<String>,
+    /// Return once the job is queued.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+/// `qcow2` or `raw`.
+fn parse_format(s: &str) -> Result<RestoreFormat, String> {
+    match s {
+        "qcow2" => Ok(RestoreFormat::Qcow2),
+        "raw" => Ok(RestoreFormat::Raw),
+        _ => Err(format!("{s:?} is not an image format: qcow2 or raw")),
+    }
+}
+
+/// Runs `restore`.
+pub async fn run(c: &Client, a: RestoreArgs, as_json: bool) -> anyhow::Result<i32> {
+    let to = match a.to {
+        Some(p) => Some(
+            std::path::absolute(&p)?
+                .into_os_string()
+                .into_string()
+                .map_err(|p| anyhow::anyhow!("--to {p:?} is not UTF-8"))?,
+        ),
+        None => None,
+    };
+    let req = RestoreRequest {
+        backup: a.id.clone(),
+        disk: a.disk,
+        to,
+        format: a.format,
+        overwrite: a.force,
+        as_domain: a.as_domain,
+        onto_vm: a.onto_vm,
+        confirm: a.confirm,
+        hypervisor: a.hypervisor,
+    };
+    let job = c
+        .post::<JobInfo>("/restores", &req)
+        .await
+        .map_err(restore_hint)?;
+    let jid = job.body.id;
+    if a.no_wait {
+        show(&job, as_json, |_| {
+            println!("job {jid} queued: restore of {}", a.id)
+        });
+        return Ok(0);
+    }
+    wait_job(c, jid, &format!("restore {}", a.id), as_json).await
+}
+
+/// A restore refused for want of a hypervisor: the API says `"hypervisor"`, the CLI
+/// `--hypervisor`.
+fn restore_hint(e: anyhow::Error) -> anyhow::Error {
+    match e.downcast::<ClientError>() {
+        Ok(mut ce) if ce.status == 400 && ce.message.contains("\"hypervisor\"") => {
+            ce.message.push_str(
+                " (with the CLI: --hypervisor NAME; `sluice hypervisor list` names them)",
+            );
+            ce.into()
+        }
+        Ok(ce) => ce.into(),
+        Err(e) => e,
+    }
+}
