@@ -392,6 +392,28 @@ pub fn encode_greeting(flags: u16) -> [u8; GREETING_LEN] {
     out
 }
 
+/// Encode the client flags that answer the greeting.
+pub fn encode_client_flags(flags: u32) -> [u8; 4] {
+    flags.to_be_bytes()
+}
+
+/// Decode the client flags that answer the greeting.
+pub fn decode_client_flags(buf: [u8; 4]) -> u32 {
+    u32::from_be_bytes(buf)
+}
+
+/// Encode the answer to `NBD_OPT_EXPORT_NAME`: export size and transmission flags, then the
+/// 124 bytes of zero padding unless the client asked for none.
+pub fn encode_export_name_reply(size: u64, flags: u16, no_zeroes: bool) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(10 + EXPORT_NAME_PADDING);
+    msg.extend_from_slice(&size.to_be_bytes());
+    msg.extend_from_slice(&flags.to_be_bytes());
+    if !no_zeroes {
+        msg.resize(msg.len() + EXPORT_NAME_PADDING, 0);
+    }
+    msg
+}
+
 /// Decode the server greeting; returns the handshake flags. Oldstyle servers are refused.
 pub fn decode_greeting(buf: &[u8; GREETING_LEN]) -> Result<u16> {
     let mut f = Fields::new(buf, "server greeting");
@@ -910,6 +932,11 @@ pub fn reply_header_len(magic: [u8; 4]) -> Result<usize> {
             "reply header: bad magic {other:#010x}"
         ))),
     }
+}
+
+/// Encode the 8-byte offset at the start of an `OFFSET_DATA` chunk.
+pub fn encode_offset_data_prefix(offset: u64) -> [u8; 8] {
+    offset.to_be_bytes()
 }
 
 /// Decode the 8-byte offset at the start of an `OFFSET_DATA` chunk.

@@ -48,7 +48,12 @@ pub(crate) async fn start(mut stream: BoxStream, tls: Option<&ClientTls>) -> Res
     if flags & proto::handshake_flags::NO_ZEROES != 0 {
         client_flags |= proto::client_flags::NO_ZEROES;
     }
-    write(&mut stream, &client_flags.to_be_bytes(), "client flags").await?;
+    write(
+        &mut stream,
+        &proto::encode_client_flags(client_flags),
+        "client flags",
+    )
+    .await?;
     let mut h = Haggle { stream };
     if let Some(tls) = tls {
         h.simple_option(proto::opt::STARTTLS, &[]).await?;

@@ -59,7 +59,7 @@ pub(crate) async fn negotiate(server: &Server, mut stream: BoxStream) -> Result<
         .read_exact(&mut cf)
         .await
         .map_err(|e| io_error("reading client flags", e))?;
-    let client_flags = u32::from_be_bytes(cf);
+    let client_flags = proto::decode_client_flags(cf);
     let known = proto::client_flags::FIXED_NEWSTYLE | proto::client_flags::NO_ZEROES;
     if client_flags & proto::client_flags::FIXED_NEWSTYLE == 0 || client_flags & !known != 0 {
         return Err(Error::protocol(format!(
@@ -201,12 +201,11 @@ impl State<'_> {
                 format!("NBD_OPT_EXPORT_NAME: no export named {name:?}"),
             ));
         };
-        let mut msg = Vec::with_capacity(10 + proto::EXPORT_NAME_PADDING);
-        msg.extend_from_slice(&export.size().to_be_bytes());
-        msg.extend_from_slice(&export_flags(export.as_ref()).to_be_bytes());
-        if !self.no_zeroes {
-            msg.resize(msg.len() + proto::EXPORT_NAME_PADDING, 0);
-        }
+        let msg = proto::encode_export_name_reply(
+            export.size(),
+            export_flags(export.as_ref()),
+            self.no_zeroes,
+        );
         self.stream
             .write_all(&msg)
             .await

@@ -295,7 +295,7 @@ async fn send_read(ctx: &Ctx, r: &Request, parts: Vec<ReadPart>) -> Result<()> {
         match p {
             ReadPart::Data(d) => {
                 let h = chunk(flags, reply_type::OFFSET_DATA, r.cookie, 8 + d.len());
-                let o = offset.to_be_bytes();
+                let o = proto::encode_offset_data_prefix(offset);
                 for part in [&h[..], &o[..], &d[..]] {
                     w.write_all(part)
                         .await
