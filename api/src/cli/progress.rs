@@ -137,6 +137,13 @@ pub async fn wait_job(c: &Client, id: u64, label: &str, as_json: bool) -> anyhow
             end.state,
             or_dash(end.message.as_deref())
         );
+        if let Some(e) = &end.error {
+            eprintln!(
+                "error kind {}: {}",
+                e.kind,
+                crate::cli::verbs::job::what_to_do(e.kind)
+            );
+        }
     }
     Ok(if waited.end.state == JobState::Succeeded {
         0

@@ -41,18 +41,36 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
-    let repo = open_repo(&cfg).await?;
-    let hypervisors = Hypervisors::new(cfg.hypervisor_specs());
-    let tokens = TokenStore::open(&cfg.data_dir)?;
-    first_admin_token(&tokens, &cfg.data_dir)?;
     let work = cfg.data_dir.join("work");
     std::fs::create_dir_all(&work)?;
     let left = Leftovers::list(&work);
+    let state = Arc::new(build_state(&cfg, work).await?);
+    announce_hypervisors(&state);
+    tokio::spawn(clean_up_after_restart(state.clone(), left));
+    let stop_scheduler = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(crate::daemon::schedule::scheduler::run(
+        state.clone(),
+        stop_scheduler.clone(),
+    ));
+    let served = listen(&cfg, crate::daemon::http::app(state.clone())).await;
+    stop_scheduler.cancel();
+    state.jobs.shutdown().await;
+    tracing::info!("every job ended; exiting");
+    served
+}
+
+/// The daemon's state from `cfg`: repository, hypervisors, tokens, audit log, restore
+/// directories, NBD exports, policies, and the job registry with its history.
+async fn build_state(cfg: &Config, work: PathBuf) -> anyhow::Result<AppState> {
+    let repo = open_repo(cfg).await?;
+    let hypervisors = Hypervisors::new(cfg.hypervisor_specs());
+    let tokens = TokenStore::open(&cfg.data_dir)?;
+    first_admin_token(&tokens, &cfg.data_dir)?;
     let audit = AuditLog::open(&cfg.data_dir.join("audit.log")).context("opening audit.log")?;
     let state = AppState::new(repo, hypervisors, tokens, work, cfg.max_jobs).with_audit(audit);
-    let state = state.with_restore_dirs(restore_dirs(&cfg)?);
+    let state = state.with_restore_dirs(restore_dirs(cfg)?);
     let state = match cfg.nbd_listen {
-        Some(addr) => state.with_exports(start_nbd(&cfg, addr).await?),
+        Some(addr) => state.with_exports(start_nbd(cfg, addr).await?),
         None => state,
     };
     let policies =
@@ -65,19 +83,15 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     let history = cfg.data_dir.join("jobs.jsonl");
     let jobs = crate::daemon::jobs::Jobs::open(limits, "localhost", Some(&history))
         .with_context(|| format!("reading the job history {}", history.display()))?;
-    let state = state
+    Ok(state
         .with_policies(policies)
         .with_jobs(jobs)
-        .with_read_limit(cfg.read_limit);
-    let state = Arc::new(state);
-    announce_hypervisors(&state);
-    tokio::spawn(clean_up_after_restart(state.clone(), left));
-    let stop_scheduler = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(crate::daemon::schedule::scheduler::run(
-        state.clone(),
-        stop_scheduler.clone(),
-    ));
-    let app = crate::daemon::http::app(state.clone());
+        .with_read_limit(cfg.read_limit))
+}
+
+/// Serves `app` on the configured address (TLS unless plain HTTP was asked) until SIGTERM
+/// or SIGINT.
+async fn listen(cfg: &Config, app: axum::Router) -> anyhow::Result<()> {
     let listener = TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("listening on {}", cfg.listen))?;
@@ -92,9 +106,6 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
         r = accept_loop(listener, tls, app) => r?,
         _ = shutdown_signal() => tracing::info!("shutting down: cancelling running jobs"),
     }
-    stop_scheduler.cancel();
-    state.jobs.shutdown().await;
-    tracing::info!("every job ended; exiting");
     Ok(())
 }
 

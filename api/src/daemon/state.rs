@@ -1,12 +1,11 @@
-//! The shared state of the daemon, and the one seam through which async handlers reach the
-//! synchronous repository (`AppState::repo`, on tokio's blocking pool, at most
-//! `REPO_SLOTS` at once).
+//! The shared state of the daemon. Handlers and operations reach the synchronous repository
+//! through `AppState::repo`, which goes through `proxy::repo` (one bounded seam for the whole
+//! process).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use catalog::Repository;
-use tokio::sync::Semaphore;
 
 use crate::daemon::audit::AuditLog;
 use crate::daemon::auth::TokenStore;
@@ -15,9 +14,6 @@ use crate::daemon::exports::Exports;
 use crate::daemon::hypervisors::Hypervisors;
 use crate::daemon::jobs::Jobs;
 use crate::daemon::schedule::policy::PolicyStore;
-
-/// Repository calls allowed to run at once.
-const REPO_SLOTS: usize = 4;
 
 /// Everything a handler can reach.
 pub struct AppState {
@@ -38,7 +34,6 @@ pub struct AppState {
     pub policies: PolicyStore,
     /// Paces the reads of every backup job together (none: unlimited).
     pub read_limit: Option<Arc<proxy::job::RateLimit>>,
-    repo_slots: Semaphore,
 }
 
 impl std::fmt::Debug for AppState {
@@ -72,7 +67,6 @@ impl AppState {
             restore_dirs: Vec::new(),
             policies: PolicyStore::in_memory(),
             read_limit: None,
-            repo_slots: Semaphore::new(REPO_SLOTS),
         }
     }
 
@@ -112,21 +106,16 @@ impl AppState {
         self
     }
 
-    /// Runs `f` against the repository on the blocking pool.
+    /// Runs `f` against the repository through `proxy::repo`, the process's one seam into
+    /// the synchronous repository (its bound covers the API's calls and the jobs' alike).
     pub async fn repo<R, F>(&self, f: F) -> ApiResult<R>
     where
         R: Send + 'static,
         F: FnOnce(&Repository) -> catalog::Result<R> + Send + 'static,
     {
-        let _slot = self
-            .repo_slots
-            .acquire()
-            .await
-            .map_err(|_| ApiError::unavailable("the server is shutting down"))?;
         let repo = self.repo.clone();
-        tokio::task::spawn_blocking(move || f(&repo))
+        proxy::repo::call(move || f(&repo))
             .await
-            .map_err(|e| ApiError::internal(format!("repository task failed: {e}")))?
             .map_err(ApiError::from)
     }
 }

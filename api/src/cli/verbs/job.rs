@@ -87,4 +87,21 @@ fn detail(j: &JobInfo) {
     );
     println!("backup      {}", or_dash(j.backup_id.as_ref()));
     println!("message     {}", or_dash(j.message.as_ref()));
+    if let Some(e) = &j.error {
+        println!("error       {} ({})", e.kind, what_to_do(e.kind));
+    }
+}
+
+/// What an operator does about a job that ended with `kind`.
+pub(crate) fn what_to_do(kind: crate::wire::jobs::ErrorKind) -> &'static str {
+    use crate::wire::jobs::ErrorKind as K;
+    match kind {
+        K::Retry => "a passing failure: retrying later may help",
+        K::Corrupt => "stored data fails a check: run sluice verify",
+        K::NotFound => "what it names does not exist",
+        K::Refused => "refused as asked: see the message for what to change",
+        K::InvalidInput => "fix the request",
+        K::Cancelled => "cancelled; nothing was committed",
+        K::Failed => "see the message",
+    }
 }

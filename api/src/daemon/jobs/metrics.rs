@@ -282,6 +282,7 @@ mod tests {
         }
     }
 
+    // Over 60 lines: one listing of every family and sample line the exposition must keep.
     /// The `# TYPE` lines and sample lines, as dashboards and alerts name them (these are
     /// the names and label sets of the exposition written by hand before the crate).
     #[test]
