@@ -6,97 +6,20 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use api::daemon::auth::TokenStore;
 use api::daemon::http::app;
 use api::daemon::hypervisors::{HvSpec, Hypervisors};
 use api::daemon::state::AppState;
+use common::cli::{serve, Cli};
 use common::{api, seed_backup};
 use serde_json::Value;
 use testbed::qmp::PlainQemu;
-use tokio::net::TcpListener;
 
 const MIB: u64 = 1 << 20;
 /// The test driver's VM `test` (what `seed_backup` backs up).
 const TEST_UUID: &str = "6695eb01-f6a4-8304-79aa-97f2502e193f";
-
-/// What one run of the binary gave.
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:?}"))
-    }
-
-    /// The table rows (header excluded), split on whitespace.
-    fn rows(&self) -> Vec<Vec<&str>> {
-        self.stdout
-            .lines()
-            .skip(1)
-            .map(|l| l.split_whitespace().collect())
-            .collect()
-    }
-
-    /// The first line starting with `label`, without it, trimmed.
-    fn field(&self, label: &str) -> &str {
-        self.stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(label))
-            .unwrap_or_else(|| panic!("no {label:?} line: {self:?}"))
-            .trim()
-    }
-}
-
-struct Cli {
-    addr: SocketAddr,
-    token: String,
-}
-
-impl Cli {
-    /// `sluice --url … --token … ARGS`: the global options first, so `ARGS` may hold `--`.
-    async fn run(&self, args: &[&str]) -> Run {
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(["--url", &format!("http://{}", self.addr), "--token"])
-            .arg(&self.token)
-            .args(args)
-            .env_remove("SLUICE_URL")
-            .env_remove("SLUICE_TOKEN")
-            .env_remove("SLUICE_FINGERPRINT")
-            .output()
-            .await
-            .expect("running sluice");
-        Run {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into(),
-            stderr: String::from_utf8_lossy(&out.stderr).into(),
-        }
-    }
-
-    async fn ok(&self, args: &[&str]) -> Run {
-        let r = self.run(args).await;
-        assert_eq!(r.code, 0, "sluice {args:?}: {r:?}");
-        r
-    }
-}
-
-/// Serves `app` on loopback; the server task ends with the test's runtime.
-async fn serve(app: axum::Router, token: &str) -> Cli {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    Cli {
-        addr,
-        token: token.to_string(),
-    }
-}
 
 /// `n` bytes that do not compress (xorshift), so what is stored is about `n`.
 fn noise(n: u64, mut seed: u64) -> Vec<u8> {

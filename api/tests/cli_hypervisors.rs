@@ -6,10 +6,10 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use api::daemon::hypervisors::HvSpec;
+use common::cli::Cli;
 use common::{api_with, seed_backup, seed_backup_of};
 use serde_json::Value;
 use tokio::net::TcpListener;
@@ -18,61 +18,6 @@ use tokio::net::TcpListener;
 const TEST_UUID: &str = "6695eb01-f6a4-8304-79aa-97f2502e193f";
 /// Another VM once called `test` (gone from every hypervisor; its backups stay).
 const OTHER_UUID: &str = "0d7c5a9e-1111-4222-8333-944455556666";
-
-struct Cli {
-    addr: SocketAddr,
-    token: String,
-}
-
-/// What one run of the binary gave.
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:?}"))
-    }
-
-    /// The table rows (header excluded), split on whitespace.
-    fn rows(&self) -> Vec<Vec<&str>> {
-        self.stdout
-            .lines()
-            .skip(1)
-            .map(|l| l.split_whitespace().collect())
-            .collect()
-    }
-}
-
-impl Cli {
-    async fn run(&self, args: &[&str]) -> Run {
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-            .args(args)
-            .args(["--url", &format!("http://{}", self.addr), "--token"])
-            .arg(&self.token)
-            .env_remove("SLUICE_URL")
-            .env_remove("SLUICE_TOKEN")
-            .env_remove("SLUICE_FINGERPRINT")
-            .output()
-            .await
-            .expect("running sluice");
-        Run {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into(),
-            stderr: String::from_utf8_lossy(&out.stderr).into(),
-        }
-    }
-
-    async fn ok(&self, args: &[&str]) -> Run {
-        let r = self.run(args).await;
-        assert_eq!(r.code, 0, "sluice {args:?}: {r:?}");
-        r
-    }
-}
 
 /// The daemon over hypervisors `a`, `b` (each with VM `test`), `gone` and `plain` (both down),
 /// served on loopback; the server task ends with the test's runtime.

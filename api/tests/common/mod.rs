@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod cli;
+
 use std::sync::Arc;
 
 use api::daemon::auth::TokenStore;

@@ -193,10 +193,12 @@ fn invalid(message: String) -> Error {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const SAVED: &str = "<domain type='kvm'>
+    /// A saved domain definition with a network disk, a file disk on a backing chain, a
+    /// CD-ROM and an interface (also the fixture of `restore::domain`'s tests).
+    pub(crate) const SAVED: &str = "<domain type='kvm'>
   <name>web-1</name>
   <uuid>4dea22b3-1d52-d8f3-2516-782e98ab3fa0</uuid>
   <memory unit='KiB'>262144</memory>

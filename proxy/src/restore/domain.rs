@@ -90,33 +90,7 @@ fn check_name(name: &str) -> Result<()> {
 mod tests {
     use super::*;
 
-    const SAVED: &str = "<domain type='kvm'>
-  <name>web-1</name>
-  <uuid>4dea22b3-1d52-d8f3-2516-782e98ab3fa0</uuid>
-  <memory unit='KiB'>262144</memory>
-  <devices>
-    <disk type='network' device='disk'>
-      <driver name='qemu' type='raw' cache='none'/>
-      <source protocol='nbd' name='x'><host transport='unix' socket='/s'/></source>
-      <target dev='vda' bus='virtio'/>
-      <boot order='1'/>
-    </disk>
-    <disk type=\"file\" device=\"disk\">
-      <driver name='qemu' type='qcow2'/>
-      <source file='/var/lib/libvirt/images/web-1-b.qcow2'/>
-      <backingStore type='file'><format type='qcow2'/><source file='/base.qcow2'/></backingStore>
-      <target dev='vdb' bus='virtio'/>
-    </disk>
-    <disk type='file' device='cdrom'>
-      <source file='/iso/install.iso'/>
-      <target dev='sda' bus='sata'/>
-    </disk>
-    <interface type='network'>
-      <mac address='52:54:00:12:34:56'/>
-      <source network='default'/>
-    </interface>
-  </devices>
-</domain>";
+    use crate::hypervisor::xml_restore::tests::SAVED;
 
     fn restored() -> Vec<RestoredDisk> {
         vec![
