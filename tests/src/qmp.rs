@@ -203,6 +203,7 @@ pub fn backup_request(
         new_checkpoint: new.map(String::from),
         scratch_dir: dir.to_path_buf(),
         socket: dir.join("nbd.sock"),
+        tcp: None,
     }
 }
 

@@ -27,6 +27,7 @@ fn request(vm: &TestVm, from: Option<&str>, new: Option<&str>) -> BackupRequest 
         new_checkpoint: new.map(String::from),
         scratch_dir: vm.scratch().to_path_buf(),
         socket: vm.scratch().join("backup.sock"),
+        tcp: None,
     }
 }
 

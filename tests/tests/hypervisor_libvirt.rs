@@ -26,6 +26,7 @@ fn request(vm: &BiosVm, disks: &[&str], from: Option<&str>, new: Option<&str>) -
         new_checkpoint: new.map(String::from),
         scratch_dir: vm.dir.path().to_path_buf(),
         socket: vm.dir.path().join("nbd.sock"),
+        tcp: None,
     }
 }
 

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-use crate::daemon::hypervisors::HvSpec;
+use crate::daemon::hypervisors::{HvSpec, RemoteSpec};
 use crate::wire::policy::{at, check_plain_name, PolicyError};
 
 /// Longest hypervisor name accepted.
@@ -39,7 +39,36 @@ pub struct HypervisorConfig {
     pub host: Option<String>,
     /// Jobs at once on this hypervisor's host (overrides `max_jobs_per_host` there).
     pub max_jobs: Option<usize>,
+    /// A remote libvirt hypervisor: backup data over TCP with TLS (see `BackupData`).
+    /// Without it the hypervisor is local: exports on a unix socket of the proxy.
+    pub backup_data: Option<BackupData>,
 }
+
+/// How backup data of a remote hypervisor reaches the proxy: QEMU there serves each export
+/// over TCP with TLS (`qemu.conf`: `backup_tls_x509_cert_dir`, `backup_tls_x509_verify = 1`)
+/// and the proxy checks the hypervisor's certificate and presents its own.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupData {
+    /// What QEMU binds on the hypervisor (default: the URI's host).
+    pub listen: Option<String>,
+    /// What the proxy dials (default: the URI's host), e.g. a NAT address.
+    pub connect: Option<String>,
+    /// The name the hypervisor's certificate carries (default: `connect`).
+    pub tls_name: Option<String>,
+    /// Ports QEMU may serve exports on, `FIRST-LAST` (default `10900-10999`); open them on
+    /// the hypervisor's firewall for the proxy.
+    pub ports: Option<String>,
+    /// CA certificate (PEM) that signed the hypervisor's backup certificate.
+    pub ca: PathBuf,
+    /// The proxy's client certificate (PEM), signed by a CA the hypervisor trusts.
+    pub cert: PathBuf,
+    /// Its private key (PEM), readable by the service only (mode 0600 or 0400).
+    pub key: PathBuf,
+}
+
+/// Export ports of a remote hypervisor when none are configured.
+pub const DEFAULT_EXPORT_PORTS: std::ops::RangeInclusive<u16> = 10900..=10999;
 
 /// `sluice serve` settings.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -202,7 +231,79 @@ fn spec(h: &HypervisorConfig) -> HvSpec {
         spec.host = host.clone();
     }
     spec.max_jobs = h.max_jobs;
+    if let (Some(d), Some(uri)) = (&h.backup_data, &h.libvirt_uri) {
+        spec.remote = Some(remote_spec(d, uri));
+    }
     spec
+}
+
+/// The data path of a checked `backup_data` of the hypervisor at `uri`.
+fn remote_spec(d: &BackupData, uri: &str) -> RemoteSpec {
+    let host = crate::daemon::hypervisors::uri_host(uri);
+    let listen = d.listen.clone().unwrap_or_else(|| host.clone());
+    let connect = d.connect.clone().unwrap_or(host);
+    RemoteSpec {
+        listen,
+        tls_name: d.tls_name.clone().unwrap_or_else(|| connect.clone()),
+        connect,
+        ports: d
+            .ports
+            .as_deref()
+            .and_then(|p| parse_ports(p).ok())
+            .unwrap_or(DEFAULT_EXPORT_PORTS),
+        ca: d.ca.clone(),
+        cert: d.cert.clone(),
+        key: d.key.clone(),
+    }
+}
+
+/// `FIRST-LAST` (or one port) as a range of ports.
+fn parse_ports(text: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let bad = || format!("ports {text:?} is not FIRST-LAST (e.g. 10900-10999)");
+    let (a, b) = text.split_once('-').unwrap_or((text, text));
+    let first: u16 = a.trim().parse().map_err(|_| bad())?;
+    let last: u16 = b.trim().parse().map_err(|_| bad())?;
+    if first == 0 || first > last {
+        return Err(bad());
+    }
+    Ok(first..=last)
+}
+
+/// A `backup_data` entry: for a libvirt URI that is not local, ports that parse, and a key
+/// file only the service can read.
+fn check_backup_data(h: &HypervisorConfig) -> Result<(), String> {
+    let Some(d) = &h.backup_data else {
+        return Ok(());
+    };
+    let Some(uri) = &h.libvirt_uri else {
+        return Err("backup_data is for a remote libvirt hypervisor, not a QMP socket".into());
+    };
+    if uri.contains(":///") {
+        return Err(format!(
+            "backup_data needs a remote libvirt_uri (qemu+tls://HOST/system), not {uri:?}"
+        ));
+    }
+    if let Some(p) = &d.ports {
+        parse_ports(p)?;
+    }
+    for (what, path) in [("ca", &d.ca), ("cert", &d.cert), ("key", &d.key)] {
+        if !path.is_absolute() {
+            return Err(format!(
+                "backup_data {what} {} must be an absolute path",
+                path.display()
+            ));
+        }
+    }
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::metadata(&d.key) {
+        Err(e) => Err(format!("backup_data key {}: {e}", d.key.display())),
+        Ok(m) if m.permissions().mode() & 0o077 != 0 => Err(format!(
+            "backup_data key {} is readable by others (mode {:o}): chmod 600 it",
+            d.key.display(),
+            m.permissions().mode() & 0o777
+        )),
+        Ok(_) => Ok(()),
+    }
 }
 
 /// An entry names exactly one of a libvirt URI and a QMP socket (with its VM).
@@ -235,12 +336,70 @@ fn check_entry(h: &HypervisorConfig) -> Result<(), String> {
         Some(0) => Err("max_jobs must be at least 1".into()),
         _ => Ok(()),
     })
+    .and_then(|()| check_backup_data(h))
 }
 
 #[cfg(test)]
 mod tests {
     use super::Config;
     use crate::daemon::hypervisors::Target;
+
+    fn remote(dir: &std::path::Path, extra: &str, key_mode: u32) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        let key = dir.join("client-key.pem");
+        std::fs::write(&key, "x").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(key_mode)).unwrap();
+        format!(
+            "[[hypervisors]]\nname = \"kvm1\"\nlibvirt_uri = \"qemu+tls://kvm1.example/system\"\n\
+             [hypervisors.backup_data]\nca = \"{d}/ca.pem\"\ncert = \"{d}/cert.pem\"\nkey = \"{k}\"\n{extra}",
+            d = dir.display(),
+            k = key.display()
+        )
+    }
+
+    #[test]
+    fn a_remote_hypervisor_takes_its_data_path_with_the_uri_host_as_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Config::parse(&remote(dir.path(), "", 0o600)).expect("parses");
+        let spec = c.hypervisor_specs().pop().unwrap();
+        let r = spec.remote.expect("remote data path");
+        assert_eq!(
+            (r.listen.as_str(), r.connect.as_str()),
+            ("kvm1.example", "kvm1.example")
+        );
+        assert_eq!(r.tls_name, "kvm1.example");
+        assert_eq!(r.ports, super::DEFAULT_EXPORT_PORTS);
+        let nat = "connect = \"192.0.2.7\"\nports = \"20000-20009\"\n";
+        let r = Config::parse(&remote(dir.path(), nat, 0o400))
+            .unwrap()
+            .hypervisor_specs()
+            .pop()
+            .unwrap()
+            .remote
+            .unwrap();
+        assert_eq!(
+            (r.listen.as_str(), r.connect.as_str()),
+            ("kvm1.example", "192.0.2.7")
+        );
+        assert_eq!(
+            r.tls_name, "192.0.2.7",
+            "the tls name defaults to the address dialled"
+        );
+        assert_eq!(r.ports, 20000..=20009);
+    }
+
+    #[test]
+    fn a_bad_data_path_is_refused_naming_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = Config::parse(&remote(dir.path(), "", 0o644)).unwrap_err();
+        assert!(open[0].message.contains("readable by others"), "{open:?}");
+        let ports = Config::parse(&remote(dir.path(), "ports = \"9-3\"\n", 0o600)).unwrap_err();
+        assert!(ports[0].message.contains("ports \"9-3\""), "{ports:?}");
+        let local = remote(dir.path(), "", 0o600)
+            .replace("qemu+tls://kvm1.example/system", "qemu:///system");
+        let e = Config::parse(&local).unwrap_err();
+        assert!(e[0].message.contains("remote libvirt_uri"), "{e:?}");
+    }
 
     #[test]
     fn example_file_parses_and_unknown_keys_are_named() {

@@ -109,6 +109,44 @@ pub struct HvSpec {
     pub host: String,
     /// Jobs at once on its host (overrides the daemon's `max_jobs_per_host` there).
     pub max_jobs: Option<usize>,
+    /// A remote libvirt hypervisor: how backup data reaches the proxy (none: a local one,
+    /// exports on a unix socket of the proxy's).
+    pub remote: Option<RemoteSpec>,
+}
+
+/// The backup data path of a remote hypervisor, as configured (`[hypervisors.backup_data]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteSpec {
+    /// What QEMU binds on the hypervisor (libvirt's `<server name=…>`).
+    pub listen: String,
+    /// What the proxy dials.
+    pub connect: String,
+    /// The name the hypervisor's certificate must carry.
+    pub tls_name: String,
+    /// Ports QEMU may serve backup exports on.
+    pub ports: std::ops::RangeInclusive<u16>,
+    /// CA certificate (PEM) the hypervisor's certificate chains to.
+    pub ca: PathBuf,
+    /// The proxy's client certificate and key (PEM).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl RemoteSpec {
+    /// The data path a backup job takes (reads the certificate files now).
+    pub fn data(&self) -> Result<proxy::job::RemoteData, proxy::nbd::Error> {
+        let identity = proxy::nbd::Identity {
+            cert_file: self.cert.clone(),
+            key_file: self.key.clone(),
+        };
+        let tls = proxy::nbd::ClientTls::new(&self.ca, &self.tls_name, Some(&identity))?;
+        Ok(proxy::job::RemoteData {
+            listen: self.listen.clone(),
+            connect: self.connect.clone(),
+            ports: self.ports.clone(),
+            tls,
+        })
+    }
 }
 
 impl HvSpec {
@@ -119,6 +157,7 @@ impl HvSpec {
             target: Target::Libvirt { uri: uri.into() },
             host: uri_host(uri),
             max_jobs: None,
+            remote: None,
         }
     }
 
@@ -132,6 +171,7 @@ impl HvSpec {
             },
             host: "localhost".into(),
             max_jobs: None,
+            remote: None,
         }
     }
 }

@@ -97,15 +97,34 @@ pub struct BackupRequest {
     pub new_checkpoint: Option<String>,
     /// Directory for scratch (fleecing) images; must be writable by the QEMU user.
     pub scratch_dir: PathBuf,
-    /// Unix socket the NBD server listens on; must be reachable by the QEMU user.
+    /// Unix socket the NBD server listens on; must be reachable by the QEMU user. Unused
+    /// when `tcp` is set.
     pub socket: PathBuf,
+    /// Serve the exports over TCP with TLS on the hypervisor instead (a remote hypervisor):
+    /// QEMU listens there with the certificate libvirt's `qemu.conf` names
+    /// (`backup_tls_x509_cert_dir`), and libvirt places each scratch file beside its image,
+    /// so no path of the proxy reaches the hypervisor.
+    pub tcp: Option<TcpServer>,
+}
+
+/// Where QEMU serves a remote backup's exports: the address it listens on, on the
+/// hypervisor, and the port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpServer {
+    /// Host name or address QEMU binds (libvirt's `<server name=…>`).
+    pub listen: String,
+    pub port: u16,
 }
 
 /// Where the backup job reads one disk's point-in-time view.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskExport {
     pub disk: String,
+    /// The unix socket of a local export (unused when `tcp_port` is set).
     pub socket: PathBuf,
+    /// The TCP port of a remote export (TLS; the host is the proxy's to choose, see
+    /// `job::RemoteData`).
+    pub tcp_port: Option<u16>,
     pub export_name: String,
     /// `qemu:dirty-bitmap:NAME` for an incremental, `None` for a full backup.
     pub dirty_bitmap_context: Option<String>,

@@ -162,6 +162,7 @@ fn export_of(
     DiskExport {
         disk: d.disk.clone(),
         socket,
+        tcp_port: None,
         export_name: d.disk.clone(),
         dirty_bitmap_context: req
             .incremental_from

@@ -162,6 +162,10 @@ pub fn redefine_checkpoint_xml(
 pub struct PullBackup<'a> {
     pub incremental_from: Option<&'a str>,
     pub socket: &'a std::path::Path,
+    /// Serve over TCP with TLS instead of the socket, with no `<disks>` element: libvirt
+    /// then exports every disk that supports backup and places each scratch file beside
+    /// its image (`IMAGE.CHECKPOINT`), on the hypervisor.
+    pub tcp: Option<&'a super::TcpServer>,
     pub all_disks: &'a [String],
     /// Disks to export, each with its scratch file.
     pub export: &'a [(String, PathBuf)],
@@ -172,6 +176,15 @@ pub fn backup_xml(b: &PullBackup<'_>) -> String {
     let mut xml = String::from("<domainbackup mode='pull'>");
     if let Some(cp) = b.incremental_from {
         let _ = write!(xml, "<incremental>{}</incremental>", escape(cp));
+    }
+    if let Some(t) = b.tcp {
+        let _ = write!(
+            xml,
+            "<server transport='tcp' name='{}' port='{}' tls='yes'/></domainbackup>",
+            escape(&t.listen),
+            t.port
+        );
+        return xml;
     }
     let socket = escape(&b.socket.to_string_lossy());
     let _ = write!(xml, "<server transport='unix' socket='{socket}'/><disks>");
@@ -294,12 +307,37 @@ mod tests {
         let xml = backup_xml(&PullBackup {
             incremental_from: Some("cp1"),
             socket: std::path::Path::new("/s/nbd.sock"),
+            tcp: None,
             all_disks: &all,
             export: &export,
         });
         assert!(xml.contains("<incremental>cp1</incremental>"));
         assert!(xml.contains("<scratch file='/s/a&apos;b.qcow2'/>"));
         assert!(xml.contains("<disk name='vdb' backup='no'/>"));
+        roxmltree::Document::parse(&xml).unwrap();
+    }
+
+    #[test]
+    fn a_remote_backup_names_a_tls_tcp_server_and_no_path() {
+        let all = vec!["vda".to_string(), "vdb".to_string()];
+        let export = vec![("vda".to_string(), PathBuf::from("/proxy/work/job/vda.qcow2"))];
+        let tcp = super::super::TcpServer {
+            listen: "10.0.0.5".into(),
+            port: 10901,
+        };
+        let xml = backup_xml(&PullBackup {
+            incremental_from: Some("sluice-1"),
+            socket: std::path::Path::new("/proxy/work/job/nbd.sock"),
+            tcp: Some(&tcp),
+            all_disks: &all,
+            export: &export,
+        });
+        assert_eq!(
+            xml,
+            "<domainbackup mode='pull'><incremental>sluice-1</incremental>\
+             <server transport='tcp' name='10.0.0.5' port='10901' tls='yes'/></domainbackup>"
+        );
+        assert!(!xml.contains("/proxy"), "no path of the proxy: {xml}");
         roxmltree::Document::parse(&xml).unwrap();
     }
 

@@ -54,6 +54,9 @@ pub struct BackupOptions {
     pub after_point_in_time: Option<Hook>,
     /// Paces reads from the hypervisor (shared to limit several jobs together).
     pub read_limit: Option<Arc<super::RateLimit>>,
+    /// A remote hypervisor: its exports are served over TCP with TLS (none: a local
+    /// hypervisor, exports on a unix socket in the job directory).
+    pub remote: Option<super::RemoteData>,
 }
 
 /// An async callback of a job.
@@ -72,6 +75,7 @@ impl BackupOptions {
             connections: 1,
             after_point_in_time: None,
             read_limit: None,
+            remote: None,
         }
     }
 }
@@ -86,6 +90,7 @@ impl std::fmt::Debug for BackupOptions {
             .field("batch_bytes", &self.batch_bytes)
             .field("depth", &self.depth)
             .field("connections", &self.connections)
+            .field("remote", &self.remote.as_ref().map(|r| &r.connect))
             .finish_non_exhaustive()
     }
 }
@@ -131,8 +136,22 @@ pub async fn run_backup<H: Hypervisor>(
     let parent = last_backup(repo, &dom.uuid).await?;
     let mode = decide_mode(hv, &dom, parent.as_ref(), opts.force_full).await?;
     let checkpoint = new_checkpoint_name();
-    let job_dir = make_job_dir(&opts.work_dir, &checkpoint, &dom)?;
+    let job_dir = make_job_dir(&opts.work_dir, &checkpoint, &dom, opts.remote.is_none())?;
+    let lease = match &opts.remote {
+        Some(r) if dom.state != crate::hypervisor::VmState::ShutOff => Some(r.lease_port()?),
+        Some(_) => {
+            let _ = std::fs::remove_dir_all(&job_dir);
+            return Err(Error::new(
+                ErrorKind::Refused,
+                format!(
+                    "vm {vm} is shut off: offline backups of a remote hypervisor are not supported yet; start the vm or back it up from its host"
+                ),
+            ));
+        }
+        None => None,
+    };
     let plan = Plan {
+        tcp: lease.as_ref().map(|l| l.server().clone()),
         dom: &dom,
         domain_xml: &domain_xml,
         parent: parent.filter(|_| !mode.is_full()),
@@ -166,6 +185,8 @@ struct Plan<'a> {
     checkpoint: &'a str,
     /// Scratch images and socket; removed by the caller on every path.
     job_dir: &'a Path,
+    /// Where QEMU serves a remote hypervisor's exports (none: the socket in `job_dir`).
+    tcp: Option<crate::hypervisor::TcpServer>,
 }
 
 impl Plan<'_> {
@@ -181,6 +202,7 @@ impl Plan<'_> {
             new_checkpoint: Some(self.checkpoint.to_string()),
             scratch_dir: self.job_dir.to_path_buf(),
             socket: self.job_dir.join("nbd.sock"),
+            tcp: self.tcp.clone(),
         }
     }
 
@@ -376,6 +398,10 @@ async fn read_all<H>(
             depth: opts.depth,
             connections: opts.connections,
             read_limit: opts.read_limit.clone(),
+            remote: opts
+                .remote
+                .as_ref()
+                .map(|r| (r.connect.clone(), r.tls.clone())),
         };
         back_up_disk(disk, sink.clone(), job.progress.clone(), job.cancel.clone())
     });
@@ -532,7 +558,14 @@ fn unix_now() -> i64 {
 /// A private directory for the job's scratch images and socket, owned by the user that owns
 /// the VM's disk images (the QEMU user under libvirt), mode 0700: QEMU can create its files
 /// there and nobody else can reach the socket that exposes the disks.
-fn make_job_dir(work_dir: &Path, checkpoint: &str, dom: &DomainInfo) -> Result<PathBuf> {
+/// The job's directory under `work_dir`; for a local hypervisor (`chown_to_images`) owned
+/// like the VM's images, so QEMU can create the scratch files and socket there.
+fn make_job_dir(
+    work_dir: &Path,
+    checkpoint: &str,
+    dom: &DomainInfo,
+    chown_to_images: bool,
+) -> Result<PathBuf> {
     let dir = work_dir.join(format!("{JOB_DIR_PREFIX}{checkpoint}"));
     let io = |what: &str, e: std::io::Error| {
         Error::new(
@@ -550,6 +583,7 @@ fn make_job_dir(work_dir: &Path, checkpoint: &str, dom: &DomainInfo) -> Result<P
     let owner = dom
         .disks
         .iter()
+        .filter(|_| chown_to_images)
         .filter_map(|d| d.source.as_ref())
         .find_map(|p| std::fs::metadata(p).ok());
     if let Some(meta) = owner {

@@ -41,6 +41,8 @@ pub(crate) struct DiskJob {
     pub depth: usize,
     pub connections: usize,
     pub read_limit: Option<Arc<super::RateLimit>>,
+    /// For a remote export (`export.tcp_port`): the host to dial and the TLS to speak.
+    pub remote: Option<(String, nbd::ClientTls)>,
 }
 
 /// Block status of one window, as asked once: its dirty and zero byte ranges.
@@ -116,7 +118,27 @@ async fn connect(job: &DiskJob) -> nbd::Result<Client> {
         max_in_flight_requests: job.depth.max(1) * 4,
         ..ClientOptions::default()
     };
-    Client::connect(&Address::Unix(job.export.socket.clone()), &opts).await
+    match (job.export.tcp_port, &job.remote) {
+        (Some(port), Some((host, tls))) => {
+            let opts = ClientOptions {
+                tls: Some(tls.clone()),
+                ..opts
+            };
+            let addr = Address::Tcp {
+                host: host.clone(),
+                port,
+            };
+            Client::connect(&addr, &opts).await
+        }
+        (Some(port), None) => Err(nbd::Error::new(
+            nbd::ErrorKind::InvalidArgument,
+            format!(
+                "disk {} is exported on tcp port {port}, but no remote data path is configured",
+                job.export.disk
+            ),
+        )),
+        (None, _) => Client::connect(&Address::Unix(job.export.socket.clone()), &opts).await,
+    }
 }
 
 impl Ctx {
@@ -443,6 +465,7 @@ mod tests {
             export: DiskExport {
                 disk: "vda".into(),
                 socket,
+                tcp_port: None,
                 export_name: "vda".into(),
                 dirty_bitmap_context: None,
                 capacity: size,
@@ -453,6 +476,7 @@ mod tests {
             depth: 4,
             connections: 1,
             read_limit: None,
+            remote: None,
         };
         let progress = Arc::new(Progress::default());
         let stats = back_up_disk(job, sink, progress.clone(), CancellationToken::new())

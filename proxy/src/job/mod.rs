@@ -9,6 +9,7 @@ pub mod backup;
 mod disk;
 mod error;
 mod progress;
+mod remote;
 pub mod stale;
 pub mod throttle;
 
@@ -17,4 +18,5 @@ pub use backup::{
 };
 pub use error::{Error, ErrorKind, Result};
 pub use progress::{Progress, ProgressSnapshot};
+pub use remote::{PortLease, RemoteData};
 pub use throttle::RateLimit;

@@ -51,6 +51,16 @@ async fn backup_job(
     let mut opts = BackupOptions::new(st.work_dir.clone());
     opts.force_full = mode == BackupModeRequest::Full;
     opts.read_limit = st.read_limit.clone();
+    if let Some(r) = &m.spec.remote {
+        let data = r.data().map_err(|e| {
+            failure::refused(format!(
+                "backup data path of hypervisor {}: {}",
+                m.name(),
+                crate::daemon::error::chain(&e)
+            ))
+        })?;
+        opts.remote = Some(data);
+    }
     let hv = m.hv().await.map_err(|e| failure::hypervisor(&e))?;
     let run = hv.backup(st.repo.clone(), vm, opts, h.progress, h.cancel);
     match run.await {

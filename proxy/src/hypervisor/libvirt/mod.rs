@@ -220,6 +220,7 @@ fn prepare(req: &BackupRequest, all_disks: Vec<DiskInfo>) -> Result<Prepared> {
     let backup_xml = xml::backup_xml(&xml::PullBackup {
         incremental_from: req.incremental_from.as_deref(),
         socket: &req.socket,
+        tcp: req.tcp.as_ref(),
         all_disks: &names,
         export: &export,
     });
@@ -297,6 +298,7 @@ fn begin_running(
         out.push(DiskExport {
             disk: disk.clone(),
             socket: req.socket.clone(),
+            tcp_port: req.tcp.as_ref().map(|t| t.port),
             export_name: desc.export_name.clone(),
             dirty_bitmap_context: desc
                 .export_bitmap

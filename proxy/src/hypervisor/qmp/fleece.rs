@@ -120,6 +120,7 @@ impl Fleece {
             exports.push(DiskExport {
                 disk: fd.disk.clone(),
                 socket: req.socket.clone(),
+                tcp_port: None,
                 export_name: fd.disk.clone(),
                 dirty_bitmap_context: fd
                     .temp_bitmap
