@@ -6,7 +6,7 @@
 //!   processes and files, also on panic.
 //! - [`pattern()`]: the host twin of the guest's write pattern.
 //! - [`read_image`]: a disk image's bytes read from outside QEMU.
-//! - [`ensure_libvirt`], [`virsh`]: the daemons and the CLI.
+//! - [`ensure_libvirt`], [`virsh`]: the daemons (libvirtd also on TLS) and the CLI.
 //! - [`peers`]: NBD peers (qemu-nbd, qemu-storage-daemon, nbdkit).
 //! - [`Bed`], [`TempRepo`], [`Model`], [`check_disk`]: a throwaway repository with the runtime
 //!   and libvirt connection that back a [`TestVm`] up, and byte-for-byte checks of backups.
@@ -14,6 +14,9 @@
 //! - [`instant`]: a writable export of a backup that a domain boots from (instant recovery).
 //! - [`inspect`]: what `nbdinfo --map` and `qemu-img compare` see of exports and images.
 //! - [`daemon`]: a real `sluice serve` driven through the `sluice` CLI.
+//! - [`remote`]: libvirt as a second host reached only over the network
+//!   (`qemu+tls://127.0.0.1/system`, backup exports over NBD with TLS), and [`Isolated`]: the
+//!   proxy under test as its own user in a mount namespace that hides the hypervisor's files.
 
 pub mod bed;
 pub mod channel;
@@ -25,12 +28,14 @@ pub mod libvirt;
 pub mod pattern;
 pub mod peers;
 pub mod qmp;
+pub mod remote;
 pub mod scratch;
 pub mod vm;
 
 pub use bed::{check_disk, runtime, Bed, Model, TempRepo};
 pub use image::{guest_image, read_image, read_nbd, GuestImage};
-pub use libvirt::{domain_names, ensure_libvirt, qemu_pids_of, virsh};
+pub use libvirt::{domain_names, ensure_libvirt, qemu_pids_of, virsh, virsh_at};
 pub use pattern::{pattern, pattern_sha256, sha256_hex};
+pub use remote::{Isolated, TlsHost};
 pub use scratch::{ScratchDir, SCRATCH_ROOT};
 pub use vm::{sweep_dead, teardown_domain, Disk, TestVm, VmSpec, NAME_PREFIX};
