@@ -55,8 +55,24 @@ impl Drop for Daemon {
 
 impl Daemon {
     /// Starts a daemon keeping its data under `dir/data` (reused across restarts), with
-    /// `extra` appended to its configuration file.
+    /// `extra` appended to its configuration file (local libvirt, `qemu:///system`).
     pub fn start(dir: &Path, extra: &str) -> Result<Daemon> {
+        let config = format!("libvirt_uri = \"qemu:///system\"\n{extra}");
+        Daemon::start_as(dir, &config, |argv| {
+            let mut c = Command::new(&argv[0]);
+            c.args(&argv[1..]);
+            c
+        })
+    }
+
+    /// Starts a daemon with `config` after its data directory and listen addresses, run by
+    /// the command `wrap` makes of `[sluice, serve, -c, CONFIG]` (e.g. as another user in a
+    /// namespace of its own).
+    pub fn start_as(
+        dir: &Path,
+        config: &str,
+        wrap: impl FnOnce(Vec<std::ffi::OsString>) -> Command,
+    ) -> Result<Daemon> {
         let free = || -> Result<u16> {
             Ok(std::net::TcpListener::bind("127.0.0.1:0")?
                 .local_addr()?
@@ -68,17 +84,21 @@ impl Daemon {
         std::fs::write(
             &cfg,
             format!(
-                "data_dir = {data:?}\nlisten = \"127.0.0.1:{port}\"\nnbd_listen = \"127.0.0.1:{nbd}\"\nlibvirt_uri = \"qemu:///system\"\n{extra}"
+                "data_dir = {data:?}\nlisten = \"127.0.0.1:{port}\"\nnbd_listen = \"127.0.0.1:{nbd}\"\n{config}"
             ),
         )?;
-        let mut child = Command::new(sluice_bin()?)
+        let argv = vec![
+            sluice_bin()?.into_os_string(),
+            "serve".into(),
+            "-c".into(),
+            cfg.into_os_string(),
+        ];
+        let mut child = wrap(argv)
             .env(
                 "RUST_LOG",
                 // libnbd sends an IP address as TLS SNI, which rustls warns about.
                 std::env::var("SLUICE_TEST_LOG").unwrap_or("warn,rustls=error".into()),
             )
-            .args(["serve", "-c"])
-            .arg(&cfg)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;

@@ -320,7 +320,10 @@ mod tests {
     #[test]
     fn a_remote_backup_names_a_tls_tcp_server_and_no_path() {
         let all = vec!["vda".to_string(), "vdb".to_string()];
-        let export = vec![("vda".to_string(), PathBuf::from("/proxy/work/job/vda.qcow2"))];
+        let export = vec![(
+            "vda".to_string(),
+            PathBuf::from("/proxy/work/job/vda.qcow2"),
+        )];
         let tcp = super::super::TcpServer {
             listen: "10.0.0.5".into(),
             port: 10901,
