@@ -66,23 +66,57 @@ fn restore_equals(d: &Daemon, id: &str, model: &Model, disk: &str, name: &str) -
     compare_images(&q, "qcow2", raw.to_str().context("utf-8 path")?, "raw")
 }
 
+/// A booted guest on the test bed's libvirt, and what it takes to run isolated daemons
+/// that back it up over TLS.
+struct Remote {
+    host: TlsHost,
+    iso: Isolated,
+    vm: TestVm,
+    disk: String,
+    images: std::path::PathBuf,
+    dir: tempfile::TempDir,
+    first_port: u16,
+}
+
+impl Remote {
+    fn new(prefix: &str) -> Result<Remote> {
+        let host = TlsHost::ensure()?;
+        let iso = Isolated::ensure()?;
+        let vm = TestVm::boot(VmSpec::new(prefix).disk(SIZE))?;
+        let disk = vm.disks()[0].target.clone();
+        let images = vm
+            .disk_path(&disk)?
+            .parent()
+            .context("image dir")?
+            .to_path_buf();
+        let dir = iso.data_dir(prefix)?;
+        Ok(Remote {
+            host,
+            iso,
+            vm,
+            disk,
+            images,
+            dir,
+            first_port: free_port()?,
+        })
+    }
+
+    /// An isolated daemon over the data directory (reused across restarts), with `top`
+    /// (top-level settings) before its hypervisor.
+    fn daemon(&self, top: &str) -> Result<Daemon> {
+        let bin = binary_for(&self.iso, self.dir.path())?;
+        let config = format!("{top}{}", remote_config(&self.host, self.first_port));
+        Daemon::start_as(self.dir.path(), &config, |argv| {
+            self.iso.command(&bin, &argv[1..], &[self.images.as_path()])
+        })
+    }
+}
+
 #[test]
 fn an_isolated_proxy_backs_up_a_remote_hypervisor_over_tls() -> Result<()> {
-    let host = TlsHost::ensure()?;
-    let iso = Isolated::ensure()?;
-    let vm = TestVm::boot(VmSpec::new("remote-bk").disk(SIZE))?;
-    let disk = vm.disks()[0].target.clone();
-    let images = vm
-        .disk_path(&disk)?
-        .parent()
-        .context("image dir")?
-        .to_path_buf();
-    let dir = iso.data_dir("remote")?;
-    let bin = binary_for(&iso, dir.path())?;
-    let config = remote_config(&host, free_port()?);
-    let d = Daemon::start_as(dir.path(), &config, |argv| {
-        iso.command(&bin, &argv[1..], &[images.as_path()])
-    })?;
+    let r = Remote::new("remote-bk")?;
+    let (vm, disk, images) = (&r.vm, r.disk.clone(), r.images.clone());
+    let d = r.daemon("")?;
     let vms = d.ok(&["vm", "list"])?;
     ensure!(
         vms["vms"].as_array().is_some_and(|l| l
@@ -92,15 +126,15 @@ fn an_isolated_proxy_backs_up_a_remote_hypervisor_over_tls() -> Result<()> {
         vm.name()
     );
 
-    let mut model = Model::new(&vm);
-    model.write(&vm, &disk, 0, 4 * MIB, 1)?;
+    let mut model = Model::new(vm);
+    model.write(vm, &disk, 0, 4 * MIB, 1)?;
     vm.sync()?;
     let full = backup(&d, vm.name(), true)?;
     let full_id = full["backup_id"].as_str().context("backup id")?.to_string();
     let at_full = model.clone();
     // Retention orders backups by their start second, so the incremental starts later.
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    model.write(&vm, &disk, 8 * MIB, MIB, 2)?;
+    model.write(vm, &disk, 8 * MIB, MIB, 2)?;
     vm.sync()?;
     let inc = backup(&d, vm.name(), false)?;
     let inc_id = inc["backup_id"].as_str().context("backup id")?.to_string();
@@ -125,4 +159,34 @@ fn an_isolated_proxy_backs_up_a_remote_hypervisor_over_tls() -> Result<()> {
         "scratch files left beside the image: {left:?}"
     );
     Ok(())
+}
+
+/// kill -9 of the isolated proxy in the middle of a remote backup leaves libvirt's backup job
+/// (and QEMU's TLS export) running on the hypervisor; the restarted daemon ends it over the
+/// libvirt connection alone, and the next backup is exact.
+#[test]
+fn after_kill_9_mid_remote_backup_the_restart_ends_the_job_and_the_next_backup_is_exact(
+) -> Result<()> {
+    let r = Remote::new("remote-kill")?;
+    let mut model = Model::new(&r.vm);
+    model.write(&r.vm, &r.disk, 0, 32 * MIB, 3)?;
+    r.vm.sync()?;
+    let slow = "read_limit = 8388608\n";
+    let id = r.daemon(slow)?.kill_mid_backup(r.vm.name())?;
+    r.host
+        .virsh(&["backup-dumpxml", r.vm.name()])
+        .context("the killed proxy's backup job is still on the hypervisor")?;
+    let d = r.daemon(slow)?;
+    let note = d.cleanup_note(id, std::time::Duration::from_secs(30))?;
+    ensure!(
+        note.contains("cleaned up: remote libvirt backup job"),
+        "the interrupted job's message: {note}"
+    );
+    ensure!(
+        r.host.virsh(&["backup-dumpxml", r.vm.name()]).is_err(),
+        "no backup job is left on the hypervisor"
+    );
+    let job = backup(&d, r.vm.name(), false)?;
+    let id = job["backup_id"].as_str().context("backup id")?.to_string();
+    restore_equals(&d, &id, &model, &r.disk, "after-kill")
 }

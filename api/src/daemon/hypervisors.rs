@@ -45,6 +45,13 @@ pub trait Hv: Send + Sync {
         vm: &'a str,
         job_dir: &'a Path,
     ) -> BoxFuture<'a, proxy::job::Result<Option<PathBuf>>>;
+    /// Ends the remote backup job an earlier daemon left on `vm`, served on a port of
+    /// `ports`; the port, if one ended.
+    fn end_stale_tcp_backup<'a>(
+        &'a self,
+        vm: &'a str,
+        ports: std::ops::RangeInclusive<u16>,
+    ) -> BoxFuture<'a, proxy::hypervisor::Result<Option<u16>>>;
     /// Runs one backup job.
     fn backup(
         self: Arc<Self>,
@@ -75,6 +82,14 @@ impl<H: Hypervisor + 'static> Hv for H {
         job_dir: &'a Path,
     ) -> BoxFuture<'a, proxy::job::Result<Option<PathBuf>>> {
         Box::pin(proxy::job::end_stale_backup_in(self, vm, job_dir))
+    }
+
+    fn end_stale_tcp_backup<'a>(
+        &'a self,
+        vm: &'a str,
+        ports: std::ops::RangeInclusive<u16>,
+    ) -> BoxFuture<'a, proxy::hypervisor::Result<Option<u16>>> {
+        Box::pin(Hypervisor::abort_stale_tcp_backup(self, vm, ports))
     }
 
     fn backup(
@@ -337,6 +352,25 @@ impl Member {
     ) -> Result<Option<PathBuf>, String> {
         let hv = self.hv().await.map_err(|e| chain(&e))?;
         let call = hv.end_stale_backup(vm, job_dir);
+        match tokio::time::timeout(CALL_TIMEOUT, call).await {
+            Ok(r) => r.map_err(|e| format!("hypervisor {}: {}", self.name(), chain(&e))),
+            Err(_) => Err(format!(
+                "hypervisor {}: no answer within {} s",
+                self.name(),
+                CALL_TIMEOUT.as_secs()
+            )),
+        }
+    }
+
+    /// Ends the remote backup job an earlier daemon left on `vm` (its exports on a port of
+    /// this hypervisor's export range), within [`CALL_TIMEOUT`]; the port, if one ended.
+    /// `Ok(None)` also for a hypervisor that is not remote.
+    pub async fn end_stale_tcp_backup(&self, vm: &str) -> Result<Option<u16>, String> {
+        let Some(remote) = &self.spec.remote else {
+            return Ok(None);
+        };
+        let hv = self.hv().await.map_err(|e| chain(&e))?;
+        let call = hv.end_stale_tcp_backup(vm, remote.ports.clone());
         match tokio::time::timeout(CALL_TIMEOUT, call).await {
             Ok(r) => r.map_err(|e| format!("hypervisor {}: {}", self.name(), chain(&e))),
             Err(_) => Err(format!(

@@ -229,6 +229,24 @@ fn remove_all<'a>(paths: impl Iterator<Item = &'a PathBuf>) -> usize {
     n
 }
 
+/// Ends the backup job a dead daemon left on `vm` of the remote hypervisor `m` (its exports
+/// on a port of `m`'s export range: no job directory of ours names it).
+async fn end_remote_backup(m: &Member, vm: &str) -> Result<String, String> {
+    match m.end_stale_tcp_backup(vm).await {
+        Ok(Some(port)) => Ok(format!(
+            "cleaned up: remote libvirt backup job (exports on port {port}) ended on hypervisor {}",
+            m.name()
+        )),
+        Ok(None) => Ok(format!(
+            "nothing to clean up: hypervisor {} has no backup job of vm {vm} left",
+            m.name()
+        )),
+        Err(e) => Err(format!(
+            "not cleaned up: {e}; the next backup of vm {vm} ends its job"
+        )),
+    }
+}
+
 /// Ends the backup job a dead daemon's backup `job` left on its hypervisor, trying the job
 /// directories that daemon left (only a job whose socket is in one of them is ended); the
 /// directory it used is removed and taken out of `dirs`. The note for the job's message;
@@ -254,6 +272,9 @@ async fn end_backup(
     } else {
         "qemu backup export"
     };
+    if m.spec.remote.is_some() {
+        return end_remote_backup(m, &job.vm).await;
+    }
     for i in 0..dirs.len() {
         match m.end_stale_backup(&job.vm, &dirs[i]).await {
             Ok(Some(_)) => {

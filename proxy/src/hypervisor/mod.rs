@@ -240,6 +240,19 @@ pub trait Hypervisor: Send + Sync {
         marker: &str,
     ) -> impl Future<Output = Result<Option<PathBuf>>> + Send;
 
+    /// Ends a pull-mode backup job of `vm` that serves its exports over TCP on a port of
+    /// `ports` (a remote backup an earlier run of the proxy left, killed mid-backup: one job
+    /// holds a VM at a time, so no live backup of this proxy's has one); returns that port.
+    /// Adapters without remote backups have none.
+    fn abort_stale_tcp_backup(
+        &self,
+        vm: &str,
+        ports: std::ops::RangeInclusive<u16>,
+    ) -> impl Future<Output = Result<Option<u16>>> + Send {
+        let _ = (vm, ports);
+        async { Ok(None) }
+    }
+
     /// Whether the guest agent answers right now.
     fn agent_responds(&self, vm: &str) -> impl Future<Output = bool> + Send;
 

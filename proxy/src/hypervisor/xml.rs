@@ -387,8 +387,27 @@ pub fn backup_socket(backup_xml: &str) -> Option<std::path::PathBuf> {
         .map(std::path::PathBuf::from)
 }
 
+/// The TCP port of a pull-mode backup's NBD server, from `virDomainBackupGetXMLDesc`.
+pub fn backup_tcp_port(backup_xml: &str) -> Option<u16> {
+    let doc = roxmltree::Document::parse(backup_xml).ok()?;
+    doc.descendants()
+        .find(|n| n.has_tag_name("server") && n.attribute("transport") == Some("tcp"))
+        .and_then(|n| n.attribute("port"))
+        .and_then(|p| p.parse().ok())
+}
+
 #[cfg(test)]
 mod backup_socket_tests {
+    #[test]
+    fn finds_the_tcp_port_of_a_remote_pull_backup() {
+        let x = "<domainbackup mode='pull'><server transport='tcp' name='10.0.0.5' port='10903' tls='yes'/><disks/></domainbackup>";
+        assert_eq!(super::backup_tcp_port(x), Some(10903));
+        let unix =
+            "<domainbackup mode='pull'><server transport='unix' socket='/s'/></domainbackup>";
+        assert_eq!(super::backup_tcp_port(unix), None);
+        assert_eq!(super::backup_socket(x), None);
+    }
+
     #[test]
     fn finds_the_unix_socket_of_a_pull_backup() {
         let x = "<domainbackup mode='pull'><server transport='unix' socket='/w/job-sluice-1/nbd.sock'/><disks/></domainbackup>";

@@ -131,7 +131,7 @@ pub async fn run_backup<H: Hypervisor>(
         .domain_xml(vm)
         .await
         .map_err(|e| Error::hypervisor(format!("definition of vm {vm}"), e))?;
-    end_stale_job(hv, vm, &opts.work_dir).await?;
+    end_stale_job(hv, vm, opts).await?;
     // The parent's manifest is read once, here, and passed down (mode, spec, sink).
     let parent = last_backup(repo, &dom.uuid).await?;
     let mode = decide_mode(hv, &dom, parent.as_ref(), opts.force_full).await?;
@@ -241,8 +241,25 @@ const JOB_DIR_PREFIX: &str = "job-";
 /// would refuse the next backup: end it, and remove its job directory. Its new checkpoint
 /// stays until the next successful backup drops it; the chain still starts at the last good
 /// backup, whose checkpoint libvirt merges forward.
-async fn end_stale_job<H: Hypervisor>(hv: &H, vm: &str, work_dir: &Path) -> Result<()> {
-    end_stale_backup(hv, vm, work_dir).await.map(drop)
+///
+/// A remote hypervisor's job has no socket of ours: it is the one whose exports are served on
+/// a port of the hypervisor's export range.
+async fn end_stale_job<H: Hypervisor>(hv: &H, vm: &str, opts: &BackupOptions) -> Result<()> {
+    let Some(remote) = &opts.remote else {
+        return end_stale_backup(hv, vm, &opts.work_dir).await.map(drop);
+    };
+    let ports = remote.ports.clone();
+    match hv.abort_stale_tcp_backup(vm, ports.clone()).await {
+        Ok(_) => Ok(()),
+        // Two callers may race for one stale job: ask once more, none left is no error.
+        Err(first) => match hv.abort_stale_tcp_backup(vm, ports).await {
+            Ok(None) => Ok(()),
+            _ => Err(Error::hypervisor(
+                format!("stale backup job of vm {vm}"),
+                first,
+            )),
+        },
+    }
 }
 
 /// Ends the backup job of `vm` that an earlier run of Sluice left on `hv` (killed mid-backup),

@@ -633,6 +633,29 @@ impl Hypervisor for LibvirtHypervisor {
             .await
     }
 
+    async fn abort_stale_tcp_backup(
+        &self,
+        vm: &str,
+        ports: std::ops::RangeInclusive<u16>,
+    ) -> Result<Option<u16>> {
+        let vm = vm.to_string();
+        self.worker
+            .call(move |c| {
+                let dom = lookup(c, &vm)?;
+                let Ok(desc) = ffi::backup_xml_desc(&dom) else {
+                    return Ok(None);
+                };
+                let Some(port) = xml::backup_tcp_port(&desc).filter(|p| ports.contains(p)) else {
+                    return Ok(None);
+                };
+                ffi::abort_job(&dom)
+                    .map_err(virt_err(format!("aborting a stale backup job of vm {vm}")))?;
+                tracing::warn!(vm = %vm, port, "aborted a remote backup job left by an earlier run");
+                Ok(Some(port))
+            })
+            .await
+    }
+
     async fn domain_xml(&self, vm: &str) -> Result<String> {
         LibvirtHypervisor::domain_xml(self, vm).await
     }
