@@ -190,3 +190,72 @@ fn after_kill_9_mid_remote_backup_the_restart_ends_the_job_and_the_next_backup_i
     let id = job["backup_id"].as_str().context("backup id")?.to_string();
     restore_equals(&d, &id, &model, &r.disk, "after-kill")
 }
+
+/// A shut-off VM of a remote hypervisor is started paused for its backup (an incremental from
+/// its persistent bitmap), powered off again, and the next online backup is incremental.
+#[test]
+fn a_shut_off_vm_of_a_remote_hypervisor_is_backed_up_paused_and_stays_off() -> Result<()> {
+    let r = Remote::new("remote-off")?;
+    let d = r.daemon("")?;
+    let name = r.vm.name();
+    let mut model = Model::new(&r.vm);
+    model.write(&r.vm, &r.disk, 0, 4 * MIB, 5)?;
+    r.vm.sync()?;
+    backup(&d, name, true)?;
+    model.write(&r.vm, &r.disk, 16 * MIB, MIB, 6)?;
+    r.vm.sync()?;
+    r.vm.shutdown()?;
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let off = backup(&d, name, false)?;
+    let off_id = off["backup_id"].as_str().context("backup id")?.to_string();
+    ensure!(
+        r.vm.state()? == "shut off",
+        "the vm is shut off again after its offline backup: {}",
+        r.vm.state()?
+    );
+    let shown = d.ok(&["backup", "show", &off_id])?;
+    ensure!(
+        shown["mode"] == "incremental",
+        "the offline backup is an incremental from the persistent bitmap: {shown}"
+    );
+    let read = off["progress"]["bytes_read"].as_u64().unwrap_or(u64::MAX);
+    ensure!(
+        read <= 2 * MIB,
+        "the offline incremental read {read} bytes: {off}"
+    );
+    restore_equals(&d, &off_id, &model, &r.disk, "offline")?;
+    r.vm.start()?;
+    model.write(&r.vm, &r.disk, 24 * MIB, MIB, 7)?;
+    r.vm.sync()?;
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let on = backup(&d, name, false)?;
+    let on_id = on["backup_id"].as_str().context("backup id")?.to_string();
+    let shown = d.ok(&["backup", "show", &on_id])?;
+    ensure!(
+        shown["mode"] == "incremental",
+        "online after offline: {shown}"
+    );
+    restore_equals(&d, &on_id, &model, &r.disk, "online")
+}
+
+/// `backup_data.offline = false` refuses a shut-off VM with the reason, and leaves it off.
+#[test]
+fn a_hypervisor_that_forbids_starting_vms_paused_refuses_a_shut_off_vm() -> Result<()> {
+    let r = Remote::new("remote-noff")?;
+    r.vm.shutdown()?;
+    let bin = binary_for(&r.iso, r.dir.path())?;
+    let config = format!("{}offline = false\n", remote_config(&r.host, r.first_port));
+    let d = Daemon::start_as(r.dir.path(), &config, |argv| {
+        r.iso.command(&bin, &argv[1..], &[r.images.as_path()])
+    })?;
+    let (code, job) = d.cli(&["backup", r.vm.name(), "--wait"])?;
+    ensure!(code == 5, "the backup fails (exit 5): {code} {job}");
+    ensure!(job["error"]["kind"] == "refused", "{job}");
+    let msg = job["error"]["message"].as_str().unwrap_or_default();
+    ensure!(
+        msg.contains("offline = false"),
+        "the reason names the setting: {msg}"
+    );
+    ensure!(r.vm.state()? == "shut off", "left shut off");
+    Ok(())
+}

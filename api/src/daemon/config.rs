@@ -65,6 +65,9 @@ pub struct BackupData {
     pub cert: PathBuf,
     /// Its private key (PEM), readable by the service only (mode 0600 or 0400).
     pub key: PathBuf,
+    /// Whether a shut-off VM is started paused (its CPUs never run) for its backup and
+    /// powered off again (default `true`); `false` refuses backups of shut-off VMs.
+    pub offline: Option<bool>,
 }
 
 /// Export ports of a remote hypervisor when none are configured.
@@ -254,6 +257,7 @@ fn remote_spec(d: &BackupData, uri: &str) -> RemoteSpec {
         ca: d.ca.clone(),
         cert: d.cert.clone(),
         key: d.key.clone(),
+        start_offline: d.offline.unwrap_or(true),
     }
 }
 

@@ -145,6 +145,8 @@ pub struct RemoteSpec {
     /// The proxy's client certificate and key (PEM).
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Whether a shut-off VM may be started paused for its backup.
+    pub start_offline: bool,
 }
 
 impl RemoteSpec {
@@ -160,6 +162,7 @@ impl RemoteSpec {
             connect: self.connect.clone(),
             ports: self.ports.clone(),
             tls,
+            start_offline: self.start_offline,
         })
     }
 }

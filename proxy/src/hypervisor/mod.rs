@@ -253,6 +253,19 @@ pub trait Hypervisor: Send + Sync {
         async { Ok(None) }
     }
 
+    /// Starts the shut-off `vm` with its CPUs paused (they never run), so a remote
+    /// hypervisor's QEMU can serve its disks for a backup. Adapters that cannot refuse.
+    fn start_paused(&self, vm: &str) -> impl Future<Output = Result<()>> + Send {
+        let msg = format!("vm {vm}: this hypervisor cannot start a vm paused");
+        async move { Err(Error::new(ErrorKind::Unsupported, msg)) }
+    }
+
+    /// Powers `vm` off at once (the paused domain an offline backup started).
+    fn destroy(&self, vm: &str) -> impl Future<Output = Result<()>> + Send {
+        let msg = format!("vm {vm}: this hypervisor cannot destroy a vm");
+        async move { Err(Error::new(ErrorKind::Unsupported, msg)) }
+    }
+
     /// Whether the guest agent answers right now.
     fn agent_responds(&self, vm: &str) -> impl Future<Output = bool> + Send;
 

@@ -25,7 +25,7 @@ use super::error::{Error, ErrorKind, Result};
 use super::progress::Progress;
 use crate::hypervisor::{
     BackupRequest, BackupSession, CheckpointHealth, DomainInfo, ExpectedDisk, FreezeGuard,
-    Hypervisor,
+    Hypervisor, VmState,
 };
 use crate::repo::IngestSink;
 
@@ -54,8 +54,9 @@ pub struct BackupOptions {
     pub after_point_in_time: Option<Hook>,
     /// Paces reads from the hypervisor (shared to limit several jobs together).
     pub read_limit: Option<Arc<super::RateLimit>>,
-    /// A remote hypervisor: its exports are served over TCP with TLS (none: a local
-    /// hypervisor, exports on a unix socket in the job directory).
+    /// A remote hypervisor: its exports are served over TCP with TLS, a shut-off VM is
+    /// started paused for its backup (none: a local hypervisor, exports on a unix socket in
+    /// the job directory, a shut-off VM read offline).
     pub remote: Option<super::RemoteData>,
 }
 
@@ -125,41 +126,103 @@ pub async fn run_backup<H: Hypervisor>(
         .domain(vm)
         .await
         .map_err(|e| Error::hypervisor(format!("vm {vm}"), e))?;
-    // A shut-off VM is not started: the adapter reads its images offline (`qemu-nbd -B`).
+    // A shut-off VM of a local hypervisor is not started: the adapter reads its images
+    // offline (`qemu-nbd -B`). One of a remote hypervisor is started paused (its CPUs never
+    // run) so that QEMU there serves its disks, and powered off again afterwards.
     tracing::info!(vm, state = ?dom.state, "backup started");
     let domain_xml = hv
         .domain_xml(vm)
         .await
         .map_err(|e| Error::hypervisor(format!("definition of vm {vm}"), e))?;
     end_stale_job(hv, vm, opts).await?;
+    let paused = start_paused_if_remote(hv, &dom, opts).await?;
+    if !paused {
+        return back_up_domain(&job, &dom, &domain_xml).await;
+    }
+    let dom = hv
+        .domain(vm)
+        .await
+        .map_err(|e| Error::hypervisor(format!("vm {vm}"), e))?;
+    let result = back_up_domain(&job, &dom, &domain_xml).await;
+    power_off_again(hv, vm).await;
+    result
+}
+
+/// For a shut-off VM of a remote hypervisor: starts it paused unless that hypervisor
+/// forbids it (then a refusal); whether it did.
+async fn start_paused_if_remote<H: Hypervisor>(
+    hv: &H,
+    dom: &DomainInfo,
+    opts: &BackupOptions,
+) -> Result<bool> {
+    let (Some(remote), VmState::ShutOff) = (&opts.remote, dom.state) else {
+        return Ok(false);
+    };
+    let vm = &dom.name;
+    if !remote.start_offline {
+        return Err(Error::new(
+            ErrorKind::Refused,
+            format!(
+                "vm {vm} is shut off and this hypervisor forbids starting it paused for a backup (backup_data.offline = false): start the vm, or allow it"
+            ),
+        ));
+    }
+    hv.start_paused(vm).await.map_err(|e| {
+        Error::hypervisor(format!("offline backup of vm {vm}: starting it paused"), e)
+    })?;
+    tracing::info!(vm, "started paused for an offline backup");
+    Ok(true)
+}
+
+/// Powers off the VM an offline backup started paused, unless it runs now (someone resumed
+/// it meanwhile: it is left running). A failure is logged: the backup's outcome stands.
+async fn power_off_again<H: Hypervisor>(hv: &H, vm: &str) {
+    match hv.domain(vm).await.map(|d| d.state) {
+        Ok(VmState::Paused) => match hv.destroy(vm).await {
+            Ok(()) => tracing::info!(vm, "powered off again after its offline backup"),
+            Err(e) => tracing::error!(vm, error = %catalog::Chain(&e),
+                "the vm an offline backup started paused could not be powered off: power it off by hand"),
+        },
+        Ok(state) => tracing::warn!(
+            vm,
+            ?state,
+            "the vm an offline backup started paused is no longer paused: left as it is"
+        ),
+        Err(e) => tracing::error!(vm, error = %catalog::Chain(&e),
+            "cannot see whether the vm an offline backup started paused is still paused"),
+    }
+}
+
+/// Decides full or incremental for `dom` (as it is now), takes the point in time, reads and
+/// commits.
+async fn back_up_domain<H: Hypervisor>(
+    job: &Job<'_, H>,
+    dom: &DomainInfo,
+    domain_xml: &str,
+) -> Result<BackupReport> {
+    let (hv, repo, opts) = (job.hv, job.repo, job.opts);
     // The parent's manifest is read once, here, and passed down (mode, spec, sink).
     let parent = last_backup(repo, &dom.uuid).await?;
-    let mode = decide_mode(hv, &dom, parent.as_ref(), opts.force_full).await?;
+    let mode = decide_mode(hv, dom, parent.as_ref(), opts.force_full).await?;
     let checkpoint = new_checkpoint_name();
-    let job_dir = make_job_dir(&opts.work_dir, &checkpoint, &dom, opts.remote.is_none())?;
-    let lease = match &opts.remote {
-        Some(r) if dom.state != crate::hypervisor::VmState::ShutOff => Some(r.lease_port()?),
-        Some(_) => {
+    let job_dir = make_job_dir(&opts.work_dir, &checkpoint, dom, opts.remote.is_none())?;
+    let lease = match opts.remote.as_ref().map(|r| r.lease_port()).transpose() {
+        Ok(l) => l,
+        Err(e) => {
             let _ = std::fs::remove_dir_all(&job_dir);
-            return Err(Error::new(
-                ErrorKind::Refused,
-                format!(
-                    "vm {vm} is shut off: offline backups of a remote hypervisor are not supported yet; start the vm or back it up from its host"
-                ),
-            ));
+            return Err(e);
         }
-        None => None,
     };
     let plan = Plan {
         tcp: lease.as_ref().map(|l| l.server().clone()),
-        dom: &dom,
-        domain_xml: &domain_xml,
+        dom,
+        domain_xml,
         parent: parent.filter(|_| !mode.is_full()),
         mode,
         checkpoint: &checkpoint,
         job_dir: &job_dir,
     };
-    let result = take_backup(&job, &plan).await;
+    let result = take_backup(job, &plan).await;
     let _ = std::fs::remove_dir_all(&job_dir);
     result
 }

@@ -30,6 +30,8 @@ pub struct RemoteData {
     /// The CA the hypervisor's certificate must chain to, the name it must carry, and the
     /// proxy's client certificate.
     pub tls: ClientTls,
+    /// Whether a shut-off VM may be started paused (its CPUs never run) for its backup.
+    pub start_offline: bool,
 }
 
 /// How long a probe of a port waits for an answer.
@@ -125,6 +127,7 @@ mod tests {
             connect: "127.0.0.1".into(),
             ports,
             tls: ClientTls::new(&ca, "localhost", None).unwrap(),
+            start_offline: true,
         }
     }
 

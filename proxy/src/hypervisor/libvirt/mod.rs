@@ -656,6 +656,29 @@ impl Hypervisor for LibvirtHypervisor {
             .await
     }
 
+    async fn start_paused(&self, vm: &str) -> Result<()> {
+        let vm = vm.to_string();
+        self.worker
+            .call(move |c| {
+                lookup(c, &vm)?
+                    .create_with_flags(sys::VIR_DOMAIN_START_PAUSED)
+                    .map_err(virt_err(format!("starting vm {vm} paused")))
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn destroy(&self, vm: &str) -> Result<()> {
+        let vm = vm.to_string();
+        self.worker
+            .call(move |c| {
+                lookup(c, &vm)?
+                    .destroy()
+                    .map_err(virt_err(format!("powering off vm {vm}")))
+            })
+            .await
+    }
+
     async fn domain_xml(&self, vm: &str) -> Result<String> {
         LibvirtHypervisor::domain_xml(self, vm).await
     }
