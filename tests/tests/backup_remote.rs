@@ -173,9 +173,22 @@ fn after_kill_9_mid_remote_backup_the_restart_ends_the_job_and_the_next_backup_i
     r.vm.sync()?;
     let slow = "read_limit = 8388608\n";
     let id = r.daemon(slow)?.kill_mid_backup(r.vm.name())?;
-    r.host
+    let job_xml = r
+        .host
         .virsh(&["backup-dumpxml", r.vm.name()])
         .context("the killed proxy's backup job is still on the hypervisor")?;
+    // What the proxy asked of libvirt, as libvirt keeps it: a TLS server on the hypervisor
+    // and scratch files beside the image, no path of the proxy's.
+    let proxy_dir = r.dir.path().to_string_lossy().into_owned();
+    ensure!(
+        !job_xml.contains(&proxy_dir) && job_xml.contains("tls='yes'"),
+        "the backup job names a path of the proxy ({proxy_dir}) or no TLS: {job_xml}"
+    );
+    let image = r.vm.disk_path(&r.disk)?.to_string_lossy().into_owned();
+    ensure!(
+        job_xml.contains(&format!("<scratch file='{image}.")),
+        "libvirt placed the scratch file beside the image {image}: {job_xml}"
+    );
     let d = r.daemon(slow)?;
     let note = d.cleanup_note(id, std::time::Duration::from_secs(30))?;
     ensure!(
