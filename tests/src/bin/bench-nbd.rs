@@ -9,6 +9,12 @@
 //! `BENCH_NBD_CONNECTIONS`, `BENCH_NBD_SIZE_MIB` override); 2 MiB requests make qemu-nbd
 //! page-fault on a fresh bounce buffer per request and halve its rate. Each reader runs three times
 //! after a warm-up pass that brings the file into the page cache; the best run counts.
+//!
+//! Then the transports a backup meets (issue 13): the same image read with Sluice's client
+//! from qemu-nbd over the unix socket (a local hypervisor), over TCP on loopback, over TCP
+//! with TLS (a remote hypervisor's QEMU: `tls-creds-x509` with a client certificate), and from
+//! nbdkit's `delay` filter at 2 ms per read (a far hypervisor), each as GB/s and as a ratio to
+//! the unix socket.
 
 use anyhow::{bail, Context, Result};
 use std::io::Write;
@@ -67,8 +73,19 @@ fn make_image(path: &std::path::Path) -> Result<()> {
 
 /// Read the whole export with `workers` tasks each keeping one `request`-byte read in flight.
 async fn read_with_ours(address: &proxy::nbd::Address, workers: u64, request: u64) -> Result<f64> {
+    read_with(address, None, workers, request).await
+}
+
+/// [`read_with_ours`] over TLS when `tls` is given.
+async fn read_with(
+    address: &proxy::nbd::Address,
+    tls: Option<proxy::nbd::ClientTls>,
+    workers: u64,
+    request: u64,
+) -> Result<f64> {
     let size = size();
     let options = ClientOptions {
+        tls,
         connections: parse_env("BENCH_NBD_CONNECTIONS", 1) as usize,
         export: "disk".into(),
         max_in_flight_requests: workers as usize,
@@ -152,6 +169,125 @@ async fn main() -> Result<()> {
         fmt_runs(&theirs)
     );
     println!("ratio sluice / nbdcopy: {:.2} (goal >= 0.90)", o / n);
+    drop(peer);
+    transports(&image, dir.path(), o, workers, request).await
+}
+
+/// Best of [`RUNS`] reads of the export at `address` with Sluice's client (TLS if given).
+async fn best_of(
+    address: &proxy::nbd::Address,
+    tls: Option<&proxy::nbd::ClientTls>,
+    workers: u64,
+    request: u64,
+) -> Result<f64> {
+    let mut runs = Vec::new();
+    for _ in 0..RUNS {
+        runs.push(read_with(address, tls.cloned(), workers, request).await?);
+    }
+    Ok(best(&runs))
+}
+
+/// A qemu-nbd serving `image` on 127.0.0.1 (with TLS from `tls_dir` if given), killed on drop.
+struct TcpPeer(std::process::Child, u16);
+
+impl Drop for TcpPeer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn qemu_nbd_tcp(image: &std::path::Path, tls_dir: Option<&std::path::Path>) -> Result<TcpPeer> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut c = std::process::Command::new("qemu-nbd");
+    c.args([
+        "-r",
+        "-t",
+        "-e",
+        "8",
+        "-f",
+        "raw",
+        "-x",
+        "disk",
+        "-b",
+        "127.0.0.1",
+    ])
+    .args(["-p", &port.to_string()]);
+    if let Some(d) = tls_dir {
+        c.arg("--object")
+            .arg(format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=on",
+                d.display()
+            ))
+            .args(["--tls-creds", "tls0"]);
+    }
+    // The readiness probe below connects and hangs up, which qemu-nbd reports on stderr.
+    let child = c
+        .arg(image)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let peer = TcpPeer(child, port);
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if start.elapsed().as_secs() > 10 {
+            bail!("qemu-nbd did not listen on 127.0.0.1:{port}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Ok(peer)
+}
+
+/// The transports of a backup side by side; `unix` is the unix-socket figure measured above.
+async fn transports(
+    image: &std::path::Path,
+    dir: &std::path::Path,
+    unix: f64,
+    workers: u64,
+    request: u64,
+) -> Result<()> {
+    let certs = dir.join("tls");
+    std::fs::create_dir_all(&certs)?;
+    peers::make_certs(&certs)?;
+    let identity = proxy::nbd::Identity {
+        cert_file: certs.join("client-cert.pem"),
+        key_file: certs.join("client-key.pem"),
+    };
+    let tls = proxy::nbd::ClientTls::new(&certs.join("ca-cert.pem"), "localhost", Some(&identity))?;
+    let tcp = |port| proxy::nbd::Address::Tcp {
+        host: "127.0.0.1".into(),
+        port,
+    };
+    let plain = qemu_nbd_tcp(image, None)?;
+    let t = best_of(&tcp(plain.1), None, workers, request).await?;
+    drop(plain);
+    let secure = qemu_nbd_tcp(image, Some(&certs))?;
+    let s = best_of(&tcp(secure.1), Some(&tls), workers, request).await?;
+    drop(secure);
+    let socket = dir.join("delay.sock");
+    let image_s = image.display().to_string();
+    let slow = peers::nbdkit(&["--filter=delay", "file", &image_s, "rdelay=2ms"], &socket)?;
+    let d = best_of(&slow.address(), None, workers, request).await?;
+    drop(slow);
+    println!(
+        "transports (sluice nbd client, {workers} x {} KiB in flight):",
+        request / 1024
+    );
+    println!("  unix socket (qemu-nbd):            {unix:.2} GB/s");
+    println!(
+        "  tcp loopback (qemu-nbd):           {t:.2} GB/s  ratio to unix {:.2}",
+        t / unix
+    );
+    println!(
+        "  tcp + tls (qemu-nbd, client cert): {s:.2} GB/s  ratio to unix {:.2}",
+        s / unix
+    );
+    println!(
+        "  2 ms per read (nbdkit delay):      {d:.2} GB/s  ratio to unix {:.2}",
+        d / unix
+    );
     Ok(())
 }
 
