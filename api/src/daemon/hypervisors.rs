@@ -354,15 +354,7 @@ impl Member {
         job_dir: &Path,
     ) -> Result<Option<PathBuf>, String> {
         let hv = self.hv().await.map_err(|e| chain(&e))?;
-        let call = hv.end_stale_backup(vm, job_dir);
-        match tokio::time::timeout(CALL_TIMEOUT, call).await {
-            Ok(r) => r.map_err(|e| format!("hypervisor {}: {}", self.name(), chain(&e))),
-            Err(_) => Err(format!(
-                "hypervisor {}: no answer within {} s",
-                self.name(),
-                CALL_TIMEOUT.as_secs()
-            )),
-        }
+        self.clean_up(hv.end_stale_backup(vm, job_dir)).await
     }
 
     /// Ends the remote backup job an earlier daemon left on `vm` (its exports on a port of
@@ -373,7 +365,15 @@ impl Member {
             return Ok(None);
         };
         let hv = self.hv().await.map_err(|e| chain(&e))?;
-        let call = hv.end_stale_tcp_backup(vm, remote.ports.clone());
+        self.clean_up(hv.end_stale_tcp_backup(vm, remote.ports.clone()))
+            .await
+    }
+
+    /// A clean-up call on the adapter within [`CALL_TIMEOUT`]; the error names the hypervisor.
+    async fn clean_up<T, E: std::error::Error + 'static>(
+        &self,
+        call: BoxFuture<'_, Result<T, E>>,
+    ) -> Result<T, String> {
         match tokio::time::timeout(CALL_TIMEOUT, call).await {
             Ok(r) => r.map_err(|e| format!("hypervisor {}: {}", self.name(), chain(&e))),
             Err(_) => Err(format!(
