@@ -272,3 +272,91 @@ fn a_hypervisor_that_forbids_starting_vms_paused_refuses_a_shut_off_vm() -> Resu
     ensure!(r.vm.state()? == "shut off", "left shut off");
     Ok(())
 }
+
+/// `sluice backup show ID`: the backup's mode and, for a full read, why.
+fn mode_of(d: &Daemon, id: &str) -> Result<(String, String)> {
+    let shown = d.ok(&["backup", "show", id])?;
+    let mode = shown["mode"].as_str().unwrap_or_default().to_string();
+    let reason = shown["reason"].as_str().unwrap_or_default().to_string();
+    Ok((mode, reason))
+}
+
+/// Self-healing change tracking over TLS, the proxy isolated: a deleted checkpoint and an
+/// unclean kill of the guest (its bitmap left in use) each give a full read with the
+/// reason, byte-exact, and the chain goes on incrementally.
+#[test]
+fn broken_change_tracking_of_a_remote_vm_falls_back_to_a_full_read_with_the_reason() -> Result<()> {
+    let r = Remote::new("remote-heal")?;
+    let d = r.daemon("")?;
+    let (vm, disk) = (&r.vm, r.disk.as_str());
+    let mut model = Model::new(vm);
+    model.write(vm, disk, 0, MIB, 1)?;
+    vm.sync()?;
+    let full = backup(&d, vm.name(), true)?;
+    let full_id = full["backup_id"].as_str().context("backup id")?.to_string();
+    let shown = d.ok(&["backup", "show", &full_id])?;
+    let cp = shown["disks"][0]["checkpoint"]
+        .as_str()
+        .context("the full backup's checkpoint")?
+        .to_string();
+    vm.virsh(&["checkpoint-delete", vm.name(), &cp])?;
+    model.write(vm, disk, 2 * MIB, MIB, 2)?;
+    vm.sync()?;
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let healed = backup(&d, vm.name(), false)?;
+    let healed_id = healed["backup_id"]
+        .as_str()
+        .context("backup id")?
+        .to_string();
+    let (mode, reason) = mode_of(&d, &healed_id)?;
+    ensure!(
+        mode == "full_because" && reason.contains(&cp),
+        "a deleted checkpoint gives a full read naming it: {mode} {reason}"
+    );
+    restore_equals(&d, &healed_id, &model, disk, "healed")?;
+
+    model.write(vm, disk, 4 * MIB, MIB, 3)?;
+    vm.sync()?;
+    for pid in testbed::qemu_pids_of(vm.name()) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while vm.state()? != "shut off" {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "vm still {}",
+            vm.state()?
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    vm.start()?;
+    model.write(vm, disk, 6 * MIB, MIB, 4)?;
+    vm.sync()?;
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let after_kill = backup(&d, vm.name(), false)?;
+    let kill_id = after_kill["backup_id"]
+        .as_str()
+        .context("backup id")?
+        .to_string();
+    let (mode, reason) = mode_of(&d, &kill_id)?;
+    ensure!(
+        mode == "full_because" && reason.to_lowercase().contains("inconsistent"),
+        "an unclean kill gives a full read naming the inconsistent bitmap: {mode} {reason}"
+    );
+    restore_equals(&d, &kill_id, &model, disk, "after-unclean-kill")?;
+
+    model.write(vm, disk, 8 * MIB, MIB, 5)?;
+    vm.sync()?;
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let next = backup(&d, vm.name(), false)?;
+    let next_id = next["backup_id"].as_str().context("backup id")?.to_string();
+    let (mode, _) = mode_of(&d, &next_id)?;
+    ensure!(
+        mode == "incremental",
+        "the chain goes on incrementally: {mode}"
+    );
+    restore_equals(&d, &next_id, &model, disk, "next")
+}
