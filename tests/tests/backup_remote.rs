@@ -80,9 +80,14 @@ struct Remote {
 
 impl Remote {
     fn new(prefix: &str) -> Result<Remote> {
+        Remote::with(prefix, VmSpec::new(prefix).disk(SIZE))
+    }
+
+    /// [`Remote::new`] with a guest of `spec`.
+    fn with(prefix: &str, spec: VmSpec) -> Result<Remote> {
         let host = TlsHost::ensure()?;
         let iso = Isolated::ensure()?;
-        let vm = TestVm::boot(VmSpec::new(prefix).disk(SIZE))?;
+        let vm = TestVm::boot(spec)?;
         let disk = vm.disks()[0].target.clone();
         let images = vm
             .disk_path(&disk)?
@@ -359,4 +364,68 @@ fn broken_change_tracking_of_a_remote_vm_falls_back_to_a_full_read_with_the_reas
         "the chain goes on incrementally: {mode}"
     );
     restore_equals(&d, &next_id, &model, disk, "next")
+}
+
+/// A disk resized on the hypervisor gives a full read with the reason, at its new size.
+#[test]
+fn a_resized_disk_of_a_remote_vm_forces_a_full_read() -> Result<()> {
+    let r = Remote::new("remote-resize")?;
+    let d = r.daemon("")?;
+    let (vm, disk) = (&r.vm, r.disk.as_str());
+    let mut model = Model::new(vm);
+    model.write(vm, disk, MIB, MIB, 1)?;
+    vm.sync()?;
+    backup(&d, vm.name(), true)?;
+    let bigger = SIZE + 16 * MIB;
+    vm.virsh(&[
+        "blockresize",
+        vm.name(),
+        disk,
+        &format!("{}M", bigger / MIB),
+    ])?;
+    model.disk_mut(disk)?.resize(bigger as usize, 0);
+    model.write(vm, disk, 3 * MIB, MIB, 2)?;
+    vm.sync()?;
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let job = backup(&d, vm.name(), false)?;
+    let id = job["backup_id"].as_str().context("backup id")?.to_string();
+    let (mode, reason) = mode_of(&d, &id)?;
+    ensure!(
+        mode == "full_because" && reason.contains("SizeChanged"),
+        "a resize gives a full read with the reason: {mode} {reason}"
+    );
+    let shown = d.ok(&["backup", "show", &id])?;
+    ensure!(shown["disks"][0]["size"] == bigger, "the new size: {shown}");
+    restore_equals(&d, &id, &model, disk, "resized")
+}
+
+/// The guest agent answers over the remote connection: the backup is application-consistent
+/// (filesystems frozen and thawed through libvirt over TLS), and the guest still writes.
+#[test]
+fn a_remote_vm_with_its_guest_agent_is_backed_up_application_consistent() -> Result<()> {
+    let spec = VmSpec::new("remote-agent")
+        .disk(SIZE)
+        .disk(16 * MIB)
+        .guest_agent(true);
+    let r = Remote::with("remote-agent", spec)?;
+    let vm = &r.vm;
+    vm.mkfs("vdb")?;
+    vm.mount("vdb")?;
+    let d = r.daemon("")?;
+    let mut model = Model::new(vm);
+    model.disks.remove("vdb");
+    model.write(vm, &r.disk, 0, MIB, 1)?;
+    vm.sync()?;
+    let job = backup(&d, vm.name(), true)?;
+    let id = job["backup_id"].as_str().context("backup id")?.to_string();
+    let shown = d.ok(&["backup", "show", &id])?;
+    ensure!(
+        shown["consistency"] == "application",
+        "frozen through the agent: {shown}"
+    );
+    let at_backup = model.clone();
+    // Thawed: the guest still writes.
+    model.write(vm, &r.disk, 2 * MIB, MIB, 2)?;
+    vm.sync()?;
+    restore_equals(&d, &id, &at_backup, &r.disk, "agent")
 }
