@@ -315,6 +315,24 @@ impl TestVm {
         )
     }
 
+    /// Kills the guest's QEMU with SIGKILL (an unclean stop: its persistent bitmaps stay
+    /// marked in use) and waits until libvirt reports the domain shut off.
+    pub fn kill_unclean(&self) -> Result<()> {
+        *self.lock_channel() = None;
+        for pid in qemu_pids_of(&self.name) {
+            // SAFETY: kill(2) with a pid read from /proc and a valid signal number.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let start = Instant::now();
+        while self.state()? != "shut off" {
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("vm {} still {} after SIGKILL", self.name, self.state()?);
+            }
+            sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    }
+
     /// Reads `len` bytes at `offset` of `disk`'s image from outside the guest (`qemu-img`
     /// with force-share, so it works while the VM runs, but is only sure to see flushed
     /// writes; after [`TestVm::shutdown`] it sees everything).

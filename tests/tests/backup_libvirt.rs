@@ -209,21 +209,7 @@ fn unclean_guest_kill_leaves_an_inconsistent_bitmap_and_forces_a_full_read() -> 
     assert_eq!(full.manifest.consistency, catalog::Consistency::Crash);
     model.write(&vm, "vda", 4 * MIB, 64 * KIB, 2)?;
     vm.sync()?;
-    for pid in testbed::qemu_pids_of(vm.name()) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )?;
-    }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while vm.state()? != "shut off" {
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "vm still {}",
-            vm.state()?
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    vm.kill_unclean()?;
     vm.start()?;
     model.write(&vm, "vda", 6 * MIB, 64 * KIB, 3)?;
     let r = bed.backup()?;

@@ -322,21 +322,7 @@ fn broken_change_tracking_of_a_remote_vm_falls_back_to_a_full_read_with_the_reas
 
     model.write(vm, disk, 4 * MIB, MIB, 3)?;
     vm.sync()?;
-    for pid in testbed::qemu_pids_of(vm.name()) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )?;
-    }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while vm.state()? != "shut off" {
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "vm still {}",
-            vm.state()?
-        );
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    vm.kill_unclean()?;
     vm.start()?;
     model.write(vm, disk, 6 * MIB, MIB, 4)?;
     vm.sync()?;
