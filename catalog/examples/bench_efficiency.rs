@@ -50,6 +50,7 @@ fn run(
             uuid: "eff".into(),
         },
         disks: vec![DiskSpec {
+            full_read: None,
             target: "vda".into(),
             size: data.len() as u64,
             checkpoint: None,
@@ -78,6 +79,7 @@ fn run(
         BackupMode::Full
     };
     let info = CommitInfo {
+        vm_state: None,
         domain_xml: String::new(),
         mode,
         consistency: Consistency::Crash,

@@ -148,6 +148,7 @@ fn ingest(
             uuid: "bench".into(),
         },
         disks: vec![DiskSpec {
+            full_read: None,
             target: "vda".into(),
             size,
             checkpoint: None,
@@ -163,6 +164,7 @@ fn ingest(
         w.put_chunks_owned(0, i as u64 * cpp, p).unwrap();
     }
     let info = CommitInfo {
+        vm_state: None,
         domain_xml: String::new(),
         mode: BackupMode::Full,
         consistency: Consistency::Crash,

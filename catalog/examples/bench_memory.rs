@@ -242,6 +242,7 @@ fn index_block(p: &mut Packer, ids: &[ChunkDigest]) -> anyhow::Result<ChunkDiges
 
 fn manifest(cfg: &RepoConfig, n: u64, blocks: Vec<ChunkDigest>, k: i64) -> Manifest {
     Manifest {
+        vm_state: None,
         id: BackupId::generate(1_700_000_000 + k),
         vm: VmIdentity {
             name: "synthetic".into(),
@@ -253,6 +254,7 @@ fn manifest(cfg: &RepoConfig, n: u64, blocks: Vec<ChunkDigest>, k: i64) -> Manif
         mode: BackupMode::Full,
         consistency: Consistency::Crash,
         disks: vec![DiskManifest {
+            full_read: None,
             target: "vda".into(),
             size: n * cfg.chunk_size as u64,
             chunk_size: cfg.chunk_size,
@@ -354,6 +356,7 @@ fn incremental(repo: &Repository, scatter: bool) -> anyhow::Result<String> {
     let w = repo.begin_backup(catalog::BackupSpec {
         vm: m.vm.clone(),
         disks: vec![catalog::DiskSpec {
+            full_read: None,
             target: vda.target.clone(),
             size: vda.size,
             checkpoint: None,
@@ -374,6 +377,7 @@ fn incremental(repo: &Repository, scatter: bool) -> anyhow::Result<String> {
         w.put_chunk(0, i, &read_chunk(i + 99, cs))?;
     }
     let out = w.commit(catalog::CommitInfo {
+        vm_state: None,
         domain_xml: "<domain/>".into(),
         mode: BackupMode::Incremental,
         consistency: Consistency::Crash,

@@ -166,6 +166,7 @@ fn fabricate(dir: &Path, size: usize) -> anyhow::Result<Repository> {
             uuid: "00000000-0000-0000-0000-0000000000b1".into(),
         },
         disks: vec![DiskSpec {
+            full_read: None,
             target: "vda".into(),
             size: size as u64,
             checkpoint: None,
@@ -179,6 +180,7 @@ fn fabricate(dir: &Path, size: usize) -> anyhow::Result<Repository> {
         w.put_chunks_owned(0, (start / CS) as u64, noise(k as u64 + 1, len))?;
     }
     w.commit(CommitInfo {
+        vm_state: None,
         domain_xml: "<domain/>".into(),
         mode: BackupMode::Full,
         consistency: Consistency::Crash,

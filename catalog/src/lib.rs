@@ -72,7 +72,7 @@ pub use db::{BackupRow, Catalog, Location, SCHEMA_VERSION};
 pub use error::{Chain, Error, ErrorKind, Result};
 pub use format::config::RepoConfig;
 pub use format::manifest::{
-    BackupMode, BackupStats, Consistency, DiskManifest, Manifest, VmIdentity,
+    BackupMode, BackupStats, Consistency, DiskManifest, Manifest, VmIdentity, VmStateAtBackup,
 };
 pub use gc::{GcOptions, GcReport, PruneReport};
 pub use ids::{BackupId, ChunkDigest, PackId};

@@ -28,6 +28,7 @@ fn workload(repo: &Repository, expect: &mut HashMap<BackupId, Vec<u8>>) {
         let spec = BackupSpec {
             vm: vm(),
             disks: vec![DiskSpec {
+                full_read: None,
                 target: "vda".into(),
                 size: d.len() as u64,
                 checkpoint: None,

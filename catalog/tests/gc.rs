@@ -91,6 +91,7 @@ fn backup_begun_before_gc_commits_complete_after_it() {
         let spec = BackupSpec {
             vm: vm(),
             disks: vec![DiskSpec {
+                full_read: None,
                 target: "vda".into(),
                 size: orphan.len() as u64,
                 checkpoint: None,
@@ -113,6 +114,7 @@ fn backup_begun_before_gc_commits_complete_after_it() {
     let spec = BackupSpec {
         vm: vm(),
         disks: vec![DiskSpec {
+            full_read: None,
             target: "vda".into(),
             size: d2.len() as u64,
             checkpoint: None,

@@ -111,6 +111,7 @@ fn bad_writer_input_is_refused() {
     let spec = |size| BackupSpec {
         vm: vm(),
         disks: vec![DiskSpec {
+            full_read: None,
             target: "vda".into(),
             size,
             checkpoint: None,
@@ -157,6 +158,7 @@ fn dropped_writer_commits_nothing() {
             .begin_backup(BackupSpec {
                 vm: vm(),
                 disks: vec![DiskSpec {
+                    full_read: None,
                     target: "vda".into(),
                     size: data.len() as u64,
                     checkpoint: None,
@@ -195,6 +197,7 @@ fn grown_disk_and_zero_puts() {
     let spec = BackupSpec {
         vm: vm(),
         disks: vec![DiskSpec {
+            full_read: None,
             target: "vda".into(),
             size: bigger.len() as u64,
             checkpoint: None,

@@ -98,6 +98,7 @@ fn write(
                     target: t.to_string(),
                     size: d.len() as u64,
                     checkpoint: None,
+                    full_read: None,
                 })
                 .collect(),
             parent: parent.map(|p| p.id.clone()),

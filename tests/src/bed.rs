@@ -113,19 +113,21 @@ impl Bed {
         self.vm.scratch().join("work")
     }
 
-    /// Syncs the guest, then backs it up with default options.
+    /// Syncs the guest (if it runs), then backs it up with default options.
     pub fn backup(&self) -> Result<BackupReport> {
         self.backup_with(&self.options(), CancellationToken::new())
     }
 
-    /// Syncs the guest, then backs it up with `opts` and `cancel`; the job's progress must
-    /// agree with its report on the bytes read.
+    /// Syncs the guest (if it runs), then backs it up with `opts` and `cancel`; the job's
+    /// progress must agree with its report on the bytes read.
     pub fn backup_with(
         &self,
         opts: &BackupOptions,
         cancel: CancellationToken,
     ) -> Result<BackupReport> {
-        self.vm.sync()?;
+        if self.vm.state()? != "shut off" {
+            self.vm.sync()?;
+        }
         let progress = Arc::new(Progress::default());
         let r = self.rt.block_on(run_backup(
             &self.hv,

@@ -44,6 +44,8 @@ pub struct Daemon {
     pub fingerprint: String,
     /// Its data directory.
     pub data: PathBuf,
+    /// Every XML document it sent to libvirt (its `sluice::sent_xml` debug lines), in order.
+    sent_xml: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Drop for Daemon {
@@ -97,24 +99,37 @@ impl Daemon {
             .env(
                 "RUST_LOG",
                 // libnbd sends an IP address as TLS SNI, which rustls warns about.
-                std::env::var("SLUICE_TEST_LOG").unwrap_or("warn,rustls=error".into()),
+                std::env::var("SLUICE_TEST_LOG")
+                    .unwrap_or("warn,rustls=error,sluice::sent_xml=debug".into()),
             )
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()?;
         let out = child.stdout.take().context("daemon stdout")?;
+        let err = child.stderr.take().context("daemon stderr")?;
+        let sent_xml = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        drain_stderr(err, sent_xml.clone());
         let mut d = Daemon {
             child,
             url: String::new(),
             token: String::new(),
             fingerprint: String::new(),
             data,
+            sent_xml,
         };
         d.read_banner(out)?;
         d.token = std::fs::read_to_string(d.data.join("admin.token"))?
             .trim()
             .to_string();
         Ok(d)
+    }
+
+    /// Every XML document the daemon has sent to libvirt so far (one log line each).
+    pub fn sent_xml(&self) -> Vec<String> {
+        self.sent_xml
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Reads the fingerprint and URL the daemon prints, then keeps draining its stdout.
@@ -255,4 +270,25 @@ pub fn files_under(dir: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(out)
+}
+
+/// Copies the daemon's log to the test's stderr, keeping its lines about XML sent to
+/// libvirt (`sluice::sent_xml`) aside instead (bounded: the newest 10 000).
+fn drain_stderr(
+    err: std::process::ChildStderr,
+    sent: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            if !line.contains("sluice::sent_xml") {
+                eprintln!("{line}");
+                continue;
+            }
+            let mut s = sent.lock().unwrap_or_else(|e| e.into_inner());
+            if s.len() >= 10_000 {
+                s.remove(0);
+            }
+            s.push(line);
+        }
+    });
 }

@@ -201,7 +201,8 @@ pub fn backup_request(
         disks: vec![disk.into()],
         incremental_from: from.map(String::from),
         new_checkpoint: new.map(String::from),
-        scratch_dir: dir.to_path_buf(),
+        scratch_dir: Some(dir.to_path_buf()),
+        full_disks: Vec::new(),
         socket: dir.join("nbd.sock"),
         tcp: None,
     }

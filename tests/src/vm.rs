@@ -43,6 +43,8 @@ pub struct VmSpec {
     /// disk). They take the first targets (vda, ...), before the qcow2 disks; each XML must
     /// name its target.
     pub raw_disks: Vec<(u64, String)>,
+    /// Indexes into `disk_sizes` of the disks whose image is a raw file instead of qcow2.
+    pub raw_images: Vec<usize>,
 }
 
 impl VmSpec {
@@ -54,7 +56,16 @@ impl VmSpec {
             guest_agent: false,
             memory_mib: 256,
             raw_disks: Vec::new(),
+            raw_images: Vec::new(),
         }
+    }
+
+    /// Adds a disk of `size` bytes whose image is a raw file (`<driver type='raw'/>`): it
+    /// can carry no dirty bitmap.
+    pub fn raw_image(mut self, size: u64) -> VmSpec {
+        self.raw_images.push(self.disk_sizes.len());
+        self.disk_sizes.push(size);
+        self
     }
 
     /// Adds a disk of `size` bytes (the next target: vda, vdb, ...).
@@ -107,8 +118,10 @@ impl VmSpec {
 pub struct Disk {
     /// Guest target name: `vda`, `vdb`, ...
     pub target: String,
-    /// The qcow2 image on the host (empty for a disk given as raw XML).
+    /// The image on the host (empty for a disk given as raw XML).
     pub path: PathBuf,
+    /// Its format: `qcow2`, or `raw` ([`VmSpec::raw_image`]; also for raw XML).
+    pub format: &'static str,
     /// Virtual size in bytes.
     pub size: u64,
 }
@@ -142,7 +155,12 @@ impl TestVm {
         );
         let scratch = ScratchDir::create(&name)?;
         let mut disks = raw_disks(&spec.raw_disks);
-        disks.extend(make_disks(scratch.path(), disks.len(), &spec.disk_sizes)?);
+        disks.extend(make_disks(
+            scratch.path(),
+            disks.len(),
+            &spec.disk_sizes,
+            &spec.raw_images,
+        )?);
         let vm = TestVm {
             disks,
             name,
@@ -445,7 +463,8 @@ impl Drop for TestVm {
 
 fn disk_xml(d: &Disk) -> String {
     format!(
-        "    <disk type='file' device='disk'>\n      <driver name='qemu' type='qcow2' discard='unmap'/>\n      <source file='{}'/>\n      <target dev='{}' bus='virtio'/>\n    </disk>\n",
+        "    <disk type='file' device='disk'>\n      <driver name='qemu' type='{}' discard='unmap'/>\n      <source file='{}'/>\n      <target dev='{}' bus='virtio'/>\n    </disk>\n",
+        d.format,
         esc(&d.path.display().to_string()),
         esc(&d.target)
     )
@@ -462,20 +481,29 @@ fn raw_disks(raw: &[(u64, String)]) -> Vec<Disk> {
         .map(|(i, (size, _))| Disk {
             target: target_name(i),
             path: PathBuf::new(),
+            format: "raw",
             size: *size,
         })
         .collect()
 }
 
-fn make_disks(dir: &Path, first: usize, sizes: &[u64]) -> Result<Vec<Disk>> {
+fn make_disks(dir: &Path, first: usize, sizes: &[u64], raw: &[usize]) -> Result<Vec<Disk>> {
     let mut disks = Vec::new();
     for (i, size) in sizes.iter().enumerate() {
         let target = target_name(first + i);
-        let path = dir.join(format!("{target}.qcow2"));
-        create_qcow2(&path, *size)?;
+        let format = if raw.contains(&i) { "raw" } else { "qcow2" };
+        let path = dir.join(format!("{target}.{format}"));
+        if format == "raw" {
+            std::fs::File::create(&path)
+                .and_then(|f| f.set_len(*size))
+                .with_context(|| format!("creating {}", path.display()))?;
+        } else {
+            create_qcow2(&path, *size)?;
+        }
         disks.push(Disk {
             target,
             path,
+            format,
             size: *size,
         });
     }

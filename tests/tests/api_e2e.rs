@@ -124,6 +124,16 @@ fn the_cli_drives_backup_export_restore_verify_and_prune_through_the_daemon() ->
     let inc_id = s.backup(false)?;
     let shown = s.d.ok(&["backup", "show", &inc_id])?;
     ensure!(shown["mode"] == "incremental", "second backup: {shown}");
+    // A local hypervisor's backup XML names the job's socket in the data directory: the log
+    // of sent XML that the isolated tests search for proxy paths does show them.
+    let data = s.d.data.to_string_lossy().into_owned();
+    ensure!(
+        s.d.sent_xml()
+            .iter()
+            .any(|l| l.contains("domainbackup") && l.contains(&data)),
+        "the sent backup XML names the socket under {data}: {:?}",
+        s.d.sent_xml()
+    );
 
     read_export_over_tls(&s, &inc_id)?;
     writable_export(&s, &inc_id)?;

@@ -395,3 +395,56 @@ fn proxy_killed_mid_backup_then_the_next_backup_is_correct() -> Result<()> {
     assert!(left.is_empty(), "job directories left: {left:?}");
     Ok(())
 }
+
+/// A VM with a qcow2 and a raw disk on the local hypervisor: the qcow2 disk stays
+/// incremental, the raw one is read in full with the reason in the manifest; the same when
+/// the VM is shut off (its images read through `qemu-nbd` with the format the definition
+/// names). Every point restores exactly on both disks.
+#[test]
+fn a_raw_disk_is_read_in_full_and_the_qcow2_disk_stays_incremental() -> Result<()> {
+    let vm = Arc::new(TestVm::boot(
+        VmSpec::new("bk-mixed").disk(16 * MIB).raw_image(8 * MIB),
+    )?);
+    let bed = Bed::with_vm(vm.clone())?;
+    let mut model = Model::new(&vm);
+    model.write(&vm, "vda", 0, MIB, 1)?;
+    model.write(&vm, "vdb", 0, MIB, 2)?;
+    let full = bed.backup()?;
+    bed.check(&full.manifest, &model)?;
+    let raw = |m: &catalog::Manifest| m.disks.iter().find(|d| d.target == "vdb").cloned();
+    let vdb = raw(&full.manifest).context("vdb in the manifest")?;
+    ensure!(
+        vdb.checkpoint.is_none() && vdb.full_read.as_deref().is_some_and(|r| r.contains("raw")),
+        "the raw disk carries no checkpoint and says why it is read in full: {vdb:?}"
+    );
+    let mut history = vec![(full.manifest.clone(), model.clone())];
+    model.write(&vm, "vda", 4 * MIB, 64 * KIB, 3)?;
+    model.write(&vm, "vdb", 4 * MIB, 64 * KIB, 4)?;
+    let inc = bed.backup()?;
+    ensure!(
+        inc.manifest.mode == BackupMode::Incremental,
+        "a raw disk does not make the backup full: {:?}",
+        inc.manifest.mode
+    );
+    ensure!(
+        inc.bytes_read >= MIB && inc.bytes_read <= MIB + 256 * KIB,
+        "read {} bytes: vdb's data in full, vda's 64 KiB",
+        inc.bytes_read
+    );
+    bed.check(&inc.manifest, &model)?;
+    history.push((inc.manifest.clone(), model.clone()));
+    vm.shutdown()?;
+    let off = bed.backup()?;
+    ensure!(
+        off.manifest.mode == BackupMode::Incremental
+            && off.manifest.vm_state == Some(catalog::VmStateAtBackup::ShutOff),
+        "offline: {:?} {:?}",
+        off.manifest.mode,
+        off.manifest.vm_state
+    );
+    history.push((off.manifest.clone(), model.clone()));
+    for (m, snapshot) in &history {
+        bed.check(m, snapshot)?;
+    }
+    Ok(())
+}

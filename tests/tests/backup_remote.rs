@@ -59,7 +59,9 @@ fn backup(d: &Daemon, vm: &str, full: bool) -> Result<serde_json::Value> {
 fn restore_equals(d: &Daemon, id: &str, model: &Model, disk: &str, name: &str) -> Result<()> {
     let q = d.data.join("restores").join(format!("{name}.qcow2"));
     let q = q.to_str().context("utf-8 path")?.to_string();
-    let job = d.ok(&["restore", id, "--to", &q, "--format", "qcow2"])?;
+    let job = d.ok(&[
+        "restore", id, "--disk", disk, "--to", &q, "--format", "qcow2",
+    ])?;
     ensure!(job["state"] == "succeeded", "restore of {id}: {job}");
     let raw = d.data.join(format!("{name}.raw"));
     std::fs::write(&raw, model.disk(disk)?)?;
@@ -79,6 +81,33 @@ struct Remote {
 }
 
 impl Remote {
+    /// That `d` sent libvirt XML (a backup, a checkpoint) and that none of it names a path
+    /// of the proxy: its data directory or its client certificate files.
+    fn no_proxy_path_sent(&self, d: &Daemon) -> Result<()> {
+        let sent = d.sent_xml();
+        ensure!(
+            sent.iter().any(|l| l.contains("domainbackup")),
+            "the daemon logged the backup XML it sent: {sent:?}"
+        );
+        let proxy = [
+            self.dir.path().to_string_lossy().into_owned(),
+            self.host
+                .client_key()
+                .parent()
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        ];
+        for line in &sent {
+            for p in proxy.iter().filter(|p| !p.is_empty()) {
+                ensure!(
+                    !line.contains(p.as_str()),
+                    "xml sent to libvirt names {p} of the proxy: {line}"
+                );
+            }
+        }
+        Ok(())
+    }
+
     fn new(prefix: &str) -> Result<Remote> {
         Remote::with(prefix, VmSpec::new(prefix).disk(SIZE))
     }
@@ -153,6 +182,7 @@ fn an_isolated_proxy_backs_up_a_remote_hypervisor_over_tls() -> Result<()> {
 
     restore_equals(&d, &full_id, &at_full, &disk, "full")?;
     restore_equals(&d, &inc_id, &model, &disk, "inc")?;
+    r.no_proxy_path_sent(&d)?;
     // The job's scratch files lived beside the image, on the hypervisor, and are gone.
     let left: Vec<_> = std::fs::read_dir(&images)?
         .flatten()
@@ -242,6 +272,7 @@ fn a_shut_off_vm_of_a_remote_hypervisor_is_backed_up_paused_and_stays_off() -> R
         "the offline incremental read {read} bytes: {off}"
     );
     restore_equals(&d, &off_id, &model, &r.disk, "offline")?;
+    r.no_proxy_path_sent(&d)?;
     r.vm.start()?;
     model.write(&r.vm, &r.disk, 24 * MIB, MIB, 7)?;
     r.vm.sync()?;
@@ -414,4 +445,157 @@ fn a_remote_vm_with_its_guest_agent_is_backed_up_application_consistent() -> Res
     model.write(vm, &r.disk, 2 * MIB, MIB, 2)?;
     vm.sync()?;
     restore_equals(&d, &id, &at_backup, &r.disk, "agent")
+}
+
+/// The disks of a shown backup: `(target, full_read reason or "")`.
+fn disk_reads(shown: &serde_json::Value) -> Vec<(String, String)> {
+    let disks = shown["disks"].as_array().cloned().unwrap_or_default();
+    disks
+        .iter()
+        .map(|d| {
+            let t = d["target"].as_str().unwrap_or_default().to_string();
+            (t, d["full_read"].as_str().unwrap_or_default().to_string())
+        })
+        .collect()
+}
+
+/// A VM with a qcow2 and a raw disk, the proxy isolated over TLS: the decision is per disk.
+/// The qcow2 disk stays incremental (it alone carries the checkpoint's bitmap); the raw one
+/// is read in full every time, and the manifest says so and why. Online and offline (started
+/// paused), every point byte-exact on both disks.
+#[test]
+fn a_vm_with_a_qcow2_and_a_raw_disk_keeps_the_qcow2_disk_incremental() -> Result<()> {
+    let spec = VmSpec::new("remote-mixed").disk(SIZE).raw_image(SIZE);
+    let r = Remote::with("remote-mixed", spec)?;
+    let (vm, q, raw) = (&r.vm, r.disk.clone(), r.vm.disks()[1].target.clone());
+    ensure!(r.vm.disks()[1].format == "raw", "second disk is raw");
+    let d = r.daemon("")?;
+    let mut model = Model::new(vm);
+    model.write(vm, &q, 0, 2 * MIB, 11)?;
+    model.write(vm, &raw, 0, 2 * MIB, 12)?;
+    vm.sync()?;
+    let full = backup(&d, vm.name(), true)?;
+    let full_id = full["backup_id"].as_str().context("backup id")?.to_string();
+    let shown = d.ok(&["backup", "show", &full_id])?;
+    let reads = disk_reads(&shown);
+    ensure!(
+        reads
+            .iter()
+            .any(|(t, why)| *t == raw && why.contains("raw")),
+        "the raw disk's full read is recorded with its reason: {shown}"
+    );
+    ensure!(
+        reads.iter().any(|(t, why)| *t == q && why.is_empty()),
+        "the qcow2 disk tracks changes: {shown}"
+    );
+    let at_full = model.clone();
+
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    model.write(vm, &q, 8 * MIB, MIB, 13)?;
+    model.write(vm, &raw, 8 * MIB, MIB, 14)?;
+    vm.sync()?;
+    let inc = backup(&d, vm.name(), false)?;
+    let inc_id = inc["backup_id"].as_str().context("backup id")?.to_string();
+    let shown = d.ok(&["backup", "show", &inc_id])?;
+    ensure!(
+        shown["mode"] == "incremental",
+        "a raw disk does not make the vm's backup full: {shown}"
+    );
+    let disks = shown["disks"].as_array().cloned().unwrap_or_default();
+    let checkpoint = |t: &str| {
+        disks
+            .iter()
+            .find(|d| d["target"] == t)
+            .map(|d| d["checkpoint"].clone())
+    };
+    ensure!(
+        checkpoint(&q).is_some_and(|c| c.is_string())
+            && checkpoint(&raw) == Some(serde_json::Value::Null),
+        "only the qcow2 disk carries the checkpoint: {shown}"
+    );
+    // The raw disk is read in full (its 3 MiB of data at least); the qcow2 disk only its
+    // changed MiB: together far less than both disks.
+    let read = inc["progress"]["bytes_read"].as_u64().unwrap_or(u64::MAX);
+    ensure!(
+        (3 * MIB..=SIZE).contains(&read),
+        "the incremental read {read} bytes: the raw disk in full, the qcow2 disk's changes: {inc}"
+    );
+
+    r.vm.shutdown()?;
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let off = backup(&d, vm.name(), false)?;
+    let off_id = off["backup_id"].as_str().context("backup id")?.to_string();
+    let shown = d.ok(&["backup", "show", &off_id])?;
+    ensure!(
+        shown["mode"] == "incremental" && shown["vm_state"] == "started_paused",
+        "the shut-off vm was started paused and its qcow2 disk read incrementally: {shown}"
+    );
+    ensure!(r.vm.state()? == "shut off", "shut off again");
+    for (id, m, tag) in [
+        (&full_id, &at_full, "full"),
+        (&inc_id, &model, "inc"),
+        (&off_id, &model, "off"),
+    ] {
+        restore_equals(&d, id, m, &q, &format!("{tag}-q"))?;
+        restore_equals(&d, id, m, &raw, &format!("{tag}-raw"))?;
+    }
+    // The scratch files Sluice named beside the images (libvirt created them) are gone.
+    let left: Vec<_> = std::fs::read_dir(&r.images)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".sluice-"))
+        .collect();
+    ensure!(
+        left.is_empty(),
+        "scratch files left beside the images: {left:?}"
+    );
+    r.no_proxy_path_sent(&d)
+}
+
+/// A shut-off VM started paused for its backup and resumed by someone meanwhile: the backup
+/// ends with the reason and commits nothing, the VM is left running, no backup job stays on
+/// the hypervisor, and the next backup (online now) is exact.
+#[test]
+fn a_vm_resumed_during_its_offline_backup_ends_the_backup_with_the_reason() -> Result<()> {
+    let r = Remote::new("remote-resume")?;
+    let mut model = Model::new(&r.vm);
+    model.write(&r.vm, &r.disk, 0, 32 * MIB, 21)?;
+    r.vm.sync()?;
+    r.vm.shutdown()?;
+    let d = r.daemon("read_limit = 8388608\n")?;
+    let name = r.vm.name();
+    let job = d.ok(&["backup", name, "--full"])?;
+    let id = job["id"].as_u64().context("job id")?;
+    d.wait_job(id, std::time::Duration::from_secs(60), |j| {
+        j["state"] == "running" && j["progress"]["bytes_read"].as_u64().unwrap_or(0) > 0
+    })?;
+    ensure!(
+        r.vm.state()? == "paused",
+        "started paused: {}",
+        r.vm.state()?
+    );
+    r.host.virsh(&["resume", name])?;
+    let end = d.wait_job(id, std::time::Duration::from_secs(120), |j| {
+        j["state"] != "running" && j["state"] != "queued"
+    })?;
+    ensure!(end["state"] == "failed", "the backup ends: {end}");
+    ensure!(end["error"]["kind"] == "refused", "{end}");
+    let msg = end["error"]["message"].as_str().unwrap_or_default();
+    ensure!(
+        msg.contains("started paused") && msg.contains("running now"),
+        "the reason says what happened: {msg}"
+    );
+    ensure!(end["backup_id"].is_null(), "nothing committed: {end}");
+    ensure!(
+        r.vm.state()? == "running",
+        "left running: {}",
+        r.vm.state()?
+    );
+    ensure!(
+        r.host.virsh(&["backup-dumpxml", name]).is_err(),
+        "no backup job is left on the hypervisor"
+    );
+    let next = backup(&d, name, false)?;
+    let next_id = next["backup_id"].as_str().context("backup id")?.to_string();
+    restore_equals(&d, &next_id, &model, &r.disk, "after-resume")
 }

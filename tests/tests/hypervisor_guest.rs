@@ -21,11 +21,12 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 
 fn request(vm: &TestVm, from: Option<&str>, new: Option<&str>) -> BackupRequest {
     BackupRequest {
+        full_disks: Vec::new(),
         vm: vm.name().to_string(),
         disks: vec!["vda".into(), "vdb".into()],
         incremental_from: from.map(String::from),
         new_checkpoint: new.map(String::from),
-        scratch_dir: vm.scratch().to_path_buf(),
+        scratch_dir: Some(vm.scratch().to_path_buf()),
         socket: vm.scratch().join("backup.sock"),
         tcp: None,
     }

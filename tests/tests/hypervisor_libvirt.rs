@@ -20,11 +20,12 @@ async fn connect() -> Result<LibvirtHypervisor> {
 
 fn request(vm: &BiosVm, disks: &[&str], from: Option<&str>, new: Option<&str>) -> BackupRequest {
     BackupRequest {
+        full_disks: Vec::new(),
         vm: vm.name.clone(),
         disks: disks.iter().map(|d| d.to_string()).collect(),
         incremental_from: from.map(String::from),
         new_checkpoint: new.map(String::from),
-        scratch_dir: vm.dir.path().to_path_buf(),
+        scratch_dir: Some(vm.dir.path().to_path_buf()),
         socket: vm.dir.path().join("nbd.sock"),
         tcp: None,
     }

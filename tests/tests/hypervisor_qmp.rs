@@ -212,6 +212,8 @@ async fn killed_qemu_leaves_bitmap_in_use_and_every_path_refuses_it() -> Result<
     let disks = vec![OfflineDisk {
         disk: "disk0".into(),
         image: image.clone(),
+        format: "qcow2".into(),
+        tracked: true,
     }];
     let want = vec![ExpectedDisk {
         disk: "disk0".into(),

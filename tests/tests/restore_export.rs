@@ -62,6 +62,7 @@ fn write_backup(
             uuid: "5e1c0000-0000-4000-8000-000000000001".to_string(),
         },
         disks: vec![DiskSpec {
+            full_read: None,
             target: "vda".to_string(),
             size: data.len() as u64,
             checkpoint: None,
@@ -85,6 +86,7 @@ fn write_backup(
         BackupMode::Full
     };
     Ok(w.commit(CommitInfo {
+        vm_state: None,
         domain_xml: "<domain/>".to_string(),
         mode,
         consistency: Consistency::Crash,

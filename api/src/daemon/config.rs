@@ -68,6 +68,10 @@ pub struct BackupData {
     /// Whether a shut-off VM is started paused (its CPUs never run) for its backup and
     /// powered off again (default `true`); `false` refuses backups of shut-off VMs.
     pub offline: Option<bool>,
+    /// A directory on the hypervisor for the backup jobs' scratch files (absolute; writable
+    /// by its QEMU user). Default: libvirt puts each beside its image, which a block device
+    /// or network disk does not allow.
+    pub scratch_dir: Option<PathBuf>,
 }
 
 /// Export ports of a remote hypervisor when none are configured.
@@ -258,6 +262,7 @@ fn remote_spec(d: &BackupData, uri: &str) -> RemoteSpec {
         cert: d.cert.clone(),
         key: d.key.clone(),
         start_offline: d.offline.unwrap_or(true),
+        scratch_dir: d.scratch_dir.clone(),
     }
 }
 
@@ -289,6 +294,16 @@ fn check_backup_data(h: &HypervisorConfig) -> Result<(), String> {
     }
     if let Some(p) = &d.ports {
         parse_ports(p)?;
+    }
+    if let Some(dir) = d
+        .scratch_dir
+        .as_ref()
+        .filter(|p| !p.is_absolute() || p.to_string_lossy().chars().any(char::is_control))
+    {
+        return Err(format!(
+            "backup_data scratch_dir {} must be an absolute path on the hypervisor",
+            dir.display()
+        ));
     }
     for (what, path) in [("ca", &d.ca), ("cert", &d.cert), ("key", &d.key)] {
         if !path.is_absolute() {

@@ -147,6 +147,8 @@ pub struct RemoteSpec {
     pub key: PathBuf,
     /// Whether a shut-off VM may be started paused for its backup.
     pub start_offline: bool,
+    /// The scratch directory on the hypervisor (none: beside each image).
+    pub scratch_dir: Option<PathBuf>,
 }
 
 impl RemoteSpec {
@@ -163,6 +165,7 @@ impl RemoteSpec {
             ports: self.ports.clone(),
             tls,
             start_offline: self.start_offline,
+            scratch_dir: self.scratch_dir.clone(),
         })
     }
 }

@@ -28,6 +28,10 @@ pub struct BackupDisk {
     pub chunk_size: u32,
     pub checkpoint: Option<String>,
     pub parent_backup: Option<String>,
+    /// Why this disk was read in full (no change tracking, e.g. a raw image); absent when
+    /// its changes were tracked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_read: Option<String>,
 }
 
 /// A backup in full.
@@ -37,6 +41,11 @@ pub struct BackupDetail {
     pub summary: BackupSummary,
     /// `application` or `crash`.
     pub consistency: String,
+    /// How the VM was: `running`, `shut_off` (its images read directly) or `started_paused`
+    /// (shut off, started paused for the backup, its CPUs never ran, powered off again);
+    /// absent for backups that did not record it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_state: Option<String>,
     pub disks: Vec<BackupDisk>,
     pub chunks_new: u64,
     pub chunks_dedup: u64,

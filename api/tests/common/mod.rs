@@ -139,6 +139,7 @@ pub async fn seed_backup_of(
             .begin_backup(BackupSpec {
                 vm: VmIdentity { name: vm, uuid },
                 disks: vec![DiskSpec {
+                    full_read: None,
                     target: "vda".into(),
                     size: data.len() as u64,
                     checkpoint: None,
@@ -149,6 +150,7 @@ pub async fn seed_backup_of(
             .unwrap();
         w.put_chunks(0, 0, &data).unwrap();
         w.commit(CommitInfo {
+            vm_state: None,
             domain_xml: xml,
             mode: catalog::BackupMode::Full,
             consistency: Consistency::Crash,

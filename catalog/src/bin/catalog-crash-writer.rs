@@ -85,6 +85,7 @@ fn one_backup(repo: &Repository, rng: &mut u64, round: i64) -> catalog::Result<(
         w.put_chunk(0, i as u64, &disk[i * CS..(i + 1) * CS])?;
     }
     let info = CommitInfo {
+        vm_state: None,
         domain_xml: blake3::hash(&disk).to_hex().to_string(),
         mode: if parent.is_some() {
             BackupMode::Incremental
@@ -106,6 +107,7 @@ fn spec(parent: Option<catalog::BackupId>, size: u64, round: i64) -> BackupSpec 
             uuid: "crash-uuid".into(),
         },
         disks: vec![DiskSpec {
+            full_read: None,
             target: "vda".into(),
             size,
             checkpoint: None,

@@ -42,6 +42,18 @@ pub enum BackupMode {
     FullBecause(String),
 }
 
+/// How the VM was when its backup was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmStateAtBackup {
+    /// Running (or paused by its operator): read through the hypervisor's backup job.
+    Running,
+    /// Shut off, and its images read directly (`qemu-nbd`, local hypervisor).
+    ShutOff,
+    /// Shut off, started paused for the backup (its CPUs never ran) and powered off again.
+    StartedPaused,
+}
+
 /// Whether guest filesystems were frozen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -88,6 +100,10 @@ pub struct DiskManifest {
     pub checkpoint: Option<String>,
     /// The backup this disk's incremental was taken against.
     pub parent_backup: Option<BackupId>,
+    /// Why this disk was read in full although the backup is an incremental or will be
+    /// (e.g. a raw image: no dirty bitmap). Absent when change tracking covered it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_read: Option<String>,
 }
 
 /// Everything about one committed backup.
@@ -107,6 +123,9 @@ pub struct Manifest {
     pub mode: BackupMode,
     /// Application- or crash-consistent.
     pub consistency: Consistency,
+    /// How the VM was (absent in manifests written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_state: Option<VmStateAtBackup>,
     /// The disks.
     pub disks: Vec<DiskManifest>,
     /// Counters.
@@ -196,6 +215,7 @@ pub(crate) mod tests {
             finished: 2,
             mode: BackupMode::FullBecause("bitmap inconsistent".into()),
             consistency: Consistency::Crash,
+            vm_state: Some(VmStateAtBackup::StartedPaused),
             disks: vec![DiskManifest {
                 target: "vda".into(),
                 size: 65536 * 3,
@@ -204,6 +224,7 @@ pub(crate) mod tests {
                 index_blocks: vec![ChunkDigest::of(b"blk")],
                 checkpoint: Some("cp1".into()),
                 parent_backup: None,
+                full_read: None,
             }],
             stats: BackupStats::default(),
         }

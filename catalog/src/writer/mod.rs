@@ -14,7 +14,7 @@ use crate::backend::{LockGuard, LockMode};
 use crate::error::{Chain, Error, Result};
 use crate::format::index::{block_count, chunk_count, ids_in_block};
 use crate::format::manifest::{
-    BackupMode, BackupStats, Consistency, DiskManifest, Manifest, VmIdentity,
+    BackupMode, BackupStats, Consistency, DiskManifest, Manifest, VmIdentity, VmStateAtBackup,
 };
 use crate::ids::{BackupId, ChunkDigest};
 use crate::repo::Repository;
@@ -33,6 +33,8 @@ pub struct DiskSpec {
     pub size: u64,
     /// Hypervisor checkpoint created with this backup.
     pub checkpoint: Option<String>,
+    /// Why the disk is read in full (no change tracking); kept in the manifest.
+    pub full_read: Option<String>,
 }
 
 /// What a new backup is.
@@ -59,6 +61,8 @@ pub struct CommitInfo {
     pub consistency: Consistency,
     /// Commit time, unix seconds.
     pub finished: i64,
+    /// How the VM was, if the caller knows.
+    pub vm_state: Option<VmStateAtBackup>,
 }
 
 struct DiskPlan {
@@ -389,6 +393,7 @@ impl BackupWriter {
             finished: info.finished,
             mode: info.mode,
             consistency: info.consistency,
+            vm_state: info.vm_state,
             disks,
             stats,
         }
@@ -403,6 +408,7 @@ impl BackupWriter {
             index_blocks,
             checkpoint: plan.spec.checkpoint.clone(),
             parent_backup: plan.parent_backup.clone(),
+            full_read: plan.spec.full_read.clone(),
         }
     }
 }

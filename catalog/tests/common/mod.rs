@@ -79,6 +79,7 @@ pub fn vm() -> VmIdentity {
 
 pub fn commit_info(mode: BackupMode) -> CommitInfo {
     CommitInfo {
+        vm_state: None,
         domain_xml: "<domain type='qemu'/>".into(),
         mode,
         consistency: Consistency::Crash,
@@ -100,6 +101,7 @@ pub fn backup(
         disks: disks
             .iter()
             .map(|(t, d)| DiskSpec {
+                full_read: None,
                 target: t.to_string(),
                 size: d.len() as u64,
                 checkpoint: Some(format!("cp-{started}")),

@@ -117,10 +117,11 @@ pub(crate) async fn run_tool(
     Ok(out.stdout)
 }
 
-/// `qemu-img info -U`: safe on an image a running QEMU holds open (flags may then be stale).
-pub async fn info(image: &Path) -> Result<ImageInfo> {
+/// `qemu-img info -U -f FORMAT`: safe on an image a running QEMU holds open (flags may then
+/// be stale). The format is the one the definition names, never probed.
+pub async fn info(image: &Path, format: &str) -> Result<ImageInfo> {
     let what = format!("image {}", image.display());
-    let args = ["info", "--output=json", "-U"].map(std::ffi::OsStr::new);
+    let args = ["info", "--output=json", "-U", "-f", format].map(std::ffi::OsStr::new);
     let mut argv: Vec<&std::ffi::OsStr> = args.to_vec();
     argv.push(image.as_os_str());
     parse_info(&run_tool("qemu-img", &argv, &what).await?)
@@ -142,6 +143,8 @@ async fn bitmap_op(image: &Path, name: &str, op: &str) -> Result<()> {
     let argv = [
         std::ffi::OsStr::new("bitmap"),
         std::ffi::OsStr::new(op),
+        std::ffi::OsStr::new("-f"),
+        std::ffi::OsStr::new("qcow2"),
         image.as_os_str(),
         std::ffi::OsStr::new(name),
     ];

@@ -54,14 +54,58 @@ pub struct DiskInfo {
     pub source: Option<PathBuf>,
     /// Image format (`qcow2`, `raw`), if known.
     pub format: Option<String>,
+    /// What backs the disk on the hypervisor.
+    pub kind: DiskKind,
     /// Virtual size in bytes (0 if the hypervisor could not tell).
     pub capacity: u64,
+}
+
+/// What backs a disk on the hypervisor (libvirt's `<disk type=…>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskKind {
+    /// An image file.
+    File,
+    /// A block device.
+    Block,
+    /// A network disk (RBD, iSCSI, NBD, …).
+    Network,
+    /// A storage pool volume, or a type Sluice does not know.
+    Other,
+}
+
+impl DiskKind {
+    fn describe(self) -> &'static str {
+        match self {
+            DiskKind::File => "image",
+            DiskKind::Block => "block device",
+            DiskKind::Network => "network disk",
+            DiskKind::Other => "disk",
+        }
+    }
 }
 
 impl DiskInfo {
     /// Whether the disk can hold persistent dirty bitmaps (only qcow2 can).
     pub fn supports_bitmaps(&self) -> bool {
         self.format.as_deref() == Some("qcow2")
+    }
+
+    /// The format the definition names; libvirt's default when it names none is raw (a
+    /// format is never probed: a guest could write any header into a raw disk).
+    pub fn format_named(&self) -> &str {
+        self.format.as_deref().unwrap_or("raw")
+    }
+
+    /// Why this disk is read in full by every backup (`None`: it tracks changes).
+    pub fn full_read_reason(&self) -> Option<String> {
+        (!self.supports_bitmaps()).then(|| {
+            format!(
+                "{} {}: only qcow2 images carry dirty bitmaps, so every backup reads it in full \
+                 (deduplication stores only the chunks that changed)",
+                self.format_named(),
+                self.kind.describe()
+            )
+        })
     }
 }
 
@@ -93,10 +137,15 @@ pub struct BackupRequest {
     pub disks: Vec<String>,
     /// Export the dirty bitmap since this checkpoint; `None` for a full backup.
     pub incremental_from: Option<String>,
+    /// Disks of `disks` read in full even in an incremental: they carry no bitmap (raw
+    /// images, block devices, network disks); the checkpoint tracks none of them.
+    pub full_disks: Vec<String>,
     /// Create this checkpoint atomically with the backup's point in time.
     pub new_checkpoint: Option<String>,
-    /// Directory for scratch (fleecing) images; must be writable by the QEMU user.
-    pub scratch_dir: PathBuf,
+    /// Directory for scratch (fleecing) images, as the hypervisor sees it; must be writable
+    /// by the QEMU user. `None` (remote hypervisors only): libvirt places each beside its
+    /// image.
+    pub scratch_dir: Option<PathBuf>,
     /// Unix socket the NBD server listens on; must be reachable by the QEMU user. Unused
     /// when `tcp` is set.
     pub socket: PathBuf,

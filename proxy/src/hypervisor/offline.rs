@@ -26,6 +26,12 @@ use super::{
 pub struct OfflineDisk {
     pub disk: String,
     pub image: PathBuf,
+    /// The format the domain definition names (`qcow2`, `raw`): given to every tool, never
+    /// probed (a guest may write any header into a raw disk).
+    pub format: String,
+    /// Whether the disk's changes are tracked (a qcow2 image: its bitmaps are the base and
+    /// the next checkpoint); an untracked disk is read in full and its image left as it is.
+    pub tracked: bool,
 }
 
 /// An offline backup: like [`super::BackupRequest`] with image paths instead of a VM handle.
@@ -33,9 +39,9 @@ pub struct OfflineDisk {
 pub struct OfflineRequest {
     pub vm: String,
     pub disks: Vec<OfflineDisk>,
-    /// The base checkpoint: its bitmap must exist and be consistent on every disk.
+    /// The base checkpoint: its bitmap must exist and be consistent on every tracked disk.
     pub incremental_from: Option<String>,
-    /// Added as an enabled persistent bitmap on every disk.
+    /// Added as an enabled persistent bitmap on every tracked disk.
     pub new_checkpoint: Option<String>,
     /// Each disk's socket is this path with `.DISK` appended.
     pub socket: PathBuf,
@@ -66,7 +72,7 @@ pub async fn check_bitmaps(
             });
             continue;
         };
-        let info = image::info(&d.image).await?;
+        let info = image::info(&d.image, &d.format).await?;
         if info.virtual_size != want.capacity {
             let (was, now) = (want.capacity, info.virtual_size);
             problems.push(CheckpointProblem::SizeChanged {
@@ -88,7 +94,11 @@ async fn inspect(req: &OfflineRequest) -> Result<Vec<ImageInfo>> {
     let mut infos = Vec::new();
     for d in &req.disks {
         validate_name("disk", &d.disk)?;
-        let info = image::info(&d.image).await?;
+        let info = image::info(&d.image, &d.format).await?;
+        if !d.tracked {
+            infos.push(info);
+            continue;
+        }
         if req.incremental_from.is_some() || req.new_checkpoint.is_some() {
             image::require_qcow2(&info, &d.image)?;
         }
@@ -120,7 +130,7 @@ pub(crate) async fn open(req: OfflineRequest) -> Result<(Vec<DiskExport>, Offlin
     let infos = inspect(&req).await?;
     let mut added = Vec::new();
     if let Some(cp) = &req.new_checkpoint {
-        for d in &req.disks {
+        for d in req.disks.iter().filter(|d| d.tracked) {
             if let Err(e) = image::add_bitmap(&d.image, cp).await {
                 remove_bitmaps(&added, cp).await;
                 return Err(e);
@@ -167,6 +177,7 @@ fn export_of(
         dirty_bitmap_context: req
             .incremental_from
             .as_ref()
+            .filter(|_| d.tracked)
             .map(|b| format!("qemu:dirty-bitmap:{b}")),
         capacity: info.virtual_size,
     }
@@ -177,11 +188,12 @@ async fn serve(req: &OfflineRequest, d: &OfflineDisk, servers: &mut Servers) -> 
     let _ = std::fs::remove_file(&socket);
     let mut cmd = Command::new("qemu-nbd");
     cmd.arg("--read-only").arg("--persistent").arg("--shared=8");
+    cmd.arg("--format").arg(&d.format);
     cmd.arg("--export-name")
         .arg(&d.disk)
         .arg("--socket")
         .arg(&socket);
-    if let Some(base) = &req.incremental_from {
+    if let Some(base) = req.incremental_from.as_ref().filter(|_| d.tracked) {
         cmd.arg("--bitmap").arg(base);
     }
     cmd.arg(&d.image)

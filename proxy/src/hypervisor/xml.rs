@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
-use super::{CheckpointDisk, CheckpointInfo, DiskInfo, Error, ErrorKind, Result};
+use super::{CheckpointDisk, CheckpointInfo, DiskInfo, DiskKind, Error, ErrorKind, Result};
 
 /// A disk as the domain XML describes it (capacity comes from elsewhere).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -12,6 +12,7 @@ pub struct DomainDisk {
     pub target: String,
     pub source: Option<PathBuf>,
     pub format: Option<String>,
+    pub kind: DiskKind,
 }
 
 impl DomainDisk {
@@ -20,6 +21,7 @@ impl DomainDisk {
             target: self.target,
             source: self.source,
             format: self.format,
+            kind: self.kind,
             capacity,
         }
     }
@@ -59,10 +61,17 @@ pub fn domain_disks(xml: &str) -> Result<Vec<DomainDisk>> {
             let format = child(disk, "driver")
                 .and_then(|d| d.attribute("type"))
                 .map(str::to_string);
+            let kind = match disk.attribute("type").unwrap_or("file") {
+                "file" => DiskKind::File,
+                "block" => DiskKind::Block,
+                "network" => DiskKind::Network,
+                _ => DiskKind::Other,
+            };
             Some(DomainDisk {
                 target,
                 source,
                 format,
+                kind,
             })
         })
         .collect();
@@ -162,46 +171,75 @@ pub fn redefine_checkpoint_xml(
 pub struct PullBackup<'a> {
     pub incremental_from: Option<&'a str>,
     pub socket: &'a std::path::Path,
-    /// Serve over TCP with TLS instead of the socket, with no `<disks>` element: libvirt
-    /// then exports every disk that supports backup and places each scratch file beside
-    /// its image (`IMAGE.CHECKPOINT`), on the hypervisor.
+    /// Serve over TCP with TLS instead of the socket. A disk exported without a scratch
+    /// path then gets its scratch file from libvirt, beside its image on the hypervisor
+    /// (`IMAGE.CHECKPOINT`); with no such disk read in full in an incremental, the
+    /// `<disks>` element is left out altogether (libvirt exports every disk).
     pub tcp: Option<&'a super::TcpServer>,
     pub all_disks: &'a [String],
-    /// Disks to export, each with its scratch file.
-    pub export: &'a [(String, PathBuf)],
+    /// Disks to export.
+    pub export: &'a [ExportDisk],
 }
 
-/// `<domainbackup mode='pull'>` exporting `export` over a unix socket.
+/// One disk a pull-mode backup exports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportDisk {
+    pub name: String,
+    /// Its scratch (fleecing) file on the hypervisor; `None`: libvirt's choice (remote only).
+    pub scratch: Option<PathBuf>,
+    /// Read in full even in an incremental (`backupmode='full'`: it carries no bitmap).
+    pub full: bool,
+}
+
+/// `<domainbackup mode='pull'>` exporting `export` over a unix socket or TCP with TLS.
 pub fn backup_xml(b: &PullBackup<'_>) -> String {
     let mut xml = String::from("<domainbackup mode='pull'>");
     if let Some(cp) = b.incremental_from {
         let _ = write!(xml, "<incremental>{}</incremental>", escape(cp));
     }
-    if let Some(t) = b.tcp {
-        let _ = write!(
-            xml,
-            "<server transport='tcp' name='{}' port='{}' tls='yes'/></domainbackup>",
-            escape(&t.listen),
-            t.port
-        );
-        return xml;
+    let per_disk = b.incremental_from.is_some() && b.export.iter().any(|e| e.full);
+    let default_scratch = b.export.iter().all(|e| e.scratch.is_none());
+    match b.tcp {
+        Some(t) => {
+            let _ = write!(
+                xml,
+                "<server transport='tcp' name='{}' port='{}' tls='yes'/>",
+                escape(&t.listen),
+                t.port
+            );
+            if default_scratch && !per_disk && b.export.len() == b.all_disks.len() {
+                xml.push_str("</domainbackup>");
+                return xml;
+            }
+        }
+        None => {
+            let socket = escape(&b.socket.to_string_lossy());
+            let _ = write!(xml, "<server transport='unix' socket='{socket}'/>");
+        }
     }
-    let socket = escape(&b.socket.to_string_lossy());
-    let _ = write!(xml, "<server transport='unix' socket='{socket}'/><disks>");
+    xml.push_str("<disks>");
     for disk in b.all_disks {
-        match b.export.iter().find(|(d, _)| d == disk) {
-            Some((_, scratch)) => {
+        let Some(e) = b.export.iter().find(|e| &e.name == disk) else {
+            let _ = write!(xml, "<disk name='{}' backup='no'/>", escape(disk));
+            continue;
+        };
+        let mode = if e.full && b.incremental_from.is_some() {
+            " backupmode='full'"
+        } else {
+            ""
+        };
+        let _ = write!(xml, "<disk name='{}'{mode}", escape(disk));
+        match &e.scratch {
+            Some(scratch) => {
                 let scratch = escape(&scratch.to_string_lossy());
                 let _ = write!(
                     xml,
-                    "<disk name='{}' backup='yes' type='file'><driver type='qcow2'/>\
-                     <scratch file='{scratch}'/></disk>",
-                    escape(disk)
+                    " backup='yes' type='file'><driver type='qcow2'/><scratch file='{scratch}'/></disk>"
                 );
             }
-            None => {
-                let _ = write!(xml, "<disk name='{}' backup='no'/>", escape(disk));
-            }
+            // `backup='yes'` goes only with `type` and a scratch path (the schema): a disk
+            // named without either is backed up, its scratch file placed by libvirt.
+            None => xml.push_str("/>"),
         }
     }
     xml.push_str("</disks></domainbackup>");
@@ -303,7 +341,11 @@ mod tests {
     #[test]
     fn backup_xml_escapes_and_marks_unexported_disks() {
         let all = vec!["vda".to_string(), "vdb".to_string()];
-        let export = vec![("vda".to_string(), PathBuf::from("/s/a'b.qcow2"))];
+        let export = vec![ExportDisk {
+            name: "vda".into(),
+            scratch: Some(PathBuf::from("/s/a'b.qcow2")),
+            full: false,
+        }];
         let xml = backup_xml(&PullBackup {
             incremental_from: Some("cp1"),
             socket: std::path::Path::new("/s/nbd.sock"),
@@ -320,10 +362,14 @@ mod tests {
     #[test]
     fn a_remote_backup_names_a_tls_tcp_server_and_no_path() {
         let all = vec!["vda".to_string(), "vdb".to_string()];
-        let export = vec![(
-            "vda".to_string(),
-            PathBuf::from("/proxy/work/job/vda.qcow2"),
-        )];
+        let export: Vec<ExportDisk> = all
+            .iter()
+            .map(|d| ExportDisk {
+                name: d.clone(),
+                scratch: None,
+                full: false,
+            })
+            .collect();
         let tcp = super::super::TcpServer {
             listen: "10.0.0.5".into(),
             port: 10901,
@@ -341,6 +387,47 @@ mod tests {
              <server transport='tcp' name='10.0.0.5' port='10901' tls='yes'/></domainbackup>"
         );
         assert!(!xml.contains("/proxy"), "no path of the proxy: {xml}");
+        roxmltree::Document::parse(&xml).unwrap();
+    }
+
+    #[test]
+    fn a_disk_without_bitmap_is_read_in_full_in_an_incremental() {
+        let all = vec!["vda".to_string(), "vdb".to_string()];
+        let export = vec![
+            ExportDisk {
+                name: "vda".into(),
+                scratch: None,
+                full: false,
+            },
+            ExportDisk {
+                name: "vdb".into(),
+                scratch: None,
+                full: true,
+            },
+        ];
+        let tcp = super::super::TcpServer {
+            listen: "10.0.0.5".into(),
+            port: 10901,
+        };
+        let mut b = PullBackup {
+            incremental_from: Some("sluice-1"),
+            socket: std::path::Path::new("/proxy/work/job/nbd.sock"),
+            tcp: Some(&tcp),
+            all_disks: &all,
+            export: &export,
+        };
+        let xml = backup_xml(&b);
+        assert!(
+            xml.ends_with(
+                "tls='yes'/><disks><disk name='vda'/>\
+                 <disk name='vdb' backupmode='full'/></disks></domainbackup>"
+            ),
+            "{xml}"
+        );
+        assert!(!xml.contains("/proxy"), "{xml}");
+        // A full backup needs no per-disk mode: libvirt's defaults do.
+        b.incremental_from = None;
+        assert!(!backup_xml(&b).contains("<disks>"));
         roxmltree::Document::parse(&xml).unwrap();
     }
 

@@ -16,6 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use catalog::{
     BackupMode, BackupSpec, CommitInfo, Consistency, DiskSpec, Manifest, Repository, VmIdentity,
+    VmStateAtBackup,
 };
 use futures_util::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
@@ -24,8 +25,8 @@ use super::disk::{back_up_disk, DiskJob, DiskStats};
 use super::error::{Error, ErrorKind, Result};
 use super::progress::Progress;
 use crate::hypervisor::{
-    BackupRequest, BackupSession, CheckpointHealth, DomainInfo, ExpectedDisk, FreezeGuard,
-    Hypervisor, VmState,
+    BackupRequest, BackupSession, CheckpointHealth, DiskInfo, DomainInfo, ExpectedDisk,
+    FreezeGuard, Hypervisor, VmState,
 };
 use crate::repo::IngestSink;
 
@@ -137,13 +138,16 @@ pub async fn run_backup<H: Hypervisor>(
     end_stale_job(hv, vm, opts).await?;
     let paused = start_paused_if_remote(hv, &dom, opts).await?;
     if !paused {
-        return back_up_domain(&job, &dom, &domain_xml).await;
+        let state = match dom.state {
+            VmState::ShutOff => VmStateAtBackup::ShutOff,
+            _ => VmStateAtBackup::Running,
+        };
+        return back_up_domain(&job, &dom, &domain_xml, state).await;
     }
-    let dom = hv
-        .domain(vm)
-        .await
-        .map_err(|e| Error::hypervisor(format!("vm {vm}"), e))?;
-    let result = back_up_domain(&job, &dom, &domain_xml).await;
+    let result = match hv.domain(vm).await {
+        Ok(dom) => back_up_domain(&job, &dom, &domain_xml, VmStateAtBackup::StartedPaused).await,
+        Err(e) => Err(Error::hypervisor(format!("vm {vm}"), e)),
+    };
     power_off_again(hv, vm).await;
     result
 }
@@ -199,6 +203,7 @@ async fn back_up_domain<H: Hypervisor>(
     job: &Job<'_, H>,
     dom: &DomainInfo,
     domain_xml: &str,
+    vm_state: VmStateAtBackup,
 ) -> Result<BackupReport> {
     let (hv, repo, opts) = (job.hv, job.repo, job.opts);
     // The parent's manifest is read once, here, and passed down (mode, spec, sink).
@@ -215,6 +220,8 @@ async fn back_up_domain<H: Hypervisor>(
     };
     let plan = Plan {
         tcp: lease.as_ref().map(|l| l.server().clone()),
+        remote_scratch: opts.remote.as_ref().map(|r| r.scratch_dir.clone()),
+        vm_state,
         dom,
         domain_xml,
         parent: parent.filter(|_| !mode.is_full()),
@@ -250,6 +257,11 @@ struct Plan<'a> {
     job_dir: &'a Path,
     /// Where QEMU serves a remote hypervisor's exports (none: the socket in `job_dir`).
     tcp: Option<crate::hypervisor::TcpServer>,
+    /// A remote hypervisor's scratch directory (`Some(None)`: libvirt's choice, beside each
+    /// image); `None`: a local hypervisor (scratch in `job_dir`).
+    remote_scratch: Option<Option<PathBuf>>,
+    /// How the VM was, for the manifest.
+    vm_state: VmStateAtBackup,
 }
 
 impl Plan<'_> {
@@ -257,13 +269,30 @@ impl Plan<'_> {
         &self.dom.name
     }
 
+    /// Whether `disk` tracks its changes (carries the checkpoints' bitmaps).
+    fn tracked(&self, disk: &str) -> bool {
+        self.dom
+            .disks
+            .iter()
+            .any(|d| d.target == disk && d.supports_bitmaps())
+    }
+
     fn request(&self) -> BackupRequest {
+        let any_tracked = self.dom.disks.iter().any(DiskInfo::supports_bitmaps);
         BackupRequest {
             vm: self.vm().to_string(),
             disks: self.dom.disks.iter().map(|d| d.target.clone()).collect(),
             incremental_from: self.mode.base_checkpoint().map(str::to_string),
-            new_checkpoint: Some(self.checkpoint.to_string()),
-            scratch_dir: self.job_dir.to_path_buf(),
+            full_disks: (self.dom.disks.iter())
+                .filter(|d| !d.supports_bitmaps())
+                .map(|d| d.target.clone())
+                .collect(),
+            // A checkpoint without a single bitmap would track nothing.
+            new_checkpoint: any_tracked.then(|| self.checkpoint.to_string()),
+            scratch_dir: match &self.remote_scratch {
+                Some(dir) => dir.clone(),
+                None => Some(self.job_dir.to_path_buf()),
+            },
             socket: self.job_dir.join("nbd.sock"),
             tcp: self.tcp.clone(),
         }
@@ -274,7 +303,10 @@ impl Plan<'_> {
         let disks = session.exports().iter().map(|e| DiskSpec {
             target: e.disk.clone(),
             size: e.capacity,
-            checkpoint: Some(self.checkpoint.to_string()),
+            checkpoint: (self.tracked(&e.disk)).then(|| self.checkpoint.to_string()),
+            full_read: (self.dom.disks.iter())
+                .find(|d| d.target == e.disk)
+                .and_then(DiskInfo::full_read_reason),
         });
         BackupSpec {
             vm: VmIdentity {
@@ -289,6 +321,7 @@ impl Plan<'_> {
 
     fn commit_info(&self, consistency: Consistency) -> CommitInfo {
         CommitInfo {
+            vm_state: Some(self.vm_state),
             domain_xml: self.domain_xml.to_string(),
             mode: self.mode.manifest_mode(),
             consistency,
@@ -395,6 +428,10 @@ async fn take_backup<H: Hypervisor>(job: &Job<'_, H>, plan: &Plan<'_>) -> Result
         Ok(ok) => ok,
         Err(e) => return Err(abort(session, e).await),
     };
+    if let Err(e) = still_paused(job.hv, plan).await {
+        sink.abort().await;
+        return Err(abort(session, e).await);
+    }
     let manifest = match sink.commit(plan.commit_info(consistency)).await {
         Ok(m) => m,
         Err(e) => return Err(abort(session, Error::repo(format!("commit of vm {vm}"), e)).await),
@@ -409,6 +446,35 @@ async fn take_backup<H: Hypervisor>(job: &Job<'_, H>, plan: &Plan<'_>) -> Result
         bytes_dirty: stats.bytes_dirty,
         manifest,
     })
+}
+
+/// For a VM started paused for its backup: that it is still paused. One that someone
+/// resumed meanwhile ends the backup with the reason (it is left running; its next backup
+/// reads it online); nothing is committed.
+async fn still_paused<H: Hypervisor>(hv: &H, plan: &Plan<'_>) -> Result<()> {
+    if plan.vm_state != VmStateAtBackup::StartedPaused {
+        return Ok(());
+    }
+    let vm = plan.vm();
+    let state = hv
+        .domain(vm)
+        .await
+        .map_err(|e| Error::hypervisor(format!("vm {vm}"), e))?
+        .state;
+    let now = match state {
+        VmState::Paused => return Ok(()),
+        VmState::Running => "running",
+        VmState::ShutOff => "shut off",
+        VmState::Other => "no longer paused",
+    };
+    Err(Error::new(
+        ErrorKind::Refused,
+        format!(
+            "vm {vm} was started paused for an offline backup and is {now} now (someone \
+             resumed or stopped it meanwhile): the backup is discarded and the vm left as it \
+             is; back it up again"
+        ),
+    ))
 }
 
 /// Ends the hypervisor job after a failure (deleting its new checkpoint) and returns `e`.
@@ -472,7 +538,7 @@ async fn read_all<H>(
             vm: vm.to_string(),
             index,
             export: export.clone(),
-            full: plan.mode.is_full(),
+            full: plan.mode.is_full() || !plan.tracked(&export.disk),
             window: opts.window,
             batch_bytes: opts.batch_bytes,
             depth: opts.depth,
@@ -563,9 +629,20 @@ async fn decide_mode<H: Hypervisor>(
             parent.id
         )));
     }
+    if !dom.disks.iter().any(DiskInfo::supports_bitmaps) {
+        return Ok(Mode::FullBecause(
+            "no disk of the vm tracks changes (only qcow2 images carry dirty bitmaps)".into(),
+        ));
+    }
+    let tracked = |target: &str| {
+        dom.disks
+            .iter()
+            .any(|d| d.target == target && d.supports_bitmaps())
+    };
     let cps: Vec<&str> = parent
         .disks
         .iter()
+        .filter(|d| tracked(&d.target))
         .filter_map(|d| d.checkpoint.as_deref())
         .collect();
     let Some(cp) = cps.first().copied().filter(|c| cps.iter().all(|x| x == c)) else {
@@ -577,6 +654,7 @@ async fn decide_mode<H: Hypervisor>(
     let expected: Vec<ExpectedDisk> = parent
         .disks
         .iter()
+        .filter(|d| tracked(&d.target))
         .map(|d| ExpectedDisk {
             disk: d.target.clone(),
             capacity: d.size,

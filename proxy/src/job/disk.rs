@@ -450,6 +450,7 @@ mod tests {
                 uuid: "u".into(),
             },
             disks: vec![DiskSpec {
+                full_read: None,
                 target: "vda".into(),
                 size,
                 checkpoint: None,

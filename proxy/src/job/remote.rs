@@ -32,6 +32,9 @@ pub struct RemoteData {
     pub tls: ClientTls,
     /// Whether a shut-off VM may be started paused (its CPUs never run) for its backup.
     pub start_offline: bool,
+    /// A directory on the hypervisor for the jobs' scratch files (`None`: libvirt puts each
+    /// beside its image, which only image files allow).
+    pub scratch_dir: Option<std::path::PathBuf>,
 }
 
 /// How long a probe of a port waits for an answer.
@@ -123,6 +126,7 @@ mod tests {
         let ca = dir.path().join("ca.pem");
         std::fs::write(&ca, cert.pem()).unwrap();
         RemoteData {
+            scratch_dir: None,
             listen: "127.0.0.1".into(),
             connect: "127.0.0.1".into(),
             ports,

@@ -356,6 +356,7 @@ mod tests {
                     uuid: "u".into(),
                 },
                 disks: vec![DiskSpec {
+                    full_read: None,
                     target: "vda".into(),
                     size,
                     checkpoint: None,
@@ -367,6 +368,7 @@ mod tests {
         w.put_chunks(0, 0, &disk(chunks)).unwrap();
         let m = w
             .commit(CommitInfo {
+                vm_state: None,
                 domain_xml: "<domain/>".into(),
                 mode: BackupMode::Full,
                 consistency: Consistency::Crash,

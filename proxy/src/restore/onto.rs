@@ -281,7 +281,7 @@ async fn restore_one<H: Hypervisor>(
 ) -> Result<DiskOntoReport> {
     let (vm, target) = (job.vm, job.disk.target.as_str());
     let reader = open_reader(repo, &job.r.id, target).await?;
-    let info = image::info(job.image)
+    let info = image::info(job.image, job.disk.format_named())
         .await
         .map_err(|e| Error::hypervisor(format!("disk {target} of vm {vm}"), e))?;
     if info.virtual_size != reader.size() {
@@ -399,6 +399,8 @@ async fn dirty_chunks(job: &DiskJob<'_>, cp: &str, reader: &DiskReader) -> Resul
         disks: vec![OfflineDisk {
             disk: target.to_string(),
             image: job.image.to_path_buf(),
+            format: job.disk.format_named().to_string(),
+            tracked: true,
         }],
         incremental_from: Some(cp.to_string()),
         new_checkpoint: None,
@@ -640,6 +642,7 @@ mod tests {
                     uuid: "u".into(),
                 },
                 disks: vec![DiskSpec {
+                    full_read: None,
                     target: "vda".into(),
                     size: 8 * CS,
                     checkpoint: None,
@@ -655,6 +658,7 @@ mod tests {
         }
         w.put_chunks(0, 0, &data).unwrap();
         let info = CommitInfo {
+            vm_state: None,
             domain_xml: "<domain/>".into(),
             mode: BackupMode::Full,
             consistency: Consistency::Crash,

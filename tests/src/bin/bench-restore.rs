@@ -60,6 +60,7 @@ fn make(repo: &Repository, raw: &Path) -> Result<catalog::Manifest> {
             uuid: "be0c0000-0000-4000-8000-000000000001".into(),
         },
         disks: vec![DiskSpec {
+            full_read: None,
             target: "vda".into(),
             size: size(),
             checkpoint: None,
@@ -78,6 +79,7 @@ fn make(repo: &Repository, raw: &Path) -> Result<catalog::Manifest> {
     }
     file.flush()?;
     Ok(w.commit(CommitInfo {
+        vm_state: None,
         domain_xml: "<domain/>".into(),
         mode: BackupMode::Full,
         consistency: Consistency::Crash,

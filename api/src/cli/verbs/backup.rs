@@ -205,6 +205,9 @@ fn detail(d: &BackupDetail) {
     println!("finished    {}", when(Some(b.finished)));
     println!("mode        {}{why}", b.mode);
     println!("consistency {}", d.consistency);
+    if let Some(state) = &d.vm_state {
+        println!("vm state    {}", state.replace('_', " "));
+    }
     println!("protected   {}", yes_no(b.protected));
     println!(
         "stored      {} (new data {} before compression)",
@@ -228,5 +231,9 @@ fn detail(d: &BackupDetail) {
             or_dash(k.checkpoint.as_ref()),
             or_dash(k.parent_backup.as_ref())
         );
+    }
+    for k in d.disks.iter().filter(|k| k.full_read.is_some()) {
+        let why = k.full_read.as_deref().unwrap_or_default();
+        println!("{}: read in full: {why}", k.target);
     }
 }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::Json;
-use catalog::{BackupMode, BackupRow, Consistency, Manifest};
+use catalog::{BackupMode, BackupRow, Consistency, Manifest, VmStateAtBackup};
 
 use crate::daemon::auth::{Action, Caller};
 use crate::daemon::error::{ApiError, ApiResult};
@@ -56,6 +56,14 @@ fn detail(m: &Manifest, protected: bool) -> BackupDetail {
             Consistency::Crash => "crash",
         }
         .into(),
+        vm_state: m.vm_state.map(|s| {
+            match s {
+                VmStateAtBackup::Running => "running",
+                VmStateAtBackup::ShutOff => "shut_off",
+                VmStateAtBackup::StartedPaused => "started_paused",
+            }
+            .into()
+        }),
         disks: m
             .disks
             .iter()
@@ -65,6 +73,7 @@ fn detail(m: &Manifest, protected: bool) -> BackupDetail {
                 chunk_size: d.chunk_size,
                 checkpoint: d.checkpoint.clone(),
                 parent_backup: d.parent_backup.as_ref().map(|p| p.to_string()),
+                full_read: d.full_read.clone(),
             })
             .collect(),
         chunks_new: m.stats.chunks_new,

@@ -18,8 +18,8 @@ use super::xml::{self, validate_name};
 use super::Cause;
 use super::{
     offline, BackupRequest, BackupSession, CheckpointHealth, CheckpointInfo, CheckpointProblem,
-    DiskExport, DiskInfo, DomainInfo, Error, ErrorKind, ExpectedDisk, FreezeGuard, Hypervisor,
-    Result, VmState,
+    DiskExport, DiskInfo, DiskKind, DomainInfo, Error, ErrorKind, ExpectedDisk, FreezeGuard,
+    Hypervisor, Result, VmState,
 };
 use catalog::Chain;
 use worker::Worker;
@@ -165,6 +165,7 @@ impl LibvirtHypervisor {
         let xml = domain_xml.to_string();
         self.worker
             .call(move |c| {
+                ffi::sent("domain", &xml);
                 let dom = c
                     .define_domain_xml(&xml)
                     .map_err(virt_err("defining a restored domain".into()))?;
@@ -206,17 +207,11 @@ struct Prepared {
 
 fn prepare(req: &BackupRequest, all_disks: Vec<DiskInfo>) -> Result<Prepared> {
     let names: Vec<String> = all_disks.iter().map(|d| d.target.clone()).collect();
-    let export: Vec<(String, PathBuf)> = req
+    let export = req
         .disks
         .iter()
-        .map(|d| {
-            (
-                d.clone(),
-                req.scratch_dir
-                    .join(format!("{}.{d}.scratch.qcow2", req.vm)),
-            )
-        })
-        .collect();
+        .map(|d| export_disk(req, &all_disks, d))
+        .collect::<Result<Vec<_>>>()?;
     let backup_xml = xml::backup_xml(&xml::PullBackup {
         incremental_from: req.incremental_from.as_deref(),
         socket: &req.socket,
@@ -226,7 +221,8 @@ fn prepare(req: &BackupRequest, all_disks: Vec<DiskInfo>) -> Result<Prepared> {
     });
     let with_bitmap: Vec<String> = all_disks
         .iter()
-        .filter(|d| req.disks.contains(&d.target) && d.supports_bitmaps())
+        .filter(|d| req.disks.contains(&d.target) && !req.full_disks.contains(&d.target))
+        .filter(|d| d.supports_bitmaps())
         .map(|d| d.target.clone())
         .collect();
     let checkpoint_xml = req
@@ -237,6 +233,42 @@ fn prepare(req: &BackupRequest, all_disks: Vec<DiskInfo>) -> Result<Prepared> {
         all_disks,
         backup_xml,
         checkpoint_xml,
+    })
+}
+
+/// Disk `d` as the backup XML exports it: its scratch file in the request's scratch
+/// directory (named after the VM, disk and new checkpoint), or, with none, beside its image
+/// on the hypervisor (`IMAGE.CHECKPOINT`, libvirt's own choice, which it makes only when the
+/// backup names no disk: a backup that reads some disks in full in an incremental names
+/// them all, and so names that path itself). Only an image file has a place beside it.
+fn export_disk(req: &BackupRequest, all: &[DiskInfo], d: &str) -> Result<xml::ExportDisk> {
+    let info = all.iter().find(|x| x.target == d);
+    let suffix = req.new_checkpoint.as_deref().unwrap_or("sluice");
+    let per_disk = req.incremental_from.is_some() && !req.full_disks.is_empty();
+    let scratch = match (&req.scratch_dir, info) {
+        (Some(dir), _) => Some(dir.join(format!("{}.{d}.{suffix}.scratch.qcow2", req.vm))),
+        (None, Some(i)) if i.kind == DiskKind::File && i.source.is_some() => per_disk
+            .then(|| {
+                i.source
+                    .as_ref()
+                    .map(|s| PathBuf::from(format!("{}.{suffix}", s.display())))
+            })
+            .flatten(),
+        (None, _) => {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "disk {d} of vm {} is not an image file, so its scratch file cannot go \
+                     beside it: set backup_data.scratch_dir to a directory on the hypervisor",
+                    req.vm
+                ),
+            ));
+        }
+    };
+    Ok(xml::ExportDisk {
+        name: d.to_string(),
+        scratch,
+        full: req.full_disks.iter().any(|f| f == d),
     })
 }
 
@@ -503,10 +535,10 @@ async fn check_inactive(
     };
     let mut problems = static_problems(&info, &disks, expected);
     for want in expected {
-        let Some(image) = disks
+        let Some((image, format)) = disks
             .iter()
             .find(|d| d.target == want.disk)
-            .and_then(|d| d.source.clone())
+            .and_then(|d| Some((d.source.clone()?, d.format_named())))
         else {
             continue;
         };
@@ -515,7 +547,7 @@ async fn check_inactive(
             .iter()
             .find(|c| c.disk == want.disk)
             .map_or(cp, |c| c.bitmap.as_str());
-        let image_info = super::image::info(&image).await?;
+        let image_info = super::image::info(&image, format).await?;
         problems.extend(super::image::bitmap_problem(
             &image_info,
             &want.disk,
@@ -575,21 +607,28 @@ impl LibvirtHypervisor {
     ) -> Result<BackupSession> {
         let mut offline_disks = Vec::new();
         for name in &req.disks {
-            let disk = disks.iter().find(|d| &d.target == name).cloned();
-            let Some(image) = disk.and_then(|d| d.source) else {
+            let disk = disks.iter().find(|d| &d.target == name);
+            let Some((disk, image)) = disk.and_then(|d| Some((d, d.source.clone()?))) else {
                 let msg = format!("disk {name} of vm {} is not a local image", req.vm);
                 return Err(Error::new(ErrorKind::Unsupported, msg));
             };
             offline_disks.push(offline::OfflineDisk {
                 disk: name.clone(),
                 image,
+                format: disk.format_named().to_string(),
+                tracked: disk.supports_bitmaps() && !req.full_disks.contains(name),
             });
         }
         let all: Vec<String> = disks.iter().map(|d| d.target.clone()).collect();
+        let tracked: Vec<String> = offline_disks
+            .iter()
+            .filter(|d| d.tracked)
+            .map(|d| d.disk.clone())
+            .collect();
         let checkpoint_xml = req
             .new_checkpoint
             .as_deref()
-            .map(|cp| xml::redefine_checkpoint_xml(cp, now_secs(), &all, &req.disks));
+            .map(|cp| xml::redefine_checkpoint_xml(cp, now_secs(), &all, &tracked));
         let (vm, cp) = (req.vm.clone(), req.new_checkpoint.clone());
         let (exports, inner) = offline::open(offline::OfflineRequest {
             vm: req.vm,

@@ -30,6 +30,8 @@ struct FleeceDisk {
     scratch_path: PathBuf,
     job: String,
     temp_bitmap: Option<String>,
+    /// Carries the checkpoints' bitmaps (a disk read in full every time does not).
+    tracked: bool,
     node_added: bool,
     export_id: Option<String>,
 }
@@ -43,17 +45,22 @@ pub(super) struct Fleece {
 }
 
 fn names(req: &BackupRequest, disk: &str) -> FleeceDisk {
+    let tracked = !req.full_disks.iter().any(|d| d == disk);
     FleeceDisk {
         disk: disk.to_string(),
         scratch_node: format!("{PREFIX}scratch-{disk}"),
         scratch_path: req
             .scratch_dir
+            .clone()
+            .unwrap_or_default()
             .join(format!("{}.{disk}.scratch.qcow2", req.vm)),
         job: format!("{PREFIX}backup-{disk}"),
         temp_bitmap: req
             .incremental_from
             .as_ref()
+            .filter(|_| tracked)
             .map(|_| format!("{PREFIX}backup-{disk}")),
+        tracked,
         node_added: false,
         export_id: None,
     }
@@ -137,7 +144,7 @@ impl Fleece {
         let mut actions = Vec::new();
         for fd in &self.disks {
             let node = &fd.disk;
-            if let Some(cp) = &req.new_checkpoint {
+            if let Some(cp) = req.new_checkpoint.as_ref().filter(|_| fd.tracked) {
                 let data = json!({"node": node, "name": cp, "persistent": true});
                 actions.push(json!({"type": "block-dirty-bitmap-add", "data": data}));
             }
@@ -180,7 +187,7 @@ impl Fleece {
                 if let Some(tmp) = &fd.temp_bitmap {
                     note(remove_bitmap(c, &fd.disk, tmp).await);
                 }
-                if let (false, Some(cp)) = (success, &self.new_checkpoint) {
+                if let (false, Some(cp), true) = (success, &self.new_checkpoint, fd.tracked) {
                     note(remove_bitmap(c, &fd.disk, cp).await);
                 }
             }

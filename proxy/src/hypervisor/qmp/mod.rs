@@ -23,7 +23,7 @@ use super::session::{BoxFuture, Release};
 use super::xml::validate_name;
 use super::{
     BackupRequest, BackupSession, CheckpointDisk, CheckpointHealth, CheckpointInfo,
-    CheckpointProblem, DiskInfo, DomainInfo, Error, ErrorKind, ExpectedDisk, FreezeGuard,
+    CheckpointProblem, DiskInfo, DiskKind, DomainInfo, Error, ErrorKind, ExpectedDisk, FreezeGuard,
     Hypervisor, Result, VmState,
 };
 
@@ -131,6 +131,7 @@ async fn nodes(c: &mut QmpClient) -> Result<Vec<Node>> {
                 target: n.node_name,
                 source: Some(PathBuf::from(n.file)),
                 format: Some(n.drv),
+                kind: DiskKind::File,
                 capacity: n.image.virtual_size,
             },
             bitmaps: n
@@ -222,6 +223,12 @@ fn validate(vm: &str, req: &BackupRequest, nodes: &[Node]) -> Result<()> {
             format!("backup of vm {vm} names no disk"),
         ));
     }
+    if req.scratch_dir.is_none() || req.tcp.is_some() {
+        return Err(Error::new(
+            ErrorKind::Unsupported,
+            format!("backup of vm {vm}: a QMP hypervisor is local, its backups need a scratch directory of the proxy and a unix socket"),
+        ));
+    }
     for disk in &req.disks {
         validate_name("disk", disk)?;
         let Some(node) = nodes.iter().find(|n| &n.info.target == disk) else {
@@ -230,7 +237,8 @@ fn validate(vm: &str, req: &BackupRequest, nodes: &[Node]) -> Result<()> {
                 format!("vm {vm} has no disk {disk}"),
             ));
         };
-        if let Some(base) = &req.incremental_from {
+        let tracked = !req.full_disks.contains(disk);
+        if let Some(base) = req.incremental_from.as_ref().filter(|_| tracked) {
             if let Some(p) = bitmap_problem(node, base) {
                 let msg = format!("bitmap {base} of disk {disk} of vm {vm} is unusable: {p:?}");
                 return Err(Error::new(ErrorKind::Inconsistent, msg));
