@@ -41,7 +41,7 @@ pub const SSH_DIR: &str = "/var/tmp/sluice-testbed/ssh";
 /// Debian's sshd (package `openssh-server`).
 const SSHD: &str = "/usr/sbin/sshd";
 
-/// What the login runs, whatever the client asks for (package `libvirt-clients`).
+/// What the login runs, whatever the client asks for (package `libvirt-daemon`).
 const HELPER: &str = "/usr/bin/virt-ssh-helper";
 
 /// The user libvirt logs in as.
@@ -61,7 +61,7 @@ impl SshHost {
         ensure_libvirt()?;
         for tool in [SSHD, HELPER, "/usr/bin/ssh-keygen"] {
             if !Path::new(tool).is_file() {
-                bail!("{tool} is missing: run `make deps` (openssh-server, libvirt-clients)");
+                bail!("{tool} is missing: run `make deps` (openssh-server, libvirt-daemon-system)");
             }
         }
         let iso = Isolated::ensure()?;

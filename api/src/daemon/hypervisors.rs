@@ -451,9 +451,9 @@ async fn connect(spec: &HvSpec) -> proxy::hypervisor::Result<Arc<dyn Hv>> {
             match LibvirtHypervisor::connect(&open).await {
                 Ok(hv) => Arc::new(hv),
                 Err(e) => {
-                    let login = spec.ssh.as_ref();
-                    let e = ssh::redacted(&e, &open, uri, login);
-                    return Err(ssh::ssh_refusal(&spec.name, uri, login, &e));
+                    let (login, shown) = (spec.ssh.as_ref(), shown_uri(uri));
+                    let e = ssh::redacted(&e, &open, shown, login);
+                    return Err(ssh::ssh_refusal(&spec.name, shown, login, &e));
                 }
             }
         }

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 
 use proxy::hypervisor::Error as HvError;
 
-use super::shown_uri;
 use crate::daemon::error::chain;
 
 /// How the proxy logs in to a `qemu+ssh://` hypervisor (`ssh_key`, `ssh_known_hosts`):
@@ -86,12 +85,12 @@ impl std::fmt::Display for Cause {
 
 impl std::error::Error for Cause {}
 
-/// `e` (from opening `open`, the form libvirt opens of `uri`) with `open` replaced by `uri`
-/// as shown and, for an ssh login, the key and known-hosts paths by their setting's name: an
+/// `e` (from opening `open`) with `open` replaced by `shown` (the URI as logs and the API
+/// show it) and, for an ssh login, the key and known-hosts paths by their setting's name: an
 /// error may reach the log and the API, which never name the key file.
-pub(super) fn redacted(e: &HvError, open: &str, uri: &str, ssh: Option<&SshLogin>) -> HvError {
+pub(super) fn redacted(e: &HvError, open: &str, shown: &str, ssh: Option<&SshLogin>) -> HvError {
     let clean = |text: &str| {
-        let mut t = text.replace(open, shown_uri(uri));
+        let mut t = text.replace(open, shown);
         if let Some(login) = ssh {
             t = t.replace(&*login.key.to_string_lossy(), "ssh_key");
             t = t.replace(&*login.known_hosts.to_string_lossy(), "ssh_known_hosts");
@@ -105,15 +104,15 @@ pub(super) fn redacted(e: &HvError, open: &str, uri: &str, ssh: Option<&SshLogin
     }
 }
 
-/// For an ssh login (to hypervisor `name` at `uri`) whose host key libvirt refused (changed,
-/// or not in the known-hosts file), `e` under a message naming the host and what to check;
-/// other errors as they are.
-pub(super) fn ssh_refusal(name: &str, uri: &str, ssh: Option<&SshLogin>, e: &HvError) -> HvError {
+/// For an ssh login (to hypervisor `name` at `shown`, its URI without the query) whose host
+/// key libvirt refused (changed, or not in the known-hosts file), `e` under a message naming
+/// the host and what to check; other errors as they are.
+pub(super) fn ssh_refusal(name: &str, shown: &str, ssh: Option<&SshLogin>, e: &HvError) -> HvError {
     let text = chain(e);
     if ssh.is_none() || !text.to_lowercase().contains("host key") {
         return HvError::new(e.kind(), text);
     }
-    let authority = shown_uri(uri).split_once("://").map_or("", |(_, r)| r);
+    let authority = shown.split_once("://").map_or("", |(_, r)| r);
     let authority = authority.split('/').next().unwrap_or("");
     let host = authority.rsplit('@').next().unwrap_or(authority);
     HvError::new(
@@ -198,8 +197,9 @@ mod tests {
     #[test]
     fn a_tls_connection_error_shows_the_uri_without_its_query() {
         let uri = "qemu+tls://h1/system?pkipath=/etc/sluice/pki/h1";
-        let e = redacted(&connect_error(uri, "Connection refused"), uri, uri, None);
-        let e = ssh_refusal("h1", uri, None, &e);
+        let shown = "qemu+tls://h1/system";
+        let e = redacted(&connect_error(uri, "Connection refused"), uri, shown, None);
+        let e = ssh_refusal("h1", shown, None, &e);
         assert_eq!(
             chain(&e),
             "cannot connect to libvirt at qemu+tls://h1/system: Connection refused"
