@@ -3,7 +3,9 @@
 //! Owns starting the daemon on a throwaway data directory (free loopback ports for the API and
 //! NBD, TLS on, the fingerprint and first admin token read from what it prints and writes),
 //! running CLI verbs against it, and killing it when dropped (pass or panic). It does not
-//! know any API route: everything goes through the CLI, as an operator would.
+//! know any API route: everything goes through the CLI, as an operator would. Also the
+//! backup-and-restore steps the remote tests share ([`Daemon::backup_on`],
+//! [`Daemon::restore_equals`]) and the binary an isolated daemon runs ([`binary_for`]).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -255,6 +257,52 @@ impl Daemon {
             bail!("sluice {args:?} exited with {code}");
         }
         Ok(v)
+    }
+}
+
+/// The `sluice` binary copied into `dir` where the isolated user can run it (a test's
+/// target directory may be private to root).
+pub fn binary_for(iso: &crate::Isolated, dir: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = dir.join("sluice");
+    std::fs::copy(sluice_bin()?, &bin).context("copying the sluice binary")?;
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))?;
+    std::os::unix::fs::chown(&bin, Some(iso.uid), Some(iso.gid))?;
+    Ok(bin)
+}
+
+impl Daemon {
+    /// `sluice backup VM --wait [--full]`: the job, which must have succeeded on hypervisor
+    /// `hypervisor`.
+    pub fn backup_on(&self, hypervisor: &str, vm: &str, full: bool) -> Result<Value> {
+        let mut args = vec!["backup", vm, "--wait"];
+        if full {
+            args.push("--full");
+        }
+        let job = self.ok(&args)?;
+        ensure!(job["state"] == "succeeded", "backup of {vm}: {job}");
+        ensure!(job["hypervisor"] == hypervisor, "backup of {vm}: {job}");
+        Ok(job)
+    }
+
+    /// Restores backup `id` to qcow2 in the daemon's restore directory (as `NAME.qcow2`) and
+    /// compares it with the disk `disk` the model says the guest had.
+    pub fn restore_equals(
+        &self,
+        id: &str,
+        model: &crate::Model,
+        disk: &str,
+        name: &str,
+    ) -> Result<()> {
+        let q = self.data.join("restores").join(format!("{name}.qcow2"));
+        let q = q.to_str().context("utf-8 path")?.to_string();
+        let job = self.ok(&[
+            "restore", id, "--disk", disk, "--to", &q, "--format", "qcow2",
+        ])?;
+        ensure!(job["state"] == "succeeded", "restore of {id}: {job}");
+        let raw = self.data.join(format!("{name}.raw"));
+        std::fs::write(&raw, model.disk(disk)?)?;
+        crate::inspect::compare_images(&q, "qcow2", raw.to_str().context("utf-8 path")?, "raw")
     }
 }
 

@@ -30,6 +30,7 @@ pub mod peers;
 pub mod qmp;
 pub mod remote;
 pub mod scratch;
+pub mod ssh;
 pub mod vm;
 
 pub use bed::{check_disk, runtime, Bed, Model, TempRepo};

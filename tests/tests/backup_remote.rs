@@ -6,12 +6,8 @@
 //! backup of a booted test guest, each restored to qcow2 and compared with the guest's disk
 //! at that point.
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
-
 use anyhow::{ensure, Context, Result};
-use testbed::daemon::{sluice_bin, Daemon};
-use testbed::inspect::compare_images;
+use testbed::daemon::{binary_for, Daemon};
 use testbed::remote::free_port;
 use testbed::{Isolated, Model, TestVm, TlsHost, VmSpec};
 
@@ -32,40 +28,15 @@ fn remote_config(host: &TlsHost, first_port: u16) -> String {
     )
 }
 
-/// The `sluice` binary copied where the isolated user can run it (a test's target directory
-/// may be private to root).
-fn binary_for(iso: &Isolated, dir: &Path) -> Result<std::path::PathBuf> {
-    let bin = dir.join("sluice");
-    std::fs::copy(sluice_bin()?, &bin).context("copying the sluice binary")?;
-    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))?;
-    std::os::unix::fs::chown(&bin, Some(iso.uid), Some(iso.gid))?;
-    Ok(bin)
-}
-
-/// `sluice backup VM --wait [--full]`: the job, which must have succeeded.
+/// `sluice backup VM --wait [--full]` on the hypervisor `remote`: the job, which must have
+/// succeeded.
 fn backup(d: &Daemon, vm: &str, full: bool) -> Result<serde_json::Value> {
-    let mut args = vec!["backup", vm, "--wait"];
-    if full {
-        args.push("--full");
-    }
-    let job = d.ok(&args)?;
-    ensure!(job["state"] == "succeeded", "backup of {vm}: {job}");
-    ensure!(job["hypervisor"] == "remote", "backup of {vm}: {job}");
-    Ok(job)
+    d.backup_on("remote", vm, full)
 }
 
-/// Restores `id` to qcow2 in the daemon's restore directory and compares it with the disk
-/// the model says the guest had.
+/// Restores `id` and compares it with the disk the model says the guest had.
 fn restore_equals(d: &Daemon, id: &str, model: &Model, disk: &str, name: &str) -> Result<()> {
-    let q = d.data.join("restores").join(format!("{name}.qcow2"));
-    let q = q.to_str().context("utf-8 path")?.to_string();
-    let job = d.ok(&[
-        "restore", id, "--disk", disk, "--to", &q, "--format", "qcow2",
-    ])?;
-    ensure!(job["state"] == "succeeded", "restore of {id}: {job}");
-    let raw = d.data.join(format!("{name}.raw"));
-    std::fs::write(&raw, model.disk(disk)?)?;
-    compare_images(&q, "qcow2", raw.to_str().context("utf-8 path")?, "raw")
+    d.restore_equals(id, model, disk, name)
 }
 
 /// A booted guest on the test bed's libvirt, and what it takes to run isolated daemons

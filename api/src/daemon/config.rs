@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-use crate::daemon::hypervisors::{HvSpec, RemoteSpec};
+use crate::daemon::hypervisors::{HvSpec, RemoteSpec, SshLogin};
 use crate::wire::policy::{at, check_plain_name, PolicyError};
 
 /// Longest hypervisor name accepted.
@@ -39,6 +39,12 @@ pub struct HypervisorConfig {
     pub host: Option<String>,
     /// Jobs at once on this hypervisor's host (overrides `max_jobs_per_host` there).
     pub max_jobs: Option<usize>,
+    /// For a `qemu+ssh://` URI: the private key (no passphrase, mode 0600) the proxy logs in
+    /// with, through libvirt's libssh transport (never the `ssh` binary or `~/.ssh`).
+    pub ssh_key: Option<PathBuf>,
+    /// For a `qemu+ssh://` URI: the known-hosts file holding the hypervisor's host key (mode
+    /// 0600); a host key not in it, or changed, is refused.
+    pub ssh_known_hosts: Option<PathBuf>,
     /// A remote libvirt hypervisor: backup data over TCP with TLS (see `BackupData`).
     /// Without it the hypervisor is local: exports on a unix socket of the proxy.
     pub backup_data: Option<BackupData>,
@@ -241,6 +247,12 @@ fn spec(h: &HypervisorConfig) -> HvSpec {
     if let (Some(d), Some(uri)) = (&h.backup_data, &h.libvirt_uri) {
         spec.remote = Some(remote_spec(d, uri));
     }
+    if let (Some(key), Some(known_hosts)) = (&h.ssh_key, &h.ssh_known_hosts) {
+        spec.ssh = Some(SshLogin {
+            key: key.clone(),
+            known_hosts: known_hosts.clone(),
+        });
+    }
     spec
 }
 
@@ -306,23 +318,83 @@ fn check_backup_data(h: &HypervisorConfig) -> Result<(), String> {
         ));
     }
     for (what, path) in [("ca", &d.ca), ("cert", &d.cert), ("key", &d.key)] {
-        if !path.is_absolute() {
-            return Err(format!(
-                "backup_data {what} {} must be an absolute path",
-                path.display()
-            ));
-        }
+        absolute(&format!("backup_data {what}"), path)?;
     }
+    owner_only("backup_data key", &d.key)
+}
+
+/// `path` is absolute, or an error naming `what`.
+fn absolute(what: &str, path: &Path) -> Result<(), String> {
+    if path.is_absolute() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{what} {} must be an absolute path",
+            path.display()
+        ))
+    }
+}
+
+/// The file at `path` exists and neither its group nor others may use it (mode 0600 or
+/// 0400), or an error naming `what`.
+fn owner_only(what: &str, path: &Path) -> Result<(), String> {
     use std::os::unix::fs::PermissionsExt;
-    match std::fs::metadata(&d.key) {
-        Err(e) => Err(format!("backup_data key {}: {e}", d.key.display())),
+    match std::fs::metadata(path) {
+        Err(e) => Err(format!("{what} {}: {e}", path.display())),
         Ok(m) if m.permissions().mode() & 0o077 != 0 => Err(format!(
-            "backup_data key {} is readable by others (mode {:o}): chmod 600 it",
-            d.key.display(),
+            "{what} {} is readable by others (mode {:o}): chmod 600 it",
+            path.display(),
             m.permissions().mode() & 0o777
         )),
         Ok(_) => Ok(()),
     }
+}
+
+/// `ssh_key` and `ssh_known_hosts`: both or neither, for a `qemu+ssh://` URI naming a host
+/// and not setting what Sluice sets from them, each an absolute path to a file only the
+/// service can use.
+fn check_ssh(h: &HypervisorConfig) -> Result<(), String> {
+    use crate::daemon::hypervisors::{ssh_driver, SSH_PARAMS};
+    let (key, known_hosts) = match (&h.ssh_key, &h.ssh_known_hosts) {
+        (None, None) => return Ok(()),
+        (Some(k), Some(f)) => (k, f),
+        _ => {
+            return Err(
+                "give ssh_key and ssh_known_hosts together: the key Sluice logs in \
+                        with and the file holding the hypervisor's host key"
+                    .into(),
+            )
+        }
+    };
+    let uri = match &h.libvirt_uri {
+        Some(uri) if ssh_driver(uri).is_some() => uri,
+        _ => {
+            return Err(
+                "ssh_key and ssh_known_hosts need a libvirt_uri of the form \
+                 qemu+ssh://USER@HOST[:PORT]/system"
+                    .into(),
+            )
+        }
+    };
+    let authority = uri.split_once("://").map_or("", |(_, r)| r);
+    let authority = authority.split(['/', '?']).next().unwrap_or("");
+    if authority.rsplit('@').next().unwrap_or("").is_empty() {
+        return Err(format!("libvirt_uri {uri:?} names no host"));
+    }
+    let query = uri.split_once('?').map_or("", |(_, q)| q);
+    for param in query.split('&') {
+        let name = param.split('=').next().unwrap_or("");
+        if SSH_PARAMS.contains(&name) {
+            return Err(format!(
+                "libvirt_uri sets {name}: with ssh_key Sluice sets {} itself",
+                SSH_PARAMS.join(", ")
+            ));
+        }
+    }
+    absolute("ssh_key", key)?;
+    absolute("ssh_known_hosts", known_hosts)?;
+    owner_only("ssh_key", key)?;
+    owner_only("ssh_known_hosts", known_hosts)
 }
 
 /// An entry names exactly one of a libvirt URI and a QMP socket (with its VM).
@@ -356,6 +428,7 @@ fn check_entry(h: &HypervisorConfig) -> Result<(), String> {
         _ => Ok(()),
     })
     .and_then(|()| check_backup_data(h))
+    .and_then(|()| check_ssh(h))
 }
 
 #[cfg(test)]
@@ -418,6 +491,119 @@ mod tests {
             .replace("qemu+tls://kvm1.example/system", "qemu:///system");
         let e = Config::parse(&local).unwrap_err();
         assert!(e[0].message.contains("remote libvirt_uri"), "{e:?}");
+    }
+
+    /// A `[[hypervisors]]` entry for `uri` with `ssh_key` and `ssh_known_hosts` files made in
+    /// `dir` with these modes (`None`: the setting is left out).
+    fn ssh_entry(dir: &std::path::Path, uri: &str, modes: (Option<u32>, Option<u32>)) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        let mut text = format!("[[hypervisors]]\nname = \"kvm1\"\nlibvirt_uri = \"{uri}\"\n");
+        for (setting, file, mode) in [
+            ("ssh_key", "id_ed25519", modes.0),
+            ("ssh_known_hosts", "known hosts&1", modes.1),
+        ] {
+            let Some(mode) = mode else { continue };
+            let path = dir.join(file);
+            std::fs::write(&path, "x").unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            text.push_str(&format!("{setting} = \"{}\"\n", path.display()));
+        }
+        text
+    }
+
+    #[test]
+    fn an_ssh_hypervisor_is_opened_over_libssh_with_its_key_and_known_hosts_only() {
+        use crate::daemon::hypervisors::{libssh_uri, shown_uri, Hypervisors};
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let uri = "qemu+ssh://backup@kvm1.example:2222/system";
+        let c =
+            Config::parse(&ssh_entry(dir.path(), uri, (Some(0o600), Some(0o400)))).expect("parses");
+        let spec = c.hypervisor_specs().pop().unwrap();
+        let login = spec.ssh.clone().expect("an ssh login");
+        assert_eq!(login.key, dir.path().join("id_ed25519"));
+        assert_eq!(
+            libssh_uri(uri, &login),
+            format!(
+                "qemu+libssh://backup@kvm1.example:2222/system?keyfile={d}/id_ed25519\
+                 &known_hosts={d}/known%20hosts%261&known_hosts_verify=normal&sshauth=privkey"
+            )
+        );
+        // Another query parameter stays, before Sluice's (the last of a name wins).
+        let with_query = libssh_uri("qemu+libssh://h/system?mode=direct", &login);
+        assert!(
+            with_query.starts_with("qemu+libssh://h/system?mode=direct&keyfile="),
+            "{with_query}"
+        );
+        assert_eq!(shown_uri(&with_query), "qemu+libssh://h/system");
+        assert_eq!(spec.host, "kvm1.example");
+        // The API and the log show the URI as configured, without a query: no path.
+        let hvs = Hypervisors::new(vec![spec]);
+        let info = hvs.all()[0].info(None);
+        assert_eq!(info.uri.as_deref(), Some(uri));
+        assert_eq!(hvs.all()[0].address(), uri);
+        let tls = Hypervisors::new(
+            Config::parse("libvirt_uri = \"qemu+tls://h/system?pkipath=/etc/pki/h\"\n")
+                .unwrap()
+                .hypervisor_specs(),
+        );
+        assert_eq!(
+            tls.all()[0].info(None).uri.as_deref(),
+            Some("qemu+tls://h/system")
+        );
+        assert!(tls.all()[0].spec.ssh.is_none());
+    }
+
+    #[test]
+    fn ssh_settings_are_refused_naming_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let uri = "qemu+ssh://backup@kvm1/system";
+        let refused = |uri: &str, modes| {
+            let e = Config::parse(&ssh_entry(dir.path(), uri, modes)).unwrap_err();
+            assert_eq!(e.len(), 1, "{e:?}");
+            e[0].message.clone()
+        };
+        let open_key = refused(uri, (Some(0o644), Some(0o600)));
+        assert!(
+            open_key.contains("ssh_key") && open_key.contains("readable by others (mode 644)"),
+            "{open_key}"
+        );
+        let open_hosts = refused(uri, (Some(0o600), Some(0o640)));
+        assert!(
+            open_hosts.contains("ssh_known_hosts") && open_hosts.contains("chmod 600"),
+            "{open_hosts}"
+        );
+        for modes in [(Some(0o600), None), (None, Some(0o600))] {
+            let alone = refused(uri, modes);
+            assert!(alone.contains("together"), "{alone}");
+        }
+        for other in ["qemu+tls://kvm1/system", "qemu:///system"] {
+            let e = refused(other, (Some(0o600), Some(0o600)));
+            assert!(e.contains("qemu+ssh://USER@HOST"), "{e}");
+        }
+        let e = refused("qemu+ssh:///system", (Some(0o600), Some(0o600)));
+        assert!(e.contains("names no host"), "{e}");
+        for param in ["known_hosts_verify=ignore", "keyfile=/k", "sshauth=agent"] {
+            let e = refused(
+                &format!("{uri}?no_tty=1&{param}"),
+                (Some(0o600), Some(0o600)),
+            );
+            let name = param.split('=').next().unwrap();
+            assert!(e.contains(&format!("sets {name}")), "{e}");
+        }
+        let relative = ssh_entry(dir.path(), uri, (Some(0o600), Some(0o600))).replace(
+            &format!("{}/id_ed25519", dir.path().display()),
+            "id_ed25519",
+        );
+        let e = Config::parse(&relative).unwrap_err();
+        assert!(e[0].message.contains("absolute path"), "{e:?}");
+        let missing =
+            ssh_entry(dir.path(), uri, (Some(0o600), Some(0o600))).replace("id_ed25519", "absent");
+        let e = Config::parse(&missing).unwrap_err();
+        assert!(e[0].message.contains("absent: No such file"), "{e:?}");
+        // A plain qemu+ssh URI without them stays as it was: the ssh binary's own set-up.
+        let plain = Config::parse(&ssh_entry(dir.path(), uri, (None, None))).unwrap();
+        assert!(plain.hypervisor_specs()[0].ssh.is_none());
     }
 
     #[test]

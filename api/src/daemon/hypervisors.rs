@@ -23,6 +23,9 @@ use crate::daemon::error::{chain, ApiError, ApiResult};
 use crate::wire::hypervisors::HvState;
 use crate::wire::hypervisors::HypervisorInfo;
 
+mod ssh;
+pub use ssh::{libssh_uri, ssh_driver, SshLogin, SSH_PARAMS};
+
 /// Longest wait for a connection to a hypervisor.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for a listing or lookup on a connected hypervisor.
@@ -127,6 +130,9 @@ pub struct HvSpec {
     /// A remote libvirt hypervisor: how backup data reaches the proxy (none: a local one,
     /// exports on a unix socket of the proxy's).
     pub remote: Option<RemoteSpec>,
+    /// A `qemu+ssh://` hypervisor logged in to with a key and a known-hosts file (none: the
+    /// URI is opened as it is).
+    pub ssh: Option<SshLogin>,
 }
 
 /// The backup data path of a remote hypervisor, as configured (`[hypervisors.backup_data]`).
@@ -179,6 +185,7 @@ impl HvSpec {
             host: uri_host(uri),
             max_jobs: None,
             remote: None,
+            ssh: None,
         }
     }
 
@@ -193,8 +200,15 @@ impl HvSpec {
             host: "localhost".into(),
             max_jobs: None,
             remote: None,
+            ssh: None,
         }
     }
+}
+
+/// A libvirt URI as logs and the API show it: without its query (`?pkipath=DIR`,
+/// `?keyfile=…`).
+pub fn shown_uri(uri: &str) -> &str {
+    uri.split_once('?').map_or(uri, |(u, _)| u)
 }
 
 /// The host of a libvirt URI (`qemu+ssh://root@h1:22/system` -> `h1`; `localhost` for local
@@ -278,7 +292,7 @@ impl Member {
         if let Some(err) = self.recent_failure() {
             return Err(HvError::new(HvErrorKind::Failed, err));
         }
-        match within(CONNECT_TIMEOUT, connect(&self.spec.target)).await {
+        match within(CONNECT_TIMEOUT, connect(&self.spec)).await {
             Ok(h) => {
                 *self.conn.lock().expect("hv lock") = Some(h.clone());
                 self.set(HvState::Up, None, None);
@@ -387,10 +401,10 @@ impl Member {
         }
     }
 
-    /// Its libvirt URI or QMP socket.
+    /// Its libvirt URI (without the query, see [`shown_uri`]) or QMP socket.
     pub fn address(&self) -> String {
         match &self.spec.target {
-            Target::Libvirt { uri } => uri.clone(),
+            Target::Libvirt { uri } => shown_uri(uri).to_string(),
             Target::Qmp { socket, .. } => socket.display().to_string(),
         }
     }
@@ -399,7 +413,7 @@ impl Member {
     pub fn info(&self, host_limit: Option<usize>) -> HypervisorInfo {
         let s = self.status.lock().expect("hv lock").clone();
         let (kind, uri, socket) = match &self.spec.target {
-            Target::Libvirt { uri } => ("libvirt", Some(uri.clone()), None),
+            Target::Libvirt { uri } => ("libvirt", Some(shown_uri(uri).to_string()), None),
             Target::Qmp { socket, .. } => ("qmp", None, Some(socket.display().to_string())),
         };
         HypervisorInfo {
@@ -429,9 +443,23 @@ async fn within<T>(
     })
 }
 
-async fn connect(target: &Target) -> proxy::hypervisor::Result<Arc<dyn Hv>> {
-    Ok(match target {
-        Target::Libvirt { uri } => Arc::new(LibvirtHypervisor::connect(uri).await?),
+async fn connect(spec: &HvSpec) -> proxy::hypervisor::Result<Arc<dyn Hv>> {
+    Ok(match &spec.target {
+        Target::Libvirt { uri } => {
+            // It names the key file: never log or show it.
+            let open = spec
+                .ssh
+                .as_ref()
+                .map_or_else(|| uri.clone(), |login| libssh_uri(uri, login));
+            match LibvirtHypervisor::connect(&open).await {
+                Ok(hv) => Arc::new(hv),
+                Err(e) => {
+                    let (login, shown) = (spec.ssh.as_ref(), shown_uri(uri));
+                    let e = ssh::redacted(&e, &open, shown, login);
+                    return Err(ssh::ssh_refusal(&spec.name, shown, login, &e));
+                }
+            }
+        }
         Target::Qmp { socket, vm } => Arc::new(QmpHypervisor::connect(socket, vm).await?),
     })
 }
