@@ -78,6 +78,9 @@ pub struct BackupData {
     /// by its QEMU user). Default: libvirt puts each beside its image, which a block device
     /// or network disk does not allow.
     pub scratch_dir: Option<PathBuf>,
+    /// NBD connections per disk, 1 to 8 (default 2): QEMU's read-only backup exports allow
+    /// several (`NBD_FLAG_CAN_MULTI_CONN`), which spreads TLS over more cores.
+    pub connections: Option<usize>,
 }
 
 /// Export ports of a remote hypervisor when none are configured.
@@ -275,8 +278,12 @@ fn remote_spec(d: &BackupData, uri: &str) -> RemoteSpec {
         key: d.key.clone(),
         start_offline: d.offline.unwrap_or(true),
         scratch_dir: d.scratch_dir.clone(),
+        connections: d.connections.unwrap_or(DEFAULT_CONNECTIONS),
     }
 }
+
+/// NBD connections per disk of a remote hypervisor when none are configured.
+pub const DEFAULT_CONNECTIONS: usize = 2;
 
 /// `FIRST-LAST` (or one port) as a range of ports.
 fn parse_ports(text: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
@@ -306,6 +313,9 @@ fn check_backup_data(h: &HypervisorConfig) -> Result<(), String> {
     }
     if let Some(p) = &d.ports {
         parse_ports(p)?;
+    }
+    if let Some(n) = d.connections.filter(|n| !(1..=8).contains(n)) {
+        return Err(format!("backup_data connections = {n}: give 1 to 8"));
     }
     if let Some(dir) = d
         .scratch_dir

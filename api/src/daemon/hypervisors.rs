@@ -155,6 +155,8 @@ pub struct RemoteSpec {
     pub start_offline: bool,
     /// The scratch directory on the hypervisor (none: beside each image).
     pub scratch_dir: Option<PathBuf>,
+    /// NBD connections per disk (used when QEMU's export allows several).
+    pub connections: usize,
 }
 
 impl RemoteSpec {

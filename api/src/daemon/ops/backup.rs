@@ -59,6 +59,7 @@ async fn backup_job(
                 crate::daemon::error::chain(&e)
             ))
         })?;
+        opts.connections = r.connections;
         opts.remote = Some(data);
     }
     let hv = m.hv().await.map_err(|e| failure::hypervisor(&e))?;

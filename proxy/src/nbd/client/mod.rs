@@ -272,6 +272,11 @@ impl Client {
                 streams.push(s);
             }
         }
+        tracing::debug!(
+            connections = streams.len(),
+            multi_conn = info.can_multi_conn(),
+            "{label}: connected"
+        );
         Ok(Self::start(streams, info, options, label))
     }
 
