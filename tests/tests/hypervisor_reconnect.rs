@@ -1,15 +1,15 @@
-//! The daemon's libvirt connection across a restart of libvirtd, with the proxy isolated from
-//! its hypervisor as in `backup_remote.rs`: `sluice serve` runs as its own unprivileged user in
-//! a mount namespace where libvirt's directories and the guest's image directory are empty,
-//! reaches libvirt only over `qemu+tls://127.0.0.1/system` and reads each disk from QEMU's own
-//! NBD server over TCP with TLS. Driven through the CLI; the daemon is never restarted.
+//! The daemon's libvirt connection across a restart of libvirtd (and a libvirtd that stops
+//! answering), with the proxy isolated from its hypervisor as in `backup_remote.rs`: `sluice
+//! serve` runs as its own unprivileged user in a mount namespace where libvirt's directories
+//! and the guest's image directory are empty, reaches libvirt only over
+//! `qemu+tls://127.0.0.1/system` and reads each disk from QEMU's own NBD server over TCP with
+//! TLS. Driven through the CLI; the daemon is never restarted.
 //!
 //! Every test here restarts libvirtd (`testbed::libvirt::restart_libvirtd_now`) or stops it
 //! for a while (`stop_libvirtd`), which cuts or stalls every client's connection on the
-//! machine. So they all live in this one binary, take
-//! [`RESTARTS`] for their whole length (one at a time even with `--test-threads=2`), and cargo
-//! runs this binary alone (test binaries run one after another). No other test file may
-//! restart libvirtd.
+//! machine. So they all live in this one binary, take [`RESTARTS`] for their whole length (one
+//! at a time even with `--test-threads=2`), and cargo runs this binary alone (test binaries
+//! run one after another). No other test file may restart or stop libvirtd.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -49,11 +49,11 @@ fn remote_config(host: &TlsHost, first_port: u16) -> String {
 
 /// A booted guest on the test bed's libvirt and an isolated daemon that backs it up over TLS.
 struct Remote {
+    // Fields drop in this order: the daemon first, its data directory last.
+    d: Daemon,
     host: TlsHost,
     vm: TestVm,
     disk: String,
-    d: Daemon,
-    // Dropped after the daemon: it holds the daemon's data directory.
     _dir: tempfile::TempDir,
 }
 
@@ -77,10 +77,10 @@ impl Remote {
             iso.command(&bin, &argv[1..], &[images.as_path()])
         })?;
         Ok(Remote {
+            d,
             host,
             vm,
             disk,
-            d,
             _dir: dir,
         })
     }
