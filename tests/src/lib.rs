@@ -29,6 +29,7 @@ pub mod pattern;
 pub mod peers;
 pub mod qmp;
 pub mod remote;
+pub mod remote_guest;
 pub mod scratch;
 pub mod ssh;
 pub mod vm;

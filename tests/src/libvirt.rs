@@ -11,7 +11,8 @@
 //! of it is in place before the first start. libvirtd is restarted only when it runs without
 //! listening on `127.0.0.1:16514` or the set-up had to change a file (a machine set up before
 //! this code, or whose PKI was removed): under the start lock, once per machine, never by a
-//! second test process.
+//! second test process. The tests of reconnects restart it ([`restart_libvirtd_now`]) or
+//! stop it for a while ([`stop_libvirtd`]) on purpose, from one test binary that runs alone.
 
 use anyhow::{bail, Context, Result};
 use std::fmt::Write as _;
@@ -92,6 +93,57 @@ pub fn ensure_libvirt() -> Result<()> {
     }
     *done = true;
     Ok(())
+}
+
+/// Restarts libvirtd as a hypervisor restart would, for tests of reconnects: stops it (running
+/// domains stay up; it reconnects to them), starts `libvirtd -d -l` and waits until it
+/// answers on `qemu:///system` and on `qemu+tls://127.0.0.1/system` again. Every client's
+/// connection is cut: only a test binary that runs its tests one at a time, and no other test
+/// process, may call it (`tests/tests/hypervisor_reconnect.rs`).
+pub fn restart_libvirtd_now() -> Result<()> {
+    ensure_libvirt()?;
+    let _lock = StartLock::acquire()?;
+    restart_libvirtd()?;
+    let tls = crate::remote::TlsHost::ensure()?;
+    let start = Instant::now();
+    while let Err(e) = tls.virsh(&["version"]) {
+        if start.elapsed() > Duration::from_secs(30) {
+            return Err(e.context("libvirtd does not answer over TLS after its restart"));
+        }
+        sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// libvirtd stopped with SIGSTOP until dropped (SIGCONT, also when a test fails): it keeps its
+/// sockets open and answers nothing, like a hung hypervisor or one cut off by the network. The
+/// same rule as [`restart_libvirtd_now`]: only for `tests/tests/hypervisor_reconnect.rs`.
+pub struct StoppedLibvirtd {
+    pids: Vec<i32>,
+}
+
+/// Stops every libvirtd process (see [`StoppedLibvirtd`]).
+pub fn stop_libvirtd() -> Result<StoppedLibvirtd> {
+    ensure_libvirt()?;
+    let pids = pids_by_comm("libvirtd");
+    if pids.is_empty() {
+        bail!("no libvirtd runs");
+    }
+    for &pid in &pids {
+        // SAFETY: kill(2) with a pid read from /proc and a valid signal number has no
+        // memory-safety preconditions.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+    }
+    Ok(StoppedLibvirtd { pids })
+}
+
+impl Drop for StoppedLibvirtd {
+    fn drop(&mut self) {
+        for &pid in &self.pids {
+            // SAFETY: as in `stop_libvirtd`.
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
+    }
 }
 
 /// Stops libvirtd (running domains stay up; it reconnects to them) and starts `libvirtd -d -l`.

@@ -7,26 +7,12 @@
 //! at that point.
 
 use anyhow::{ensure, Context, Result};
-use testbed::daemon::{binary_for, Daemon};
-use testbed::remote::free_port;
-use testbed::{Isolated, Model, TestVm, TlsHost, VmSpec};
+use testbed::daemon::Daemon;
+use testbed::remote_guest::{tls_hypervisor, RemoteGuest};
+use testbed::{Model, VmSpec};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
-
-/// The configuration of a daemon whose one hypervisor is the test bed's libvirt over TLS.
-fn remote_config(host: &TlsHost, first_port: u16) -> String {
-    format!(
-        "[[hypervisors]]\nname = \"remote\"\nlibvirt_uri = \"{uri}\"\n\
-         [hypervisors.backup_data]\nports = \"{first_port}-{last}\"\n\
-         ca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n",
-        uri = host.uri(),
-        last = first_port.saturating_add(15),
-        ca = host.ca_cert().display(),
-        cert = host.client_cert().display(),
-        key = host.client_key().display(),
-    )
-}
 
 /// `sluice backup VM --wait [--full]` on the hypervisor `remote`: the job, which must have
 /// succeeded.
@@ -39,87 +25,14 @@ fn restore_equals(d: &Daemon, id: &str, model: &Model, disk: &str, name: &str) -
     d.restore_equals(id, model, disk, name)
 }
 
-/// A booted guest on the test bed's libvirt, and what it takes to run isolated daemons
-/// that back it up over TLS.
-struct Remote {
-    host: TlsHost,
-    iso: Isolated,
-    vm: TestVm,
-    disk: String,
-    images: std::path::PathBuf,
-    dir: tempfile::TempDir,
-    first_port: u16,
-}
-
-impl Remote {
-    /// That `d` sent libvirt XML (a backup, a checkpoint) and that none of it names a path
-    /// of the proxy: its data directory or its client certificate files.
-    fn no_proxy_path_sent(&self, d: &Daemon) -> Result<()> {
-        let sent = d.sent_xml();
-        ensure!(
-            sent.iter().any(|l| l.contains("domainbackup")),
-            "the daemon logged the backup XML it sent: {sent:?}"
-        );
-        let proxy = [
-            self.dir.path().to_string_lossy().into_owned(),
-            self.host
-                .client_key()
-                .parent()
-                .map(|p| p.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-        ];
-        for line in &sent {
-            for p in proxy.iter().filter(|p| !p.is_empty()) {
-                ensure!(
-                    !line.contains(p.as_str()),
-                    "xml sent to libvirt names {p} of the proxy: {line}"
-                );
-            }
-        }
-        Ok(())
-    }
-
-    fn new(prefix: &str) -> Result<Remote> {
-        Remote::with(prefix, VmSpec::new(prefix).disk(SIZE))
-    }
-
-    /// [`Remote::new`] with a guest of `spec`.
-    fn with(prefix: &str, spec: VmSpec) -> Result<Remote> {
-        let host = TlsHost::ensure()?;
-        let iso = Isolated::ensure()?;
-        let vm = TestVm::boot(spec)?;
-        let disk = vm.disks()[0].target.clone();
-        let images = vm
-            .disk_path(&disk)?
-            .parent()
-            .context("image dir")?
-            .to_path_buf();
-        let dir = iso.data_dir(prefix)?;
-        Ok(Remote {
-            host,
-            iso,
-            vm,
-            disk,
-            images,
-            dir,
-            first_port: free_port()?,
-        })
-    }
-
-    /// An isolated daemon over the data directory (reused across restarts), with `top`
-    /// (top-level settings) before its hypervisor.
-    fn daemon(&self, top: &str) -> Result<Daemon> {
-        let bin = binary_for(&self.iso, self.dir.path())?;
-        let config = format!("{top}{}", remote_config(&self.host, self.first_port));
-        Daemon::start_as(self.dir.path(), &config, |argv| {
-            self.iso.command(&bin, &argv[1..], &[self.images.as_path()])
-        })
-    }
+/// A guest with one disk of [`SIZE`] bytes.
+fn guest(prefix: &str) -> Result<RemoteGuest> {
+    RemoteGuest::boot(prefix, VmSpec::new(prefix).disk(SIZE))
 }
 
 #[test]
 fn an_isolated_proxy_backs_up_a_remote_hypervisor_over_tls() -> Result<()> {
-    let r = Remote::new("remote-bk")?;
+    let r = guest("remote-bk")?;
     let (vm, disk, images) = (&r.vm, r.disk.clone(), r.images.clone());
     let d = r.daemon("")?;
     let vms = d.ok(&["vm", "list"])?;
@@ -173,7 +86,7 @@ fn an_isolated_proxy_backs_up_a_remote_hypervisor_over_tls() -> Result<()> {
 #[test]
 fn after_kill_9_mid_remote_backup_the_restart_ends_the_job_and_the_next_backup_is_exact(
 ) -> Result<()> {
-    let r = Remote::new("remote-kill")?;
+    let r = guest("remote-kill")?;
     let mut model = Model::new(&r.vm);
     model.write(&r.vm, &r.disk, 0, 32 * MIB, 3)?;
     r.vm.sync()?;
@@ -214,7 +127,7 @@ fn after_kill_9_mid_remote_backup_the_restart_ends_the_job_and_the_next_backup_i
 /// its persistent bitmap), powered off again, and the next online backup is incremental.
 #[test]
 fn a_shut_off_vm_of_a_remote_hypervisor_is_backed_up_paused_and_stays_off() -> Result<()> {
-    let r = Remote::new("remote-off")?;
+    let r = guest("remote-off")?;
     let d = r.daemon("")?;
     let name = r.vm.name();
     let mut model = Model::new(&r.vm);
@@ -261,13 +174,10 @@ fn a_shut_off_vm_of_a_remote_hypervisor_is_backed_up_paused_and_stays_off() -> R
 /// `backup_data.offline = false` refuses a shut-off VM with the reason, and leaves it off.
 #[test]
 fn a_hypervisor_that_forbids_starting_vms_paused_refuses_a_shut_off_vm() -> Result<()> {
-    let r = Remote::new("remote-noff")?;
+    let r = guest("remote-noff")?;
     r.vm.shutdown()?;
-    let bin = binary_for(&r.iso, r.dir.path())?;
-    let config = format!("{}offline = false\n", remote_config(&r.host, r.first_port));
-    let d = Daemon::start_as(r.dir.path(), &config, |argv| {
-        r.iso.command(&bin, &argv[1..], &[r.images.as_path()])
-    })?;
+    let config = format!("{}offline = false\n", tls_hypervisor(&r.host, r.first_port));
+    let d = r.daemon_with(&config)?;
     let (code, job) = d.cli(&["backup", r.vm.name(), "--wait"])?;
     ensure!(code == 5, "the backup fails (exit 5): {code} {job}");
     ensure!(job["error"]["kind"] == "refused", "{job}");
@@ -293,7 +203,7 @@ fn mode_of(d: &Daemon, id: &str) -> Result<(String, String)> {
 /// reason, byte-exact, and the chain goes on incrementally.
 #[test]
 fn broken_change_tracking_of_a_remote_vm_falls_back_to_a_full_read_with_the_reason() -> Result<()> {
-    let r = Remote::new("remote-heal")?;
+    let r = guest("remote-heal")?;
     let d = r.daemon("")?;
     let (vm, disk) = (&r.vm, r.disk.as_str());
     let mut model = Model::new(vm);
@@ -357,7 +267,7 @@ fn broken_change_tracking_of_a_remote_vm_falls_back_to_a_full_read_with_the_reas
 /// A disk resized on the hypervisor gives a full read with the reason, at its new size.
 #[test]
 fn a_resized_disk_of_a_remote_vm_forces_a_full_read() -> Result<()> {
-    let r = Remote::new("remote-resize")?;
+    let r = guest("remote-resize")?;
     let d = r.daemon("")?;
     let (vm, disk) = (&r.vm, r.disk.as_str());
     let mut model = Model::new(vm);
@@ -395,7 +305,7 @@ fn a_remote_vm_with_its_guest_agent_is_backed_up_application_consistent() -> Res
         .disk(SIZE)
         .disk(16 * MIB)
         .guest_agent(true);
-    let r = Remote::with("remote-agent", spec)?;
+    let r = RemoteGuest::boot("remote-agent", spec)?;
     let vm = &r.vm;
     vm.mkfs("vdb")?;
     vm.mount("vdb")?;
@@ -437,7 +347,7 @@ fn disk_reads(shown: &serde_json::Value) -> Vec<(String, String)> {
 #[test]
 fn a_vm_with_a_qcow2_and_a_raw_disk_keeps_the_qcow2_disk_incremental() -> Result<()> {
     let spec = VmSpec::new("remote-mixed").disk(SIZE).raw_image(SIZE);
-    let r = Remote::with("remote-mixed", spec)?;
+    let r = RemoteGuest::boot("remote-mixed", spec)?;
     let (vm, q, raw) = (&r.vm, r.disk.clone(), r.vm.disks()[1].target.clone());
     ensure!(r.vm.disks()[1].format == "raw", "second disk is raw");
     let d = r.daemon("")?;
@@ -528,7 +438,7 @@ fn a_vm_with_a_qcow2_and_a_raw_disk_keeps_the_qcow2_disk_incremental() -> Result
 /// the hypervisor, and the next backup (online now) is exact.
 #[test]
 fn a_vm_resumed_during_its_offline_backup_ends_the_backup_with_the_reason() -> Result<()> {
-    let r = Remote::new("remote-resume")?;
+    let r = guest("remote-resume")?;
     let mut model = Model::new(&r.vm);
     model.write(&r.vm, &r.disk, 0, 32 * MIB, 21)?;
     r.vm.sync()?;

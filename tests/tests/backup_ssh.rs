@@ -7,15 +7,15 @@
 //! backup restored byte-exact; a host key that changed, or is unknown, is refused at once
 //! with an error naming the host and the known-hosts file, never a prompt or a hang.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use serde_json::Value;
-use testbed::daemon::{binary_for, Daemon};
-use testbed::remote::free_port;
+use testbed::daemon::Daemon;
+use testbed::remote_guest::{backup_data, RemoteGuest};
 use testbed::ssh::SshHost;
-use testbed::{Isolated, Model, TestVm, TlsHost, VmSpec};
+use testbed::{Model, TlsHost, VmSpec};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 64 * MIB;
@@ -25,62 +25,43 @@ const SIZE: u64 = 64 * MIB;
 fn ssh_config(ssh: &SshHost, known_hosts: &Path, tls: &TlsHost, first_port: u16) -> String {
     format!(
         "[[hypervisors]]\nname = \"ssh\"\nlibvirt_uri = \"{uri}\"\n\
-         ssh_key = \"{key}\"\nssh_known_hosts = \"{known_hosts}\"\n\
-         [hypervisors.backup_data]\nports = \"{first_port}-{last}\"\n\
-         ca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{tls_key}\"\n",
+         ssh_key = \"{key}\"\nssh_known_hosts = \"{known_hosts}\"\n{data}",
         uri = ssh.uri(),
         key = ssh.key().display(),
         known_hosts = known_hosts.display(),
-        last = first_port.saturating_add(15),
-        ca = tls.ca_cert().display(),
-        cert = tls.client_cert().display(),
-        tls_key = tls.client_key().display(),
+        data = backup_data(tls, first_port),
     )
 }
 
-/// A booted guest of the test bed's libvirt, and what it takes to run isolated daemons that
-/// reach it over ssh.
+/// A booted guest of the test bed's libvirt, and isolated daemons that reach it over ssh.
 struct Remote {
     ssh: SshHost,
-    tls: TlsHost,
-    iso: Isolated,
-    vm: TestVm,
-    disk: String,
-    images: PathBuf,
-    dir: tempfile::TempDir,
+    g: RemoteGuest,
+}
+
+impl std::ops::Deref for Remote {
+    type Target = RemoteGuest;
+
+    fn deref(&self) -> &RemoteGuest {
+        &self.g
+    }
 }
 
 impl Remote {
     fn new(prefix: &str) -> Result<Remote> {
         let ssh = SshHost::ensure()?;
-        let tls = TlsHost::ensure()?;
-        let iso = Isolated::ensure()?;
-        let vm = TestVm::boot(VmSpec::new(prefix).disk(SIZE))?;
-        let disk = vm.disks()[0].target.clone();
-        let images = vm
-            .disk_path(&disk)?
-            .parent()
-            .context("image dir")?
-            .to_path_buf();
-        let dir = iso.data_dir(prefix)?;
-        Ok(Remote {
-            ssh,
-            tls,
-            iso,
-            vm,
-            disk,
-            images,
-            dir,
-        })
+        let g = RemoteGuest::boot(prefix, VmSpec::new(prefix).disk(SIZE))?;
+        Ok(Remote { ssh, g })
     }
 
     /// An isolated daemon whose hypervisor's host key is checked against `known_hosts`.
     fn daemon(&self, known_hosts: &Path) -> Result<Daemon> {
-        let bin = binary_for(&self.iso, self.dir.path())?;
-        let config = ssh_config(&self.ssh, known_hosts, &self.tls, free_port()?);
-        Daemon::start_as(self.dir.path(), &config, |argv| {
-            self.iso.command(&bin, &argv[1..], &[self.images.as_path()])
-        })
+        self.g.daemon_with(&ssh_config(
+            &self.ssh,
+            known_hosts,
+            &self.host,
+            self.first_port,
+        ))
     }
 }
 

@@ -4,7 +4,10 @@
 //! failed, with its state and last error kept for `GET /hypervisors`.
 //!
 //! A hypervisor that is down never stops the daemon nor hides the others: every call goes to
-//! one member, and a failed connection is retried at most every [`RETRY_AFTER`].
+//! one member, and a failed connection is retried at most every [`RETRY_AFTER`]. A libvirt
+//! adapter also reopens its own connection when libvirt finds it dead (`proxy`'s libvirt
+//! worker: libvirtd restarted, or keepalive unanswered for about 20 s), before the next call
+//! on it: a libvirtd restart between two calls costs neither of them.
 //! Which hypervisor a VM name means is decided here ([`Hypervisors::locate`]).
 
 use std::path::{Path, PathBuf};
