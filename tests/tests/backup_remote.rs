@@ -6,6 +6,8 @@
 //! backup of a booted test guest, each restored to qcow2 and compared with the guest's disk
 //! at that point.
 
+use std::os::unix::fs::PermissionsExt;
+
 use anyhow::{ensure, Context, Result};
 use testbed::daemon::Daemon;
 use testbed::remote_guest::{tls_hypervisor, RemoteGuest};
@@ -479,4 +481,49 @@ fn a_vm_resumed_during_its_offline_backup_ends_the_backup_with_the_reason() -> R
     let next = backup(&d, name, false)?;
     let next_id = next["backup_id"].as_str().context("backup id")?.to_string();
     restore_equals(&d, &next_id, &model, &r.disk, "after-resume")
+}
+
+/// `backup_data.scratch_dir`: a directory on the hypervisor (hidden from the isolated proxy)
+/// takes every scratch file instead of the images' directory; the XML sent names it, not a
+/// path of the proxy; nothing is left in it; the backups restore byte-exact.
+#[test]
+fn a_hypervisor_side_scratch_dir_holds_the_scratch_files() -> Result<()> {
+    let spec = VmSpec::new("remote-scr").disk(SIZE).raw_image(SIZE);
+    let r = RemoteGuest::boot("remote-scr", spec)?;
+    let scratch = r.images.join("hv-scratch");
+    std::fs::create_dir(&scratch)?;
+    std::fs::set_permissions(&scratch, std::fs::Permissions::from_mode(0o777))?;
+    let config = format!(
+        "{}scratch_dir = \"{}\"\n",
+        tls_hypervisor(&r.host, r.first_port),
+        scratch.display()
+    );
+    let d = r.daemon_with(&config)?;
+    let (vm, q, raw) = (&r.vm, r.disk.clone(), r.vm.disks()[1].target.clone());
+    let mut model = Model::new(vm);
+    model.write(vm, &q, 0, MIB, 31)?;
+    model.write(vm, &raw, 0, MIB, 32)?;
+    vm.sync()?;
+    backup(&d, vm.name(), true)?;
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    model.write(vm, &q, 4 * MIB, MIB, 33)?;
+    vm.sync()?;
+    let inc = backup(&d, vm.name(), false)?;
+    let inc_id = inc["backup_id"].as_str().context("backup id")?.to_string();
+    let want = format!("<scratch file='{}/{}.", scratch.display(), vm.name());
+    let sent = d.sent_xml();
+    ensure!(
+        sent.iter()
+            .filter(|l| l.contains("domainbackup"))
+            .all(|l| l.matches(&want).count() == 2),
+        "every backup XML names both scratch files in scratch_dir ({want}): {sent:?}"
+    );
+    r.no_proxy_path_sent(&d)?;
+    let left: Vec<_> = std::fs::read_dir(&scratch)?.flatten().collect();
+    ensure!(
+        left.is_empty(),
+        "scratch files left in scratch_dir: {left:?}"
+    );
+    restore_equals(&d, &inc_id, &model, &q, "scr-q")?;
+    restore_equals(&d, &inc_id, &model, &raw, "scr-raw")
 }

@@ -869,3 +869,68 @@ impl Hypervisor for LibvirtHypervisor {
         Ok(FreezeGuard::new(vm.to_string(), Box::new(release)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(target: &str, kind: DiskKind, format: &str) -> DiskInfo {
+        DiskInfo {
+            target: target.into(),
+            source: (kind != DiskKind::Network).then(|| PathBuf::from(format!("/img/{target}"))),
+            format: Some(format.into()),
+            kind,
+            capacity: 1 << 20,
+        }
+    }
+
+    fn request(full: &[&str], scratch: Option<&str>) -> BackupRequest {
+        BackupRequest {
+            vm: "web".into(),
+            disks: vec!["vda".into(), "vdb".into()],
+            incremental_from: Some("sluice-1".into()),
+            full_disks: full.iter().map(|d| d.to_string()).collect(),
+            new_checkpoint: Some("sluice-2".into()),
+            scratch_dir: scratch.map(PathBuf::from),
+            socket: PathBuf::from("/unused"),
+            tcp: None,
+        }
+    }
+
+    #[test]
+    fn scratch_files_go_beside_images_in_a_scratch_dir_or_are_refused() {
+        let all = [
+            disk("vda", DiskKind::File, "qcow2"),
+            disk("vdb", DiskKind::File, "raw"),
+        ];
+        // An incremental with a disk read in full names every scratch file itself.
+        let req = request(&["vdb"], None);
+        let a = export_disk(&req, &all, "vda").unwrap();
+        let b = export_disk(&req, &all, "vdb").unwrap();
+        assert_eq!(a.scratch, Some(PathBuf::from("/img/vda.sluice-2")));
+        assert!(!a.full && b.full);
+        // With nothing per disk, libvirt places them (the same path).
+        assert_eq!(
+            export_disk(&request(&[], None), &all, "vda")
+                .unwrap()
+                .scratch,
+            None
+        );
+        // A scratch directory on the hypervisor takes them all.
+        let s = export_disk(&request(&["vdb"], Some("/hv/scratch")), &all, "vdb").unwrap();
+        assert_eq!(
+            s.scratch,
+            Some(PathBuf::from("/hv/scratch/web.vdb.sluice-2.scratch.qcow2"))
+        );
+        // A block device or network disk has no place beside it: refused, naming the fix.
+        for kind in [DiskKind::Block, DiskKind::Network] {
+            let all = [
+                disk("vda", DiskKind::File, "qcow2"),
+                disk("vdb", kind, "raw"),
+            ];
+            let e = export_disk(&request(&["vdb"], None), &all, "vdb").unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidInput);
+            assert!(e.to_string().contains("scratch_dir"), "{e}");
+        }
+    }
+}
