@@ -78,8 +78,9 @@ pub struct BackupData {
     /// by its QEMU user). Default: libvirt puts each beside its image, which a block device
     /// or network disk does not allow.
     pub scratch_dir: Option<PathBuf>,
-    /// NBD connections per disk, 1 to 8 (default 2): QEMU's read-only backup exports allow
-    /// several (`NBD_FLAG_CAN_MULTI_CONN`), which spreads TLS over more cores.
+    /// NBD connections per disk, 1 to 8 (default 1): QEMU's read-only backup exports allow
+    /// several (`NBD_FLAG_CAN_MULTI_CONN`); more help only where the proxy's TLS, not QEMU's
+    /// single NBD thread, is the limit (docs/benchmarks.md).
     pub connections: Option<usize>,
 }
 
@@ -283,7 +284,7 @@ fn remote_spec(d: &BackupData, uri: &str) -> RemoteSpec {
 }
 
 /// NBD connections per disk of a remote hypervisor when none are configured.
-pub const DEFAULT_CONNECTIONS: usize = 2;
+pub const DEFAULT_CONNECTIONS: usize = 1;
 
 /// `FIRST-LAST` (or one port) as a range of ports.
 fn parse_ports(text: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
