@@ -31,6 +31,22 @@ use crate::wire::tokens::Role;
 use proxy::job::stale;
 use proxy::nbd::{Server, ServerOptions, ServerTls};
 
+/// Everything the daemon (and every tool it runs: `qemu-nbd`, `qemu-img`) creates is its
+/// owner's only: the data directory holds every guest's disks, restores and secrets.
+fn owner_only_files() {
+    // SAFETY: umask only sets this process's (and its children's) default creation mode.
+    unsafe { libc::umask(0o077) };
+}
+
+/// Sets `dir` to 0711: the owner's, and passable but not listable by others, so a local
+/// hypervisor's QEMU reaches its job directory (`work/job-…`, 0700, owned by QEMU's user)
+/// and nothing else; every file below is 0600.
+fn traverse_only(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+        .with_context(|| format!("setting the mode of {}", dir.display()))
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     if cfg.insecure_http && !cfg.listen.ip().is_loopback() {
@@ -39,10 +55,14 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             cfg.listen
         );
     }
+    owner_only_files();
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
     let work = cfg.data_dir.join("work");
     std::fs::create_dir_all(&work)?;
+    for dir in [&cfg.data_dir, &work] {
+        traverse_only(dir)?;
+    }
     let left = Leftovers::list(&work);
     let state = Arc::new(build_state(&cfg, work).await?);
     announce_hypervisors(&state);
