@@ -361,12 +361,14 @@ fn verify_prune_and_stop(s: Story, full_id: &str, inc_id: &str) -> Result<()> {
 }
 
 /// Everything under the data directory (repository, catalog, tokens, logs, restores, TLS
-/// material) is its owner's only; the data and work directories are 0711 (QEMU of a local
-/// hypervisor passes through to its job directory, nobody lists them).
+/// material) is its owner's only; the data, work and restores directories are 0711 (QEMU of
+/// a local hypervisor passes through to its job directory or a restored image, nobody lists
+/// them).
 fn owner_only(data: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let mode = |p: &Path| -> Result<u32> { Ok(std::fs::metadata(p)?.permissions().mode() & 0o777) };
-    for dir in [data.to_path_buf(), data.join("work")] {
+    let passable = [data.to_path_buf(), data.join("work"), data.join("restores")];
+    for dir in &passable {
         ensure!(
             mode(&dir)? == 0o711,
             "{} is {:o}, not 0711",
@@ -383,7 +385,7 @@ fn owner_only(data: &Path) -> Result<()> {
                 stack.push(p.clone());
             }
             let m = mode(&p)?;
-            if m & 0o077 != 0 && p != data.join("work") {
+            if m & 0o077 != 0 && !passable.contains(&p) {
                 open.push(format!("{} {m:o}", p.display()));
             }
         }

@@ -39,8 +39,9 @@ fn owner_only_files() {
 }
 
 /// Sets `dir` to 0711: the owner's, and passable but not listable by others, so a local
-/// hypervisor's QEMU reaches its job directory (`work/job-…`, 0700, owned by QEMU's user)
-/// and nothing else; every file below is 0600.
+/// hypervisor's QEMU reaches its job directory (`work/job-…`, 0700, owned by QEMU's user) or
+/// a domain's restored image (`restores/`, whose owner libvirt sets when it starts it) and
+/// nothing else; every file below is 0600.
 fn traverse_only(dir: &std::path::Path) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
@@ -466,6 +467,8 @@ fn restore_dirs(cfg: &Config) -> anyhow::Result<Vec<std::path::PathBuf>> {
     if cfg.restore_dirs.is_empty() {
         let d = cfg.data_dir.join("restores");
         std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+        // A domain restored here and started: libvirt hands QEMU the image, QEMU must pass.
+        traverse_only(&d)?;
     }
     Ok(cfg.restore_dirs())
 }
