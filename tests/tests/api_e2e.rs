@@ -370,10 +370,10 @@ fn owner_only(data: &Path) -> Result<()> {
     let passable = [data.to_path_buf(), data.join("work"), data.join("restores")];
     for dir in &passable {
         ensure!(
-            mode(&dir)? == 0o711,
+            mode(dir)? == 0o711,
             "{} is {:o}, not 0711",
             dir.display(),
-            mode(&dir)?
+            mode(dir)?
         );
     }
     let mut open = Vec::new();

@@ -13,6 +13,7 @@ pub mod exports;
 pub mod http;
 pub mod hypervisors;
 pub mod jobs;
+pub mod lock;
 pub mod names;
 pub mod ops;
 pub mod schedule;

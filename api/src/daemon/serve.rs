@@ -59,6 +59,12 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     owner_only_files();
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    // Held until serve returns: one daemon per data directory and per repository.
+    let _data_lock = crate::daemon::lock::lock(&cfg.data_dir, "data directory")?;
+    let repo_dir = cfg.repo_dir();
+    std::fs::create_dir_all(&repo_dir)
+        .with_context(|| format!("creating repository dir {}", repo_dir.display()))?;
+    let _repo_lock = crate::daemon::lock::lock(&repo_dir, "repository")?;
     let work = cfg.data_dir.join("work");
     std::fs::create_dir_all(&work)?;
     for dir in [&cfg.data_dir, &work] {
