@@ -573,22 +573,58 @@ fn tls_acceptor(dir: &Path) -> anyhow::Result<TlsAcceptor> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// API connections served at once, and from one peer address.
+const MAX_CONNECTIONS: usize = 512;
+const MAX_CONNECTIONS_PER_PEER: usize = 64;
+/// Time a client gets for the TLS handshake, and for each request's headers.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Accepts API connections until the daemon stops: at most [`MAX_CONNECTIONS`] at once and
+/// [`MAX_CONNECTIONS_PER_PEER`] from one address (more are closed at once), a TLS handshake
+/// within [`HANDSHAKE_TIMEOUT`], headers within [`HEADER_TIMEOUT`]. An accept error (out of
+/// file descriptors) is logged and accepting goes on.
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     app: Router,
 ) -> anyhow::Result<()> {
+    use proxy::nbd::server::admission::{Admission, ACCEPT_ERROR_PAUSE};
+    let admission = Admission::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER);
     loop {
-        let (tcp, peer) = listener.accept().await?;
+        let (tcp, peer) = match listener.accept().await {
+            Ok(ok) => ok,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting an api connection failed; accepting again shortly");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                continue;
+            }
+        };
+        let permit = match admission.admit(Some(peer.ip())) {
+            Ok(p) => p,
+            Err(refusal) => {
+                tracing::warn!(%peer, "api connection {refusal}");
+                continue;
+            }
+        };
         let (tls, app) = (tls.clone(), app.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = TowerToHyperService::new(app);
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
             let r = match tls {
-                Some(acc) => match acc.accept(tcp).await {
-                    Ok(s) => builder.serve_connection(TokioIo::new(s), svc).await,
-                    Err(e) => {
+                Some(acc) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acc.accept(tcp)).await {
+                    Ok(Ok(s)) => builder.serve_connection(TokioIo::new(s), svc).await,
+                    Ok(Err(e)) => {
                         tracing::debug!(%peer, "tls handshake failed: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "tls handshake not done within {HANDSHAKE_TIMEOUT:?}: closed");
                         return;
                     }
                 },
