@@ -127,6 +127,13 @@ pub const MAX_SLOW_CHECKS: usize = 2;
 /// Wrong tokens remembered (by SHA-256), at most; the oldest half is forgotten beyond.
 const MAX_REMEMBERED_WRONG: usize = 4096;
 
+/// Wrong tokens seen lately (SHA-256), and the order they were seen in.
+#[derive(Debug, Default)]
+struct WrongTokens {
+    seen: std::collections::HashSet<[u8; 32]>,
+    order: std::collections::VecDeque<[u8; 32]>,
+}
+
 /// The token file and the caches of verified and of wrong tokens.
 #[derive(Debug)]
 pub struct TokenStore {
@@ -134,10 +141,7 @@ pub struct TokenStore {
     records: Mutex<Vec<TokenRecord>>,
     verified: Mutex<HashMap<[u8; 32], String>>,
     /// Wrong tokens seen lately, in the order seen.
-    wrong: Mutex<(
-        std::collections::HashSet<[u8; 32]>,
-        std::collections::VecDeque<[u8; 32]>,
-    )>,
+    wrong: Mutex<WrongTokens>,
     /// Argon2 checks running now.
     slow_running: AtomicUsize,
     /// Argon2 checks run since the store opened.
@@ -238,7 +242,7 @@ impl TokenStore {
         let id = match cached {
             Some(id) => id,
             None => {
-                if self.wrong.lock().expect("token lock").0.contains(&key) {
+                if self.wrong.lock().expect("token lock").seen.contains(&key) {
                     return Err(bad());
                 }
                 let Some(id) = self.verify_bounded(token)? else {
@@ -278,13 +282,13 @@ impl TokenStore {
 
     fn remember_wrong(&self, key: [u8; 32]) {
         let mut w = self.wrong.lock().expect("token lock");
-        if w.0.insert(key) {
-            w.1.push_back(key);
+        if w.seen.insert(key) {
+            w.order.push_back(key);
         }
-        if w.1.len() > MAX_REMEMBERED_WRONG {
+        if w.order.len() > MAX_REMEMBERED_WRONG {
             for _ in 0..MAX_REMEMBERED_WRONG / 2 {
-                if let Some(old) = w.1.pop_front() {
-                    w.0.remove(&old);
+                if let Some(old) = w.order.pop_front() {
+                    w.seen.remove(&old);
                 }
             }
         }
