@@ -170,6 +170,17 @@ impl Catalog {
         Ok(())
     }
 
+    /// Forgets where `digest` is stored (its stored copy failed verification): the next
+    /// backup that writes the same content stores it again, and every backup that references
+    /// it then reads that new copy. Returns whether it was known.
+    pub fn forget_chunk(&self, digest: &ChunkDigest) -> Result<bool> {
+        let n = self
+            .conn
+            .execute("DELETE FROM chunks WHERE digest = ?1", [&digest.0[..]])
+            .map_err(e("forget chunk"))?;
+        Ok(n > 0)
+    }
+
     /// Where `digest` is stored, if known.
     pub fn lookup(&self, digest: &ChunkDigest) -> Result<Option<Location>> {
         let mut st = self
