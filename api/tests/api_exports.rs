@@ -124,6 +124,12 @@ async fn changed_since_names_its_context_and_a_bad_other_backup_is_refused() {
     .await;
     assert_eq!(s, StatusCode::CREATED, "{back}");
     assert_eq!(back["meta_context"], format!("sluice:changed-since:{b2}"));
+    let (s, same) = open(&a, serde_json::json!({"backup": b2, "changed_since": b2})).await;
+    assert_eq!(
+        s,
+        StatusCode::CREATED,
+        "a backup against itself (nothing changed): {same}"
+    );
 
     let other = seed_backup_of(
         &a,
@@ -153,7 +159,10 @@ async fn changed_since_names_its_context_and_a_bad_other_backup_is_refused() {
         .await;
         assert_eq!(s, status, "changed_since {since}: {j}");
         assert!(message(&j).starts_with(&want), "changed_since {since}: {j}");
-        assert!(message(&j).contains(since), "the message names {since}: {j}");
+        assert!(
+            message(&j).contains(since),
+            "the message names {since}: {j}"
+        );
     }
     let (s, j) = open(
         &a,
