@@ -143,6 +143,17 @@ impl Repository {
         self.inner.backend.lock(mode, wait)
     }
 
+    /// The repository's shared lock (what a backup holds) if no exclusive holder (GC,
+    /// prune) has it now; `None` if one has. A backup takes it before its hypervisor job
+    /// starts, so a GC never leaves one half-begun.
+    pub fn try_shared_lock(&self) -> Result<Option<LockGuard>> {
+        match self.lock(LockMode::Shared, false) {
+            Ok(g) => Ok(Some(g)),
+            Err(e) if e.kind() == crate::ErrorKind::Locked => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Committed backups (oldest first), of one VM if given.
     pub fn backups(&self, vm_uuid: Option<&str>) -> Result<Vec<BackupRow>> {
         self.catalog().backups(vm_uuid)

@@ -499,3 +499,45 @@ fn an_offline_backup_of_a_raw_disk_with_a_forged_qcow2_header_stores_the_raw_byt
     );
     Ok(())
 }
+
+/// A GC (here: anyone holding the repository's exclusive lock) running when a backup starts:
+/// the backup waits at most its lock timeout, then fails naming the lock, and nothing was
+/// started on the hypervisor (no job, no new checkpoint); once the lock is free the backup
+/// runs.
+#[test]
+fn a_backup_waits_for_a_gc_before_the_hypervisor_job_starts() -> Result<()> {
+    let bed = Bed::boot("bk-gclock", &[16 * MIB])?;
+    let lock = bed.repo.files().join("lock");
+    // `-o`: the lock is flock's own (not its child's), so killing flock frees it.
+    let mut holder = std::process::Command::new("flock")
+        .args(["-x", "-o"])
+        .arg(&lock)
+        .args(["sleep", "60"])
+        .spawn()
+        .context("flock (util-linux)")?;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut opts = bed.options();
+    opts.lock_timeout = std::time::Duration::from_secs(2);
+    let started = std::time::Instant::now();
+    let e = bed
+        .backup_with(&opts, CancellationToken::new())
+        .expect_err("the repository is locked");
+    let waited = started.elapsed();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let msg = format!("{e:#}");
+    ensure!(
+        msg.contains("locked by a gc"),
+        "the error names the lock: {msg}"
+    );
+    ensure!(
+        waited >= std::time::Duration::from_secs(2),
+        "it waited its timeout first ({waited:?})"
+    );
+    ensure!(bed.checkpoints()?.is_empty(), "no checkpoint was created");
+    let job = bed.vm.virsh(&["domjobinfo", bed.vm.name()])?;
+    ensure!(job.contains("None"), "no hypervisor job: {job}");
+    let r = bed.backup()?;
+    ensure!(r.manifest.mode == BackupMode::Full, "then the backup runs");
+    Ok(())
+}

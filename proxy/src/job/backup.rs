@@ -59,6 +59,9 @@ pub struct BackupOptions {
     /// started paused for its backup (none: a local hypervisor, exports on a unix socket in
     /// the job directory, a shut-off VM read offline).
     pub remote: Option<super::RemoteData>,
+    /// Longest wait for the repository while a GC or prune holds it exclusively, before
+    /// anything starts on the hypervisor.
+    pub lock_timeout: std::time::Duration,
 }
 
 /// An async callback of a job.
@@ -78,6 +81,7 @@ impl BackupOptions {
             after_point_in_time: None,
             read_limit: None,
             remote: None,
+            lock_timeout: std::time::Duration::from_secs(60),
         }
     }
 }
@@ -135,6 +139,9 @@ pub async fn run_backup<H: Hypervisor>(
         .domain_xml(vm)
         .await
         .map_err(|e| Error::hypervisor(format!("definition of vm {vm}"), e))?;
+    // Held until the backup ends: a GC waits for it, and it never waits for a GC with a
+    // hypervisor job already running (its scratch file growing).
+    let _repo_lock = hold_repository(repo, vm, opts.lock_timeout).await?;
     end_stale_job(hv, vm, opts).await?;
     let paused = start_paused_if_remote(hv, &dom, opts).await?;
     if !paused {
@@ -150,6 +157,33 @@ pub async fn run_backup<H: Hypervisor>(
     };
     power_off_again(hv, vm).await;
     result
+}
+
+/// The repository's shared lock, waiting at most `limit` while a GC or prune holds it.
+async fn hold_repository(
+    repo: &Repository,
+    vm: &str,
+    limit: std::time::Duration,
+) -> Result<catalog::LockGuard> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let r = repo.clone();
+        let got = crate::repo::call(move || r.try_shared_lock())
+            .await
+            .map_err(|e| Error::repo(format!("backup of vm {vm}"), e))?;
+        if let Some(guard) = got {
+            return Ok(guard);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(Error::new(
+                ErrorKind::Retry,
+                format!(
+                    "backup of vm {vm}: the repository is locked by a gc or prune (waited {limit:?}); nothing was started on the hypervisor: back it up again once that ends"
+                ),
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 /// For a shut-off VM of a remote hypervisor: starts it paused unless that hypervisor
