@@ -1,6 +1,7 @@
 //! Restores, each a background job with progress: a backup disk to an image file (raw or
 //! qcow2) on the proxy host, a whole backup as a new libvirt domain, or a backup written back
-//! onto its own shut-off VM's disks (confirmed explicitly).
+//! onto its own shut-off VM's disks (confirmed explicitly); an instant recovery (a new
+//! domain running straight from the repository) is `instant`'s.
 //!
 //! `start` checks the request and plans the restore (`Plan`); `jobs` runs it; `staging` owns
 //! the checks on what a restore may write: target paths are absolute, free of `..` and NUL,
@@ -9,6 +10,7 @@
 //! directory beside the target and moved into place only when complete, so a failed or
 //! cancelled restore leaves nothing behind. The copy itself is `proxy::restore`.
 
+pub mod instant;
 mod jobs;
 mod plan;
 pub mod staging;
@@ -32,6 +34,9 @@ use staging::{no_restore_dirs, restore_target};
 /// Starts a restore (to a file, as a new domain, or onto the VM's own disks): the queued
 /// job, or a refusal naming what is wrong (or the job that holds the VM).
 pub async fn start(st: &SharedState, req: RestoreRequest) -> ApiResult<JobInfo> {
+    if req.instant {
+        return instant::start(st, req).await;
+    }
     let id = BackupId::parse(&req.backup).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let id2 = id.clone();
     let m = st.repo(move |r| r.manifest(&id2)).await?;
