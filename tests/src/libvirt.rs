@@ -3,8 +3,8 @@
 //! Owns: making sure `virtlogd` and `libvirtd` run (started when absent, reused when present),
 //! the `/dev/kvm` permission fix that keeps `virsh define` fast, libvirtd's TLS set-up (the
 //! test bed's server certificate installed under `/etc/pki`, `listen_tls` on `127.0.0.1` in
-//! `libvirtd.conf`, the backup NBD TLS keys and the NBD disks' TLS client directory in
-//! `qemu.conf`, `libvirtd -l`), running `virsh`,
+//! `libvirtd.conf`, the backup NBD TLS keys in `qemu.conf`, QEMU's client certificate for
+//! NBD disks over TLS in `/etc/pki/libvirt-nbd`, `libvirtd -l`), running `virsh`,
 //! and finding QEMU processes by domain name. It does not own domains (see [`crate::vm`]) nor
 //! the PKI and the client side of TLS (see [`crate::remote`]).
 //!
@@ -302,13 +302,15 @@ const CONF_BLOCKS: [ConfBlock; 2] = [
     },
     ConfBlock {
         path: "/etc/libvirt/qemu.conf",
-        title: "pull-mode backup exports over NBD with TLS; NBD disks over TLS",
+        title: "pull-mode backup exports over NBD with TLS",
+        // No key for NBD disks over TLS (instant recovery): libvirt takes
+        // `/etc/pki/libvirt-nbd` as `nbd_tls_x509_cert_dir` when that directory exists at
+        // its start, and `nbd_tls` stays off (only disks with `tls='yes'` use TLS). Leaving
+        // this block as it was keeps test beds of older checkouts from rewriting it (and
+        // restarting libvirtd) back and forth.
         settings: &[
             ("backup_tls_x509_cert_dir", "\"/etc/pki/libvirt-backup\""),
             ("backup_tls_x509_verify", "1"),
-            // QEMU as the client of a disk's NBD export with `tls='yes'` (instant recovery
-            // from Sluice's NBD server); `nbd_tls` stays off: only such disks use TLS.
-            ("nbd_tls_x509_cert_dir", "\"/etc/pki/libvirt-nbd\""),
         ],
     },
 ];
@@ -316,9 +318,10 @@ const CONF_BLOCKS: [ConfBlock; 2] = [
 /// QEMU's server certificate for backup exports (`backup_tls_x509_cert_dir`).
 const BACKUP_CERT_DIR: &str = "/etc/pki/libvirt-backup";
 
-/// QEMU's client certificate for NBD disks over TLS (`nbd_tls_x509_cert_dir`): `ca-cert.pem`
-/// (the test bed's CA, which signed the NBD server's certificate), `client-cert.pem`,
-/// `client-key.pem`.
+/// QEMU's client certificate for NBD disks over TLS: `ca-cert.pem` (the test bed's CA, which
+/// signed the NBD server's certificate), `client-cert.pem`, `client-key.pem`. libvirt's
+/// default `nbd_tls_x509_cert_dir` when it exists as libvirtd starts (a libvirtd already
+/// running when the files are first installed is restarted once, like any change here).
 const NBD_CLIENT_CERT_DIR: &str = "/etc/pki/libvirt-nbd";
 
 /// `mkdir -p`, then mode and (when given) group.
