@@ -286,3 +286,62 @@ fn an_instant_recovery_runs_a_backup_over_tls_until_it_is_cancelled() -> Result<
     );
     Ok(())
 }
+
+/// A daemon killed (`kill -9`) under a running instant recovery leaves its domain on the
+/// hypervisor, its disks on exports that died with it; the restart's clean-up destroys and
+/// undefines it (from what the job history recorded) and says so in the job's message. A
+/// daemon stopped with SIGTERM ends its instant recoveries itself before it exits.
+#[test]
+fn a_killed_daemon_s_instant_domain_is_ended_by_the_restart_and_sigterm_ends_one_itself(
+) -> Result<()> {
+    let r = RemoteGuest::boot("inst-kill", VmSpec::new("inst-kill").disk(SIZE))?;
+    let (vm, disk) = (&r.vm, r.disk.clone());
+    let (cert, key) = r.host.sluice_nbd_identity()?;
+    let top = format!(
+        "nbd_cert = {cert:?}\nnbd_key = {key:?}\nnbd_client_ca = {:?}\n",
+        r.host.ca_cert()
+    );
+    let mut d = r.daemon(&top)?;
+    let mut model = Model::new(vm);
+    model.write(vm, &disk, 0, MIB, 9)?;
+    vm.sync()?;
+    let id = backup(&d, vm.name(), true)?;
+
+    let name = format!("{NAME_PREFIX}inst-kill-copy-{}-901", std::process::id());
+    let _copy = Copy(name.clone());
+    let job = d.ok(&["restore", &id, "--instant", "--as-domain", &name])?;
+    let jid = job["id"].as_u64().context("job id")?;
+    ensure!(job["instant"]["state"] == "running", "{job}");
+    d.kill()?;
+    ensure!(
+        domain_names()?.contains(&name),
+        "the killed daemon's domain is still defined"
+    );
+
+    let mut d = r.daemon(&top)?;
+    let note = d.cleanup_note(jid, Duration::from_secs(60))?;
+    ensure!(
+        note.contains(&format!(
+            "cleaned up: instant-recovery domain {name} destroyed and undefined"
+        )),
+        "the interrupted job's message: {note}"
+    );
+    ensure!(
+        !domain_names()?.contains(&name),
+        "domain {name} is gone after the restart"
+    );
+    ensure!(
+        overlays(&d)?.is_empty(),
+        "overlays left: {:?}",
+        overlays(&d)?
+    );
+
+    let job = d.ok(&["restore", &id, "--instant", "--as-domain", &name])?;
+    ensure!(job["instant"]["state"] == "running", "{job}");
+    ensure!(d.terminate()?, "sluice serve exits cleanly on SIGTERM");
+    ensure!(
+        !domain_names()?.contains(&name),
+        "SIGTERM ended domain {name}"
+    );
+    Ok(())
+}
