@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::cli::client::{Client, ClientError};
 use crate::cli::table::{or_dash, print_json};
 use crate::wire::instant::InstantState;
-use crate::wire::jobs::{JobInfo, JobState};
+use crate::wire::jobs::JobInfo;
 use crate::wire::restores::RestoreRequest;
 
 /// Pause between two looks at the job while its domain starts.
@@ -93,9 +93,4 @@ fn hint(e: anyhow::Error) -> anyhow::Error {
         Ok(ce) => ce.into(),
         Err(e) => e,
     }
-}
-
-/// Whether `j` is an instant recovery whose domain still runs from the repository.
-pub fn is_running_instant(j: &JobInfo) -> bool {
-    j.instant.is_some() && j.state != JobState::Queued && !j.state.is_final()
 }

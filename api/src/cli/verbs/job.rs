@@ -4,8 +4,7 @@ use clap::Subcommand;
 
 use crate::cli::client::Client;
 use crate::cli::table::{or_dash, show, size, when};
-use crate::cli::verbs::instant::is_running_instant;
-use crate::wire::jobs::JobInfo;
+use crate::wire::jobs::{JobInfo, JobState};
 
 #[derive(Subcommand, Debug)]
 pub enum JobCmd {
@@ -164,4 +163,9 @@ pub(crate) fn what_to_do(kind: crate::wire::jobs::ErrorKind) -> &'static str {
         K::Cancelled => "cancelled; nothing was committed",
         K::Failed => "see the message",
     }
+}
+
+/// Whether `j` is an instant recovery whose domain may still run from the repository.
+fn is_running_instant(j: &JobInfo) -> bool {
+    j.instant.is_some() && j.state != JobState::Queued && !j.state.is_final()
 }

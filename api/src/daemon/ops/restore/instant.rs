@@ -23,12 +23,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use catalog::{BackupHold, BackupId, Manifest};
+use catalog::{BackupHold, Manifest};
 use proxy::hypervisor::libvirt::{Ended, LibvirtHypervisor};
 use proxy::hypervisor::VmState;
 use proxy::restore::{instant_domain, ExportName, InstantDisk, NbdAddress, RepoExport};
 
-use super::restore_hv;
 use crate::daemon::error::{ApiError, ApiResult};
 use crate::daemon::exports::Exports;
 use crate::daemon::hypervisors::{Hv, Member};
@@ -55,14 +54,20 @@ struct Plan {
     hold: BackupHold,
 }
 
-/// Starts an instant recovery: the queued job, or a refusal naming what is wrong.
-pub(super) async fn start(st: &SharedState, req: RestoreRequest) -> ApiResult<JobInfo> {
+/// Starts an instant recovery of `manifest` on `hv` (the restore's hypervisor, as
+/// `ops::restore` chose it): the queued job, or a refusal naming what is wrong.
+pub(super) async fn start(
+    st: &SharedState,
+    req: RestoreRequest,
+    manifest: Manifest,
+    hv: Arc<Member>,
+) -> ApiResult<JobInfo> {
     if req.to.is_some() || req.onto_vm || req.disk.is_some() {
         return Err(ApiError::bad_request(
             "an instant recovery runs every disk of the backup as a new domain: it takes no `to`, `onto_vm` or `disk`",
         ));
     }
-    let id = BackupId::parse(&req.backup).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let id = manifest.id.clone();
     if st.exports.is_none() {
         return Err(ApiError::unavailable(
             "instant recovery needs the NBD server (nbd_listen)",
@@ -73,14 +78,11 @@ pub(super) async fn start(st: &SharedState, req: RestoreRequest) -> ApiResult<Jo
             "instant recovery needs the address hypervisors reach the NBD server at: set nbd_advertise (nbd_listen is unspecified)",
         )
     })?;
-    let id2 = id.clone();
-    let manifest = st.repo(move |r| r.manifest(&id2)).await?;
     let domain = req
         .as_domain
         .clone()
         .unwrap_or_else(|| format!("{}-instant", manifest.vm.name));
     validate_name("domain name", &domain)?;
-    let hv = restore_hv(st, &manifest, &req).await?;
     if hv.list().await?.iter().any(|d| d.name == domain) {
         return Err(ApiError::conflict(format!(
             "domain {domain} already exists on hypervisor {}; choose another name (as_domain, --as-domain)",

@@ -34,12 +34,13 @@ use staging::{no_restore_dirs, restore_target};
 /// Starts a restore (to a file, as a new domain, or onto the VM's own disks): the queued
 /// job, or a refusal naming what is wrong (or the job that holds the VM).
 pub async fn start(st: &SharedState, req: RestoreRequest) -> ApiResult<JobInfo> {
-    if req.instant {
-        return instant::start(st, req).await;
-    }
     let id = BackupId::parse(&req.backup).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let id2 = id.clone();
     let m = st.repo(move |r| r.manifest(&id2)).await?;
+    if req.instant {
+        let hv = restore_hv(st, &m, &req).await?;
+        return instant::start(st, req, m, hv).await;
+    }
     let format = req.format.unwrap_or_default();
     let (plan, mode) = match (&req.to, &req.as_domain, req.onto_vm) {
         (Some(to), None, false) => (file_plan(st, &m, &req, to)?, JobMode::ToFile),
