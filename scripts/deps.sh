@@ -6,7 +6,7 @@ set -euo pipefail
 PKGS=(
   libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
   qemu-system-x86 qemu-utils qemu-block-extra libnbd-bin nbdkit pkg-config
-  busybox-static genisoimage gcc libc6-dev openssl openssh-server
+  busybox-static genisoimage gcc libc6-dev openssl openssh-server curl
 )
 
 missing=()

@@ -1,12 +1,15 @@
 //! Exports through the API on a real repository: a writable export answers with its URI and
 //! keeps an overlay file until it is closed; a name is served once when writable (409 for a
 //! second open, read-only or not); read-only opens share a name; overlays left by an earlier
-//! run are removed when the daemon sets its overlay directory up.
+//! run are removed when the daemon sets its overlay directory up; `changed_since` names the
+//! diff context in the answer and the list, and a bad other backup (malformed, unknown,
+//! another VM's, another size) is refused naming what was wrong; auditor and scoped tokens
+//! may not open one.
 
 mod common;
 
 use axum::http::StatusCode;
-use common::{api, call, seed_backup, Api};
+use common::{api, call, seed_backup, seed_backup_of, Api};
 
 async fn open(a: &Api, body: serde_json::Value) -> (StatusCode, serde_json::Value) {
     let body = Some(body.to_string().into_bytes());
@@ -79,4 +82,109 @@ fn overlays_of_an_earlier_run_are_removed() {
     )
     .with_overlay_dir(dir.path().to_path_buf());
     assert!(!stale.exists());
+}
+
+/// The error message of a refused request.
+fn message(j: &serde_json::Value) -> String {
+    j["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changed_since_names_its_context_and_a_bad_other_backup_is_refused() {
+    let a = api().await;
+    let mut data = vec![7u8; 1 << 20];
+    let b1 = seed_backup(&a, "src", data.clone(), "<domain/>").await.id;
+    data[70_000] = 1;
+    let b2 = seed_backup(&a, "src", data, "<domain/>").await.id;
+    let (b1, b2) = (b1.to_string(), b2.to_string());
+
+    let (s, e) = open(&a, serde_json::json!({"backup": b2, "changed_since": b1})).await;
+    assert_eq!(s, StatusCode::CREATED, "{e}");
+    assert_eq!(e["changed_since"], b1.as_str());
+    assert_eq!(e["meta_context"], format!("sluice:changed-since:{b1}"));
+    assert_eq!(e["uri"], format!("nbd://127.0.0.1:1/src/vda@{b2}"));
+    let (s, plain) = open(&a, serde_json::json!({"backup": b2})).await;
+    assert_eq!(
+        s,
+        StatusCode::CREATED,
+        "a plain open shares the name: {plain}"
+    );
+    assert!(plain.get("meta_context").is_none(), "{plain}");
+    let (_, list) = call(&a.app, "GET", "/api/v1/exports", Some(&a.auditor), None).await;
+    assert_eq!(list[0]["meta_context"], e["meta_context"], "{list}");
+    // Newer against older and older against newer; writable too (the context describes the
+    // backups, not the overlay).
+    let (s, back) = open(
+        &a,
+        serde_json::json!({"backup": b1, "changed_since": b2, "writable": true}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{back}");
+    assert_eq!(back["meta_context"], format!("sluice:changed-since:{b2}"));
+    let (s, same) = open(&a, serde_json::json!({"backup": b2, "changed_since": b2})).await;
+    assert_eq!(
+        s,
+        StatusCode::CREATED,
+        "a backup against itself (nothing changed): {same}"
+    );
+
+    let other = seed_backup_of(
+        &a,
+        "other",
+        "00000000-0000-0000-0000-000000000001",
+        vec![7u8; 1 << 20],
+        "<domain/>",
+    )
+    .await
+    .id
+    .to_string();
+    let bigger = seed_backup(&a, "src", vec![7u8; 2 << 20], "<domain/>")
+        .await
+        .id
+        .to_string();
+    let refused = [
+        ("no/such", StatusCode::BAD_REQUEST, "changed_since: backup id \"no/such\" is malformed".to_string()),
+        ("20200101T000000Z-00000000", StatusCode::NOT_FOUND, "changed_since: ".to_string()),
+        (other.as_str(), StatusCode::BAD_REQUEST, format!("changed_since: backup {other} is of vm other")),
+        (bigger.as_str(), StatusCode::BAD_REQUEST, format!("changed_since: backup {bigger} holds disk vda at 2097152 bytes, backup {b2} at 1048576 bytes")),
+    ];
+    for (since, status, want) in refused {
+        let (s, j) = open(
+            &a,
+            serde_json::json!({"backup": b2, "changed_since": since}),
+        )
+        .await;
+        assert_eq!(s, status, "changed_since {since}: {j}");
+        assert!(message(&j).starts_with(&want), "changed_since {since}: {j}");
+        assert!(
+            message(&j).contains(since),
+            "the message names {since}: {j}"
+        );
+    }
+    let (s, j) = open(
+        &a,
+        serde_json::json!({"backup": b2, "disk": "vdb", "changed_since": b1}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{j}");
+    assert_eq!(
+        message(&j),
+        format!("backup {b2} has no disk vdb (it has vda)")
+    );
+
+    let body = serde_json::json!({"backup": b2, "changed_since": b1}).to_string();
+    for token in [&a.auditor, &a.scoped_in] {
+        let (s, j) = call(
+            &a.app,
+            "POST",
+            "/api/v1/exports",
+            Some(token),
+            Some(body.clone().into_bytes()),
+        )
+        .await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{j}");
+    }
 }

@@ -89,9 +89,31 @@ fn e(what: &str) -> impl FnOnce(rusqlite::Error) -> Error + '_ {
     move |err| Error::db(format!("catalog: {what}"), err)
 }
 
+/// Creates the catalog file owner-only (0600) before SQLite opens it (SQLite gives its
+/// `-wal` and `-shm` files the database's mode), or takes group and other permissions off an
+/// existing one.
+fn owner_only_file(path: &Path) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |err| Error::io(format!("catalog {}", path.display()), err);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    let mode = std::fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o700))
+            .map_err(io)?;
+    }
+    Ok(())
+}
+
 impl Catalog {
     /// Open (creating and migrating as needed) the catalog at `path`.
     pub fn open(path: &Path) -> Result<Self> {
+        owner_only_file(path)?;
         let conn = Connection::open(path).map_err(e("open"))?;
         let c = Catalog { conn };
         c.pragmas()?;
@@ -146,6 +168,17 @@ impl Catalog {
             tracing::info!(version = v + 1, "catalog schema migrated");
         }
         Ok(())
+    }
+
+    /// Forgets where `digest` is stored (its stored copy failed verification): the next
+    /// backup that writes the same content stores it again, and every backup that references
+    /// it then reads that new copy. Returns whether it was known.
+    pub fn forget_chunk(&self, digest: &ChunkDigest) -> Result<bool> {
+        let n = self
+            .conn
+            .execute("DELETE FROM chunks WHERE digest = ?1", [&digest.0[..]])
+            .map_err(e("forget chunk"))?;
+        Ok(n > 0)
     }
 
     /// Where `digest` is stored, if known.

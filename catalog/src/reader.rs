@@ -89,7 +89,7 @@ impl Repository {
                     out.push(None);
                 }
                 Ok(None) => out.push(Some(Err(Error::not_found(format!(
-                    "chunk {d} is not in the repository"
+                    "chunk {d} is not in the repository (lost, or its copy failed verify: back the vm up again to store it anew)"
                 ))))),
                 Err(e) => out.push(Some(Err(e))),
             }

@@ -214,7 +214,11 @@ impl Repository {
         let loc = self
             .catalog()
             .lookup(digest)?
-            .ok_or_else(|| Error::not_found(format!("chunk {digest} is not in the repository")))?;
+            .ok_or_else(|| {
+                Error::not_found(format!(
+                    "chunk {digest} is not in the repository (lost, or its copy failed verify: back the vm up again to store it anew)"
+                ))
+            })?;
         let bytes = self
             .read_location(&loc)
             .map_err(|e| e.context(format!("chunk {digest}")))?;

@@ -73,6 +73,9 @@ pub struct VerifyReport {
     pub chunks_rehashed: u64,
     /// Problems found.
     pub problems: Vec<Problem>,
+    /// Bad chunks whose stored copy the catalog forgot: the next backup that reads the same
+    /// content stores it again, healing every backup that references it.
+    pub forgotten: u64,
 }
 
 impl VerifyReport {
@@ -118,6 +121,7 @@ impl Repository {
         }
         let bad = self.check_chunks(mode, &mut w)?;
         self.name_affected(&mut w, bad);
+        w.report.forgotten = self.forget_bad(&w.report)?;
         w.report.backups = ids.len() as u64;
         tracing::info!(
             backups = ids.len(),
@@ -125,6 +129,19 @@ impl Repository {
             "verify finished"
         );
         Ok(w.report)
+    }
+
+    /// Forgets the stored copy of every missing or corrupt chunk and index block (see
+    /// [`crate::db::Catalog::forget_chunk`]); how many were known.
+    fn forget_bad(&self, report: &VerifyReport) -> Result<u64> {
+        let mut n = 0;
+        for d in report.problems.iter().filter_map(|p| p.digest) {
+            if self.with_catalog(|c| c.forget_chunk(&d))? {
+                tracing::warn!(digest = %d.to_hex(), "bad stored copy forgotten: the next backup of this content stores it again");
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     fn walk_backup(&self, id: &BackupId, w: &mut Walk) -> Result<()> {

@@ -26,6 +26,18 @@ fn flipped_byte_in_a_pack_is_caught_by_verify_and_by_reads() {
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[loc.offset as usize + 80 + 100] ^= 0x01;
     std::fs::write(&path, bytes).unwrap();
+    // Before verify, a read of the damaged chunk fails its check.
+    for m in [&full, &inc] {
+        let r = repo.open_disk(&m.id, "vda").unwrap();
+        let mut buf = vec![0u8; 100];
+        let e = r.read_at(7 * CS as u64 + 50, &mut buf).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains(&victim.to_hex()) && msg.contains(m.id.as_str()),
+            "{msg}"
+        );
+    }
 
     let rep = repo.verify(VerifyMode::Full, None).unwrap();
     assert_eq!(rep.problems.len(), 1, "{rep:?}");
@@ -45,14 +57,17 @@ fn flipped_byte_in_a_pack_is_caught_by_verify_and_by_reads() {
     assert_eq!(affected, want);
     assert_eq!(rep.affected_backups().len(), 2);
 
+    // Verify forgot the bad copy: a read names the chunk, the backup and what to do.
     for m in [&full, &inc] {
         let r = repo.open_disk(&m.id, "vda").unwrap();
         let mut buf = vec![0u8; 100];
         let e = r.read_at(7 * CS as u64 + 50, &mut buf).unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::Corrupt);
+        assert_eq!(e.kind(), ErrorKind::NotFound);
         let msg = format!("{e:#}");
         assert!(
-            msg.contains(&victim.to_hex()) && msg.contains(m.id.as_str()),
+            msg.contains(&victim.to_hex())
+                && msg.contains(m.id.as_str())
+                && msg.contains("back the vm up again"),
             "{msg}"
         );
         let mut ok = vec![0u8; CS];
@@ -125,4 +140,43 @@ fn sampled_verify_rehashes_a_share() {
         "{some:?}"
     );
     assert_eq!(none.chunks_rehashed, 0);
+}
+
+/// Verify forgets a corrupt chunk's stored copy; the next backup that reads the same content
+/// stores it again, and every backup that references it (the damaged one too) reads back
+/// exactly: verify is clean again.
+#[test]
+fn the_next_backup_of_the_same_content_repairs_a_corrupt_chunk() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_b, repo) = fs_repo(dir.path());
+    let mut d = vm_like(31, 16 * CS);
+    d[5 * CS..6 * CS].copy_from_slice(&noise(78, CS));
+    let first = backup(&repo, &[("vda", &d)], None, None, 100).unwrap();
+    let victim = repo.open_disk(&first.id, "vda").unwrap().digest(5).unwrap();
+    let loc = repo.with_catalog(|c| c.lookup(&victim)).unwrap().unwrap();
+    let path = dir.path().join("repo").join(loc.pack.key());
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[loc.offset as usize + 80 + 100] ^= 0x01;
+    std::fs::write(&path, bytes).unwrap();
+
+    let rep = repo.verify(VerifyMode::Full, None).unwrap();
+    assert_eq!(rep.problems.len(), 1, "{rep:?}");
+    assert_eq!(rep.forgotten, 1, "the bad copy is forgotten: {rep:?}");
+    assert!(repo.with_catalog(|c| c.lookup(&victim)).unwrap().is_none());
+
+    let second = backup(&repo, &[("vda", &d)], None, None, 200).unwrap();
+    let new = repo.with_catalog(|c| c.lookup(&victim)).unwrap().unwrap();
+    assert_ne!(
+        (new.pack, new.offset),
+        (loc.pack, loc.offset),
+        "stored again"
+    );
+    let rep = repo.verify(VerifyMode::Full, None).unwrap();
+    assert!(
+        rep.is_ok() && rep.forgotten == 0,
+        "verify is clean again: {rep:?}"
+    );
+    for m in [&first, &second] {
+        assert_eq!(read_all(&repo, m, "vda").unwrap(), d, "backup {}", m.id);
+    }
 }

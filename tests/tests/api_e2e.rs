@@ -354,8 +354,47 @@ fn verify_prune_and_stop(s: Story, full_id: &str, inc_id: &str) -> Result<()> {
     );
     let (code, _) = s.d.cli(&["backup", "show", "20200101-nope"])?;
     ensure!(code == 4, "unknown backup exit code {code}");
+    owner_only(&s.d.data)?;
     let mut d = s.d;
     ensure!(d.terminate()?, "daemon exit after SIGTERM");
+    Ok(())
+}
+
+/// Everything under the data directory (repository, catalog, tokens, logs, restores, TLS
+/// material) is its owner's only; the data, work and restores directories are 0711 (QEMU of
+/// a local hypervisor passes through to its job directory or a restored image, nobody lists
+/// them).
+fn owner_only(data: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| -> Result<u32> { Ok(std::fs::metadata(p)?.permissions().mode() & 0o777) };
+    let passable = [data.to_path_buf(), data.join("work"), data.join("restores")];
+    for dir in &passable {
+        ensure!(
+            mode(dir)? == 0o711,
+            "{} is {:o}, not 0711",
+            dir.display(),
+            mode(dir)?
+        );
+    }
+    let mut open = Vec::new();
+    let mut stack = vec![data.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir)? {
+            let p = e?.path();
+            if p.is_dir() {
+                stack.push(p.clone());
+            }
+            let m = mode(&p)?;
+            if m & 0o077 != 0 && !passable.contains(&p) {
+                open.push(format!("{} {m:o}", p.display()));
+            }
+        }
+    }
+    ensure!(
+        open.is_empty(),
+        "open to other users under {}: {open:?}",
+        data.display()
+    );
     Ok(())
 }
 

@@ -49,8 +49,8 @@ pub enum Verb {
     Gc(repo::GcArgs),
     /// Serve a backup over NBD, or list and close exports.
     ///
-    /// `export ID [--disk D] [--writable]` (also `export open ID`), `export list`,
-    /// `export close N`.
+    /// `export ID [--disk D] [--writable] [--changed-since OTHER]` (also `export open ID`),
+    /// `export list`, `export close N`.
     Export(export::ExportArgs),
     /// Restore a backup to a file, as a new domain, or onto its VM.
     ///

@@ -2,13 +2,17 @@
 //! (mode 0600), lookup of a bearer token, roles and VM scopes, and what each may do.
 //!
 //! A token reads `sluice_<id>_<secret>`: the id finds the record, the secret is checked
-//! against its argon2 hash. Verified tokens are remembered in memory by their SHA-256 so
-//! each request does not pay for argon2; revoking a token forgets it.
+//! against its argon2 hash (salted with random bytes of its own, not drawn from the secret).
+//! Verified tokens are remembered in memory by their SHA-256 so each request does not pay
+//! for argon2; revoking a token forgets it. Wrong secrets cost memory and time (argon2 takes
+//! about 19 MiB): at most [`MAX_SLOW_CHECKS`] run at once (more are answered 503 at once),
+//! and a wrong token seen lately is refused without another check.
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -118,12 +122,30 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
     p[pi..].iter().all(|&c| c == '*')
 }
 
-/// The token file and the cache of verified tokens.
+/// Argon2 checks of token secrets running at once, at most.
+pub const MAX_SLOW_CHECKS: usize = 2;
+/// Wrong tokens remembered (by SHA-256), at most; the oldest half is forgotten beyond.
+const MAX_REMEMBERED_WRONG: usize = 4096;
+
+/// Wrong tokens seen lately (SHA-256), and the order they were seen in.
+#[derive(Debug, Default)]
+struct WrongTokens {
+    seen: std::collections::HashSet<[u8; 32]>,
+    order: std::collections::VecDeque<[u8; 32]>,
+}
+
+/// The token file and the caches of verified and of wrong tokens.
 #[derive(Debug)]
 pub struct TokenStore {
     path: PathBuf,
     records: Mutex<Vec<TokenRecord>>,
     verified: Mutex<HashMap<[u8; 32], String>>,
+    /// Wrong tokens seen lately, in the order seen.
+    wrong: Mutex<WrongTokens>,
+    /// Argon2 checks running now.
+    slow_running: AtomicUsize,
+    /// Argon2 checks run since the store opened.
+    pub slow_checks: AtomicU64,
 }
 
 impl TokenStore {
@@ -140,6 +162,9 @@ impl TokenStore {
             path,
             records: Mutex::new(records),
             verified: Mutex::new(HashMap::new()),
+            wrong: Mutex::new(Default::default()),
+            slow_running: AtomicUsize::new(0),
+            slow_checks: AtomicU64::new(0),
         })
     }
 
@@ -161,8 +186,9 @@ impl TokenStore {
         rand::rng().fill_bytes(&mut idb);
         let id = hex::encode(idb);
         let secret = format!("sluice_{id}_{}", hex::encode(raw));
-        let salt =
-            SaltString::encode_b64(&raw[..16]).map_err(|e| ApiError::internal(e.to_string()))?;
+        let mut salt = [0u8; 16];
+        rand::rng().fill_bytes(&mut salt);
+        let salt = SaltString::encode_b64(&salt).map_err(|e| ApiError::internal(e.to_string()))?;
         let hash = Argon2::default()
             .hash_password(secret.as_bytes(), &salt)
             .map_err(|e| ApiError::internal(format!("hashing token {id}: {e}")))?
@@ -216,7 +242,13 @@ impl TokenStore {
         let id = match cached {
             Some(id) => id,
             None => {
-                let id = self.verify_slow(token).ok_or_else(bad)?;
+                if self.wrong.lock().expect("token lock").seen.contains(&key) {
+                    return Err(bad());
+                }
+                let Some(id) = self.verify_bounded(token)? else {
+                    self.remember_wrong(key);
+                    return Err(bad());
+                };
                 self.verified
                     .lock()
                     .expect("token lock")
@@ -231,6 +263,35 @@ impl TokenStore {
             role: r.role,
             vms: r.vms.clone(),
         })
+    }
+
+    /// [`TokenStore::verify_slow`] if fewer than [`MAX_SLOW_CHECKS`] run; 503 otherwise.
+    fn verify_bounded(&self, token: &str) -> ApiResult<Option<String>> {
+        let running = self.slow_running.fetch_add(1, Ordering::SeqCst);
+        let result = if running >= MAX_SLOW_CHECKS {
+            Err(ApiError::unavailable(
+                "too many token checks at once: retry in a moment",
+            ))
+        } else {
+            self.slow_checks.fetch_add(1, Ordering::Relaxed);
+            Ok(self.verify_slow(token))
+        };
+        self.slow_running.fetch_sub(1, Ordering::SeqCst);
+        result
+    }
+
+    fn remember_wrong(&self, key: [u8; 32]) {
+        let mut w = self.wrong.lock().expect("token lock");
+        if w.seen.insert(key) {
+            w.order.push_back(key);
+        }
+        if w.order.len() > MAX_REMEMBERED_WRONG {
+            for _ in 0..MAX_REMEMBERED_WRONG / 2 {
+                if let Some(old) = w.order.pop_front() {
+                    w.seen.remove(&old);
+                }
+            }
+        }
     }
 
     fn verify_slow(&self, token: &str) -> Option<String> {
@@ -265,7 +326,12 @@ impl TokenStore {
             .map_err(err)?;
         f.write_all(&body).map_err(err)?;
         f.sync_all().map_err(err)?;
-        std::fs::rename(&tmp, &self.path).map_err(err)
+        std::fs::rename(&tmp, &self.path).map_err(err)?;
+        // The rename is durable only once the directory is.
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(err)
     }
 }
 
@@ -281,7 +347,60 @@ fn info_of(r: &TokenRecord) -> TokenInfo {
 
 #[cfg(test)]
 mod tests {
-    use super::glob_match;
+    use super::*;
+
+    #[test]
+    fn the_salt_is_not_drawn_from_the_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TokenStore::open(dir.path()).unwrap();
+        let (info, secret) = store.create("a", Role::Admin, Vec::new()).unwrap();
+        let raw = hex::decode(secret.rsplit('_').next().unwrap()).unwrap();
+        let hash = store.records.lock().unwrap()[0].hash.clone();
+        let parsed = PasswordHash::new(&hash).unwrap();
+        let from_secret = SaltString::encode_b64(&raw[..16]).unwrap();
+        assert_ne!(parsed.salt.unwrap().as_str(), from_secret.as_str());
+        assert_eq!(store.authenticate(&secret).unwrap().token_id, info.id);
+    }
+
+    #[test]
+    fn a_wrong_token_seen_before_costs_no_second_argon2_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TokenStore::open(dir.path()).unwrap();
+        let (info, _) = store.create("a", Role::Admin, Vec::new()).unwrap();
+        let wrong = format!("sluice_{}_{}", info.id, "00".repeat(32));
+        for _ in 0..5 {
+            let e = store.authenticate(&wrong).unwrap_err();
+            assert_eq!(e.status, crate::daemon::error::Status::Unauthorized);
+        }
+        assert_eq!(store.slow_checks.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn at_most_two_argon2_checks_run_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(TokenStore::open(dir.path()).unwrap());
+        let (info, _) = store.create("a", Role::Admin, Vec::new()).unwrap();
+        let start = std::sync::Arc::new(std::sync::Barrier::new(8));
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let (store, start, id) = (store.clone(), start.clone(), info.id.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    let wrong = format!("sluice_{id}_{i:064x}");
+                    store.authenticate(&wrong).unwrap_err().status
+                })
+            })
+            .collect();
+        let statuses: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        use crate::daemon::error::Status;
+        assert!(statuses
+            .iter()
+            .all(|s| matches!(s, Status::Unauthorized | Status::Unavailable)));
+        assert!(
+            statuses.contains(&Status::Unavailable),
+            "eight wrong secrets at once: some are turned away, {statuses:?}"
+        );
+    }
 
     #[test]
     fn globs() {

@@ -8,6 +8,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use catalog::BackupId;
 use proxy::nbd::{Identity, Server};
 use proxy::restore::ExportOptions;
 
@@ -26,6 +27,10 @@ pub struct Exports {
     overlay_dir: Option<PathBuf>,
     pub(crate) open: Mutex<BTreeMap<u64, ExportInfo>>,
     pub(crate) next: Mutex<u64>,
+    /// Held from the free-name check until the export is registered, so that two opens of
+    /// one name cannot both pass the check, nor one replace the other's served export
+    /// without its diff contexts.
+    pub(crate) opening: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for Exports {
@@ -46,6 +51,7 @@ impl Exports {
             overlay_dir: None,
             open: Mutex::new(BTreeMap::new()),
             next: Mutex::new(1),
+            opening: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -87,14 +93,37 @@ impl Exports {
         }
     }
 
-    pub(crate) fn options(&self, writable: bool) -> ApiResult<ExportOptions> {
-        if !writable {
-            return Ok(ExportOptions::default());
+    /// How to open `name`. Read-only opens of one name share the NBD export the server
+    /// offers, and opening replaces it: the new one carries the diff context of every open
+    /// still sharing the name, plus `changed_since`, so no client loses a context another
+    /// open asked for. (A context whose open was closed stays until the name is closed:
+    /// offering more contexts is harmless.)
+    pub(crate) fn options(
+        &self,
+        name: &str,
+        writable: bool,
+        changed_since: Option<&BackupId>,
+    ) -> ApiResult<ExportOptions> {
+        let mut opts = if writable {
+            let dir = self.overlay_dir.as_ref().ok_or_else(|| {
+                ApiError::unavailable("writable exports are disabled (no overlay directory)")
+            })?;
+            ExportOptions::writable(dir)
+        } else {
+            ExportOptions::default()
+        };
+        let open = self.open.lock().expect("exports lock");
+        let shared = open
+            .values()
+            .filter(|i| i.name == name)
+            .filter_map(|i| i.changed_since.as_deref())
+            .filter_map(|s| BackupId::parse(s).ok());
+        for id in shared.chain(changed_since.cloned()) {
+            if !opts.changed_since.contains(&id) {
+                opts.changed_since.push(id);
+            }
         }
-        let dir = self.overlay_dir.as_ref().ok_or_else(|| {
-            ApiError::unavailable("writable exports are disabled (no overlay directory)")
-        })?;
-        Ok(ExportOptions::writable(dir))
+        Ok(opts)
     }
 }
 

@@ -14,6 +14,7 @@ pub mod http;
 pub mod hypervisors;
 pub mod instant;
 pub mod jobs;
+pub mod lock;
 pub mod names;
 pub mod ops;
 pub mod schedule;

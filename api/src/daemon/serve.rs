@@ -31,6 +31,23 @@ use crate::wire::tokens::Role;
 use proxy::job::stale;
 use proxy::nbd::{Server, ServerOptions, ServerTls};
 
+/// Everything the daemon (and every tool it runs: `qemu-nbd`, `qemu-img`) creates is its
+/// owner's only: the data directory holds every guest's disks, restores and secrets.
+fn owner_only_files() {
+    // SAFETY: umask only sets this process's (and its children's) default creation mode.
+    unsafe { libc::umask(0o077) };
+}
+
+/// Sets `dir` to 0711: the owner's, and passable but not listable by others, so a local
+/// hypervisor's QEMU reaches its job directory (`work/job-…`, 0700, owned by QEMU's user) or
+/// a domain's restored image (`restores/`, whose owner libvirt sets when it starts it) and
+/// nothing else; every file below is 0600.
+fn traverse_only(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))
+        .with_context(|| format!("setting the mode of {}", dir.display()))
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn serve(cfg: Config) -> anyhow::Result<()> {
     if cfg.insecure_http && !cfg.listen.ip().is_loopback() {
@@ -39,10 +56,20 @@ pub async fn serve(cfg: Config) -> anyhow::Result<()> {
             cfg.listen
         );
     }
+    owner_only_files();
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    // Held until serve returns: one daemon per data directory and per repository.
+    let _data_lock = crate::daemon::lock::lock(&cfg.data_dir, "data directory")?;
+    let repo_dir = cfg.repo_dir();
+    std::fs::create_dir_all(&repo_dir)
+        .with_context(|| format!("creating repository dir {}", repo_dir.display()))?;
+    let _repo_lock = crate::daemon::lock::lock(&repo_dir, "repository")?;
     let work = cfg.data_dir.join("work");
     std::fs::create_dir_all(&work)?;
+    for dir in [&cfg.data_dir, &work] {
+        traverse_only(dir)?;
+    }
     let left = Leftovers::list(&work);
     let state = Arc::new(build_state(&cfg, work).await?);
     announce_hypervisors(&state);
@@ -486,6 +513,8 @@ fn restore_dirs(cfg: &Config) -> anyhow::Result<Vec<std::path::PathBuf>> {
     if cfg.restore_dirs.is_empty() {
         let d = cfg.data_dir.join("restores");
         std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+        // A domain restored here and started: libvirt hands QEMU the image, QEMU must pass.
+        traverse_only(&d)?;
     }
     Ok(cfg.restore_dirs())
 }
@@ -584,22 +613,58 @@ fn tls_acceptor(dir: &Path) -> anyhow::Result<TlsAcceptor> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
+/// API connections served at once, and from one peer address.
+const MAX_CONNECTIONS: usize = 512;
+const MAX_CONNECTIONS_PER_PEER: usize = 64;
+/// Time a client gets for the TLS handshake, and for each request's headers.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Accepts API connections until the daemon stops: at most [`MAX_CONNECTIONS`] at once and
+/// [`MAX_CONNECTIONS_PER_PEER`] from one address (more are closed at once), a TLS handshake
+/// within [`HANDSHAKE_TIMEOUT`], headers within [`HEADER_TIMEOUT`]. An accept error (out of
+/// file descriptors) is logged and accepting goes on.
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     app: Router,
 ) -> anyhow::Result<()> {
+    use proxy::nbd::server::admission::{Admission, ACCEPT_ERROR_PAUSE};
+    let admission = Admission::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER);
     loop {
-        let (tcp, peer) = listener.accept().await?;
+        let (tcp, peer) = match listener.accept().await {
+            Ok(ok) => ok,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting an api connection failed; accepting again shortly");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                continue;
+            }
+        };
+        let permit = match admission.admit(Some(peer.ip())) {
+            Ok(p) => p,
+            Err(refusal) => {
+                tracing::warn!(%peer, "api connection {refusal}");
+                continue;
+            }
+        };
         let (tls, app) = (tls.clone(), app.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = TowerToHyperService::new(app);
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
             let r = match tls {
-                Some(acc) => match acc.accept(tcp).await {
-                    Ok(s) => builder.serve_connection(TokioIo::new(s), svc).await,
-                    Err(e) => {
+                Some(acc) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acc.accept(tcp)).await {
+                    Ok(Ok(s)) => builder.serve_connection(TokioIo::new(s), svc).await,
+                    Ok(Err(e)) => {
                         tracing::debug!(%peer, "tls handshake failed: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "tls handshake not done within {HANDSHAKE_TIMEOUT:?}: closed");
                         return;
                     }
                 },

@@ -51,6 +51,10 @@ pub struct VerifyResponse {
     pub problems: Vec<VerifyProblem>,
     /// Every backup affected by a problem.
     pub affected_backups: Vec<String>,
+    /// Bad chunks whose stored copy was forgotten: the next backup that reads the same
+    /// content stores it again, and every backup referencing it reads the new copy.
+    #[serde(default)]
+    pub forgotten: u64,
 }
 
 /// Body of a prune request: a retention policy.

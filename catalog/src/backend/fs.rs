@@ -10,7 +10,7 @@ use super::{check_range, validate_key, Backend, LockGuard, LockMode};
 use crate::error::{Error, ErrorKind, Result};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -39,8 +39,12 @@ impl FsBackend {
     /// Use (and create if needed) the directory `root`, reading as `opts` says.
     pub fn open_with(root: impl Into<PathBuf>, opts: FsOptions) -> Result<Self> {
         let root = root.into();
-        fs::create_dir_all(&root)
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(&root)
             .map_err(|e| Error::io(format!("creating repository dir {}", root.display()), e))?;
+        owner_only(&root)?;
         let on = opts.io_uring && uring::probe_ok();
         if opts.io_uring {
             tracing::debug!(io_uring = on, "batched read path chosen");
@@ -77,12 +81,31 @@ impl FsBackend {
         if let Some(parent) = dir.parent() {
             self.ensure_dir(parent)?;
         }
-        match fs::create_dir(dir) {
+        match fs::DirBuilder::new().mode(DIR_MODE).create(dir) {
             Ok(()) => sync_dir(dir.parent().unwrap_or(&self.root)),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
             Err(e) => Err(Error::io(format!("creating dir {}", dir.display()), e)),
         }
     }
+}
+
+/// Mode of every directory of the repository: the owner's only (it holds every guest's data).
+pub const DIR_MODE: u32 = 0o700;
+/// Mode of every file of the repository.
+pub const FILE_MODE: u32 = 0o600;
+
+/// Takes group and other permissions off the repository's root (a directory made by hand, or
+/// by an older version), saying so.
+fn owner_only(root: &Path) -> Result<()> {
+    let meta = fs::metadata(root)
+        .map_err(|e| Error::io(format!("stat of repository dir {}", root.display()), e))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    tracing::warn!(dir = %root.display(), mode = format!("{mode:o}"), "repository directory was open to other users: set to 0700");
+    fs::set_permissions(root, fs::Permissions::from_mode(mode & 0o700))
+        .map_err(|e| Error::io(format!("chmod of repository dir {}", root.display()), e))
 }
 
 /// fsync a directory so renames and new entries in it are durable.
@@ -126,7 +149,11 @@ impl Backend for FsBackend {
         let name = key.rsplit('/').next().unwrap_or(key);
         let tmp = dir.join(format!(".tmp-{name}-{:08x}", crate::ids::random_u32()));
         let write = || -> std::io::Result<()> {
-            let mut f = File::create(&tmp)?;
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(FILE_MODE)
+                .open(&tmp)?;
             f.write_all(data)?;
             f.sync_all()?;
             fs::rename(&tmp, &path)
@@ -191,6 +218,7 @@ impl Backend for FsBackend {
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(FILE_MODE)
             .open(&path)
             .map_err(|e| Error::io(format!("opening lock {}", path.display()), e))?;
         let mut op = match mode {
@@ -214,5 +242,39 @@ impl Backend for FsBackend {
             );
         }
         Ok(LockGuard::new(f))
+    }
+}
+
+#[cfg(test)]
+mod mode_tests {
+    use super::*;
+
+    /// Every directory and file the repository writes is its owner's only, whatever the
+    /// umask; a root made open by hand is closed.
+    #[test]
+    fn objects_directories_and_lock_are_owner_only() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("repo");
+        fs::create_dir(&root).unwrap();
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
+        // SAFETY: umask only changes this process's default mode for new files.
+        let old = unsafe { libc::umask(0) };
+        let b = FsBackend::open(&root).unwrap();
+        b.put("packs/5e/pack-1", b"data").unwrap();
+        b.put("manifests/m1", b"m").unwrap();
+        let _g = b.lock(LockMode::Shared, false).unwrap();
+        let db = t.path().join("catalog.sqlite");
+        drop(crate::db::Catalog::open(&db).unwrap());
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&root), 0o700);
+        for dir in ["packs", "packs/5e", "manifests"] {
+            assert_eq!(mode(&root.join(dir)), DIR_MODE, "{dir}");
+        }
+        for file in ["packs/5e/pack-1", "manifests/m1", "lock"] {
+            assert_eq!(mode(&root.join(file)), FILE_MODE, "{file}");
+        }
+        assert_eq!(mode(&db), 0o600, "the catalog");
     }
 }

@@ -1,5 +1,6 @@
-//! `export`: serve a backup disk over NBD (`export ID`, or explicitly `export open ID`), list
-//! the open exports (`export list`), close one (`export close N`).
+//! `export`: serve a backup disk over NBD (`export ID`, or explicitly `export open ID`;
+//! `--changed-since OTHER` adds the diff context against another backup), list the open
+//! exports (`export list`), close one (`export close N`).
 //!
 //! `export ID` is the default form, like `backup VM`: a first word that is not a subcommand
 //! is the backup id (`export -- ID` or `export open ID` always are).
@@ -51,6 +52,10 @@ pub struct OpenArgs {
     /// Accept writes into a copy-on-write overlay (dropped at close).
     #[arg(long)]
     pub writable: bool,
+    /// Also offer the meta context `sluice:changed-since:OTHER`: the chunks that differ from
+    /// backup OTHER (same VM and disk, older or newer), for `nbdinfo --map=CONTEXT URI`.
+    #[arg(long, value_name = "OTHER")]
+    pub changed_since: Option<String>,
 }
 
 /// Runs an `export` verb.
@@ -76,6 +81,7 @@ async fn open(c: &Client, o: OpenArgs, as_json: bool) -> anyhow::Result<i32> {
         backup: o.backup.unwrap_or_default(),
         disk: o.disk,
         writable: o.writable,
+        changed_since: o.changed_since,
     };
     let v = c.post::<ExportInfo>("/exports", &req).await?;
     show(&v, as_json, export_line);
@@ -97,19 +103,27 @@ fn export_line(e: &ExportInfo) {
         "read-only"
     };
     println!("export {} ({mode}): {}", e.id, e.uri);
+    if let (Some(ctx), Some(other)) = (&e.meta_context, &e.changed_since) {
+        println!("  meta context {ctx}: bit 0 marks the chunks that differ from backup {other}");
+        println!("  nbdinfo --map={ctx} '{}'", e.uri);
+    }
     if let Some(hint) = qemu_hint(&e.uri) {
         println!("  qemu-img/qemu: {hint}");
     }
 }
 
 fn table(list: &[ExportInfo]) {
-    println!("{:>4} {:<9} {:<48} URI", "ID", "MODE", "NAME");
+    println!(
+        "{:>4} {:<9} {:<48} {:<27} URI",
+        "ID", "MODE", "NAME", "CHANGED SINCE"
+    );
     for e in list {
         println!(
-            "{:>4} {:<9} {:<48} {}",
+            "{:>4} {:<9} {:<48} {:<27} {}",
             e.id,
             mode(e.writable),
             e.name,
+            e.changed_since.as_deref().unwrap_or("-"),
             e.uri
         );
     }
@@ -128,7 +142,33 @@ fn qemu_hint(uri: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::qemu_hint;
+    use super::{qemu_hint, ExportArgs, ExportCmd};
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        export: ExportArgs,
+    }
+
+    #[test]
+    fn changed_since_is_an_option_of_export_id_and_export_open() {
+        let args = Cli::try_parse_from(["export", "B2", "--changed-since", "B1", "--disk", "vdb"])
+            .unwrap()
+            .export;
+        assert!(args.cmd.is_none());
+        assert_eq!(args.open.backup.as_deref(), Some("B2"));
+        assert_eq!(args.open.changed_since.as_deref(), Some("B1"));
+        assert_eq!(args.open.disk.as_deref(), Some("vdb"));
+        let args = Cli::try_parse_from(["export", "open", "B2", "--changed-since=B1"])
+            .unwrap()
+            .export;
+        match args.cmd {
+            Some(ExportCmd::Open(o)) => assert_eq!(o.changed_since.as_deref(), Some("B1")),
+            other => panic!("export open parsed as {other:?}"),
+        }
+        assert!(Cli::try_parse_from(["export", "B2", "--changed-since"]).is_err());
+    }
 
     #[test]
     fn tls_export_uris_get_the_qemu_options() {

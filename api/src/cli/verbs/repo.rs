@@ -73,6 +73,12 @@ fn verify_lines(v: &VerifyResponse) {
     for b in &v.affected_backups {
         println!("  affected backup: {b}");
     }
+    if v.forgotten > 0 {
+        println!(
+            "  {} bad stored copies forgotten: the next backup of the affected vms stores them again (back them up now)",
+            v.forgotten
+        );
+    }
 }
 
 /// `prune`.

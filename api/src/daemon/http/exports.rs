@@ -23,8 +23,14 @@ pub async fn list(
 }
 
 /// Serves a backup disk over NBD, read-only or writable (copy-on-write overlay).
+///
+/// With `changed_since` the export also offers the `sluice:changed-since:OTHER` meta context
+/// (the answer's `meta_context`): the chunks that differ from that other backup.
 #[utoipa::path(post, path = "/api/v1/exports", tag = "exports", request_body = OpenExport,
-    responses((status = 201, body = ExportInfo), (status = 404, body = crate::wire::error::ErrorBody)),
+    responses((status = 201, body = ExportInfo),
+        (status = 400, description = "malformed backup or changed_since id, or a changed_since backup of another VM, without the disk or of another size", body = crate::wire::error::ErrorBody),
+        (status = 404, description = "backup, disk or changed_since backup not found", body = crate::wire::error::ErrorBody),
+        (status = 409, description = "the name is already exported (writable ones are served alone)", body = crate::wire::error::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn open(
     State(st): State<SharedState>,

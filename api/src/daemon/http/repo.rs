@@ -82,6 +82,7 @@ pub async fn verify(
         backups: rep.backups,
         chunks: rep.chunks,
         chunks_rehashed: rep.chunks_rehashed,
+        forgotten: rep.forgotten,
         affected_backups: rep
             .affected_backups()
             .iter()

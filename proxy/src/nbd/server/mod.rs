@@ -4,6 +4,7 @@
 //! and per-connection lifecycle. The handshake is in `handshake`, requests and replies in
 //! `transmission`. A failing connection is logged and closed; the others go on.
 
+pub mod admission;
 mod handshake;
 mod transmission;
 
@@ -12,10 +13,17 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use tokio::net::{TcpListener, UnixListener};
 
-use super::error::{io_error, Error, ErrorKind, Result};
+use super::error::{Error, ErrorKind, Result};
 use super::export::BlockExport;
 use super::tls::ServerTls;
 use super::BoxStream;
+use admission::{Admission, ACCEPT_ERROR_PAUSE};
+
+/// Logs an accept error and pauses briefly (the listener keeps serving).
+async fn accept_failed(e: &std::io::Error) {
+    tracing::warn!(error = %e, "accepting an nbd connection failed; accepting again shortly");
+    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+}
 
 /// How the server negotiates.
 #[derive(Debug, Clone)]
@@ -29,6 +37,10 @@ pub struct ServerOptions {
     pub max_in_flight_requests: usize,
     /// Time a client gets to finish the handshake before it is disconnected.
     pub handshake_timeout: std::time::Duration,
+    /// Connections served at once, over every listener of the server.
+    pub max_connections: usize,
+    /// Of those, from one peer address.
+    pub max_connections_per_peer: usize,
 }
 
 impl Default for ServerOptions {
@@ -38,6 +50,8 @@ impl Default for ServerOptions {
             tls_required: true,
             max_in_flight_requests: 16,
             handshake_timeout: std::time::Duration::from_secs(30),
+            max_connections: 256,
+            max_connections_per_peer: 32,
         }
     }
 }
@@ -46,6 +60,7 @@ impl Default for ServerOptions {
 pub struct Server {
     exports: RwLock<BTreeMap<String, Arc<dyn BlockExport>>>,
     options: ServerOptions,
+    admission: Arc<Admission>,
 }
 
 impl std::fmt::Debug for Server {
@@ -62,6 +77,7 @@ impl Server {
     pub fn new(options: ServerOptions) -> Arc<Server> {
         Arc::new(Server {
             exports: RwLock::new(BTreeMap::new()),
+            admission: Admission::new(options.max_connections, options.max_connections_per_peer),
             options,
         })
     }
@@ -106,31 +122,49 @@ impl Server {
         map.get(name).cloned()
     }
 
-    /// Accept connections on a unix socket forever, each served in its own task.
+    /// Accept connections on a unix socket forever, each served in its own task. An accept
+    /// error (e.g. out of file descriptors) is logged and accepting goes on.
     pub async fn serve_unix(self: Arc<Self>, listener: UnixListener) -> Result<()> {
         loop {
-            let (stream, _) = listener
-                .accept()
-                .await
-                .map_err(|e| io_error("accepting nbd connection", e))?;
-            self.clone().spawn(Box::new(stream), "unix".to_string());
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    accept_failed(&e).await;
+                    continue;
+                }
+            };
+            self.clone()
+                .spawn(Box::new(stream), None, "unix".to_string());
         }
     }
 
-    /// Accept TCP connections forever, each served in its own task.
+    /// Accept TCP connections forever, each served in its own task. An accept error is logged
+    /// and accepting goes on.
     pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener) -> Result<()> {
         loop {
-            let (stream, peer) = listener
-                .accept()
-                .await
-                .map_err(|e| io_error("accepting nbd connection", e))?;
+            let (stream, peer) = match listener.accept().await {
+                Ok(ok) => ok,
+                Err(e) => {
+                    accept_failed(&e).await;
+                    continue;
+                }
+            };
             let _ = stream.set_nodelay(true);
-            self.clone().spawn(Box::new(stream), peer.to_string());
+            self.clone()
+                .spawn(Box::new(stream), Some(peer.ip()), peer.to_string());
         }
     }
 
-    fn spawn(self: Arc<Self>, stream: BoxStream, peer: String) {
+    fn spawn(self: Arc<Self>, stream: BoxStream, ip: Option<std::net::IpAddr>, peer: String) {
+        let permit = match self.admission.admit(ip) {
+            Ok(p) => p,
+            Err(refusal) => {
+                tracing::warn!(peer = %peer, "nbd connection {refusal}");
+                return;
+            }
+        };
         tokio::spawn(async move {
+            let _permit = permit;
             if let Err(e) = self.serve_stream(stream).await {
                 tracing::warn!(peer = %peer, error = %catalog::Chain(&e), "nbd connection failed");
             }

@@ -273,14 +273,16 @@ impl Served {
             disks: Vec::new(),
             nbd: format!("{scheme}://{}:{}", plan.at.host, plan.at.port),
         };
-        let opts = ex.options(true).map_err(|e| failure::refused(e.message))?;
         for d in &m.disks {
             let name =
                 ExportName::new(&m.vm.name, &d.target, &m.id).map_err(|e| failure::restore(&e))?;
-            let export = RepoExport::open(&st.repo, &name, opts.clone())
+            let served_name = format!("sluice-instant-{job}/{}", d.target);
+            let opts = ex
+                .options(&served_name, true, None)
+                .map_err(|e| failure::refused(e.message))?;
+            let export = RepoExport::open(&st.repo, &name, opts)
                 .await
                 .map_err(|e| failure::restore(&e))?;
-            let served_name = format!("sluice-instant-{job}/{}", d.target);
             served
                 .server
                 .add_export(served_name.clone(), export.clone());
