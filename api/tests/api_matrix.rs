@@ -303,3 +303,28 @@ async fn mutating_calls_are_audited_with_who_and_result() {
     );
     assert_eq!(lines[1]["status"], 401);
 }
+
+/// A request refused before its token was checked (no such route) is logged without the
+/// token id its header claims: only an authenticated id is ever recorded.
+#[tokio::test]
+async fn a_claimed_token_id_is_never_recorded_for_an_unauthenticated_request() {
+    let a = api().await;
+    let admin_id = a.admin.split('_').nth(1).unwrap().to_string();
+    let claimed = format!("sluice_{admin_id}_{}", "00".repeat(32));
+    let (status, _) = call(
+        &a.app,
+        "POST",
+        "/api/v1/no-such-route",
+        Some(&claimed),
+        Some(b"{}".to_vec()),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let text = std::fs::read_to_string(a.dir.path().join("audit.log")).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(line["status"], 404, "{text}");
+    assert!(
+        line["token"].is_null(),
+        "the admin's id is claimed, never authenticated: {text}"
+    );
+}

@@ -448,3 +448,54 @@ fn a_raw_disk_is_read_in_full_and_the_qcow2_disk_stays_incremental() -> Result<(
     }
     Ok(())
 }
+
+/// A raw disk whose content is a forged qcow2 header naming a host file as its backing file
+/// (what a guest can write into its raw disk): the offline backup reads the disk as the raw
+/// image its definition names, byte for byte, and never the host file.
+#[test]
+fn an_offline_backup_of_a_raw_disk_with_a_forged_qcow2_header_stores_the_raw_bytes() -> Result<()> {
+    let vm = Arc::new(TestVm::boot(VmSpec::new("bk-forged").raw_image(8 * MIB))?);
+    vm.shutdown()?;
+    let image = vm.disk_path("vda")?.to_path_buf();
+    let secret = vm.scratch().join("host-secret");
+    std::fs::write(
+        &secret,
+        b"HOST SECRET that must never reach a backup\n".repeat(1000),
+    )?;
+    let header = vm.scratch().join("forged.qcow2");
+    let secret_s = secret.to_str().context("utf-8 path")?;
+    testbed::peers::run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            secret_s,
+            "-F",
+            "raw",
+            header.to_str().context("utf-8")?,
+            "8M",
+        ],
+    )?;
+    let forged = std::fs::read(&header)?;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&image)?;
+        f.write_all_at(&forged, 0)?;
+    }
+    let raw = std::fs::read(&image)?;
+    ensure!(raw.len() as u64 == 8 * MIB, "the raw image keeps its size");
+    let bed = Bed::with_vm(vm.clone())?;
+    let r = bed.backup()?;
+    let mut model = Model::new(&vm);
+    model.disk_mut("vda")?.copy_from_slice(&raw);
+    bed.check(&r.manifest, &model)?;
+    ensure!(
+        r.manifest.disks[0].size == 8 * MIB,
+        "the backup has the raw image's size, not the forged header's: {}",
+        r.manifest.disks[0].size
+    );
+    Ok(())
+}

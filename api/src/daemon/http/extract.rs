@@ -32,9 +32,13 @@ impl FromRequestParts<SharedState> for Caller {
         let token = token.trim().to_string();
         let state = state.clone();
         // argon2 verification is CPU work: keep it off the async workers.
-        tokio::task::spawn_blocking(move || state.tokens.authenticate(&token))
+        let caller = tokio::task::spawn_blocking(move || state.tokens.authenticate(&token))
             .await
-            .map_err(|e| ApiError::internal(format!("token check failed: {e}")))?
+            .map_err(|e| ApiError::internal(format!("token check failed: {e}")))??;
+        if let Some(seen) = parts.extensions.get::<super::audit::Authenticated>() {
+            seen.set(&caller.token_id);
+        }
+        Ok(caller)
     }
 }
 
