@@ -9,10 +9,9 @@
 use crate::backend::LockMode;
 use crate::bloom::Bloom;
 use crate::db::Location;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::format::blob;
 use crate::format::index;
-use crate::format::manifest::Manifest;
 use crate::format::pack::{PackBuilder, PackEntry};
 use crate::ids::{BackupId, PackId};
 use crate::repo::Repository;
@@ -66,8 +65,15 @@ pub struct GcReport {
     pub bytes_freed: u64,
 }
 
+/// A held backup (see `hold`) is kept whatever the policy says.
+fn keep_in_use(d: &mut Decision) {
+    d.keep = true;
+    d.reasons.push("in-use");
+}
+
 impl Repository {
-    /// Apply `policy` to each VM's backups (or only `vm_uuid`'s); remove what it drops.
+    /// Apply `policy` to each VM's backups (or only `vm_uuid`'s); remove what it drops. A
+    /// held backup is kept (reason `in-use`).
     pub fn prune(
         &self,
         vm_uuid: Option<&str>,
@@ -88,21 +94,21 @@ impl Repository {
         for cands in by_vm.values() {
             rep.decisions.extend(retention::apply(cands, policy));
         }
+        let held: Vec<BackupId> = self.held().into_iter().map(|(id, _)| id).collect();
+        for d in rep.decisions.iter_mut().filter(|d| held.contains(&d.id)) {
+            keep_in_use(d);
+        }
         if !dry_run {
-            for d in rep.decisions.iter().filter(|d| !d.keep) {
-                self.remove_backup(&d.id)?;
-                rep.removed.push(d.id.clone());
+            for d in rep.decisions.iter_mut().filter(|d| !d.keep) {
+                match self.remove_backup(&d.id) {
+                    Ok(()) => rep.removed.push(d.id.clone()),
+                    // Held since the decision (an instant recovery started): kept.
+                    Err(e) if e.kind() == ErrorKind::Conflict => keep_in_use(d),
+                    Err(e) => return Err(e),
+                }
             }
         }
         Ok(rep)
-    }
-
-    /// Delete one backup's manifest (its chunks become garbage for GC).
-    pub fn remove_backup(&self, id: &BackupId) -> Result<()> {
-        self.catalog().remove_backup(id)?;
-        self.inner.backend.delete(&Manifest::key(id))?;
-        tracing::info!(backup = %id, "backup removed");
-        Ok(())
     }
 
     /// Mark every blob committed backups reference; delete all-dead packs, repack

@@ -29,7 +29,9 @@
 //! | rebuild-catalog (shared) | yes³ | yes³ | yes | yes | waits / `Locked` | yes |
 //!
 //! 1. A reader of a backup that prune removes keeps its loaded index; once GC has run,
-//!    reads of its chunks fail with `NotFound` (never wrong data).
+//!    reads of its chunks fail with `NotFound` (never wrong data). A long-lived reader
+//!    therefore holds its backup ([`Repository::hold`]): prune keeps a held backup and
+//!    removing it is refused, so GC keeps every chunk it names.
 //! 2. GC only drops blobs no committed manifest references; a repacked blob moves, and a
 //!    read that finds its pack gone looks the location up again once.
 //! 3. While the catalog is rebuilt, lookups may miss: readers fail with `NotFound` and may
@@ -55,6 +57,7 @@ mod db;
 mod error;
 pub mod format;
 mod gc;
+mod hold;
 mod ids;
 mod lru;
 mod reader;
@@ -75,6 +78,7 @@ pub use format::manifest::{
     BackupMode, BackupStats, Consistency, DiskManifest, Manifest, VmIdentity, VmStateAtBackup,
 };
 pub use gc::{GcOptions, GcReport, PruneReport};
+pub use hold::BackupHold;
 pub use ids::{BackupId, ChunkDigest, PackId};
 pub use reader::DiskReader;
 pub use repo::{RebuildReport, RepoOptions, Repository};

@@ -53,6 +53,8 @@ pub(crate) struct Inner {
     pub(crate) config: RepoConfig,
     pub(crate) opts: RepoOptions,
     catalog: Mutex<Catalog>,
+    /// Backups held in this process (see `hold`).
+    pub(crate) holds: crate::hold::Holds,
 }
 
 /// A repository: cheap to clone, shareable between threads.
@@ -114,6 +116,7 @@ impl Repository {
                 config,
                 opts,
                 catalog: Mutex::new(catalog),
+                holds: crate::hold::Holds::default(),
             }),
         };
         repo.reconcile()?;

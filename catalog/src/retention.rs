@@ -49,7 +49,8 @@ pub struct Decision {
     pub id: BackupId,
     /// Keep or remove.
     pub keep: bool,
-    /// Rules that keep it (`last`, `hourly`, ..., `protected`, `no-policy`).
+    /// Rules that keep it (`last`, `hourly`, ..., `protected`, `no-policy`; prune adds
+    /// `in-use` for a held backup).
     pub reasons: Vec<&'static str>,
 }
 

@@ -218,3 +218,74 @@ fn gc_repack_that_rewrites_an_identical_pack_loses_nothing() {
     repo.rebuild_catalog().unwrap();
     check("after rebuild-catalog");
 }
+
+/// A held backup (a running instant recovery reads it): prune keeps it with reason
+/// `in-use`, removing it is refused naming the hold, and after the backups it shares chunks
+/// with are pruned and GC repacks everything, it still reads back exactly and verifies.
+/// Once the hold is dropped it is an ordinary backup again.
+#[test]
+fn a_held_backup_survives_prune_removal_and_gc() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_b, repo) = mem_repo(dir.path());
+    let d1 = noise(7, 12 * CS);
+    let m1 = backup(&repo, &[("vda", &d1)], None, None, 1).unwrap();
+    let mut d2 = d1.clone();
+    d2[2 * CS..4 * CS].copy_from_slice(&noise(8, 2 * CS));
+    let m2 = backup(&repo, &[("vda", &d2)], Some(&m1), Some(&[2, 3]), 2).unwrap();
+    let mut d3 = d2.clone();
+    d3[..CS].copy_from_slice(&noise(9, CS));
+    let m3 = backup(&repo, &[("vda", &d3)], Some(&m2), Some(&[0]), 3).unwrap();
+    let hold = repo.hold(&m2.id, "instant recovery job 7").unwrap();
+    assert_eq!(
+        repo.held(),
+        vec![(m2.id.clone(), "instant recovery job 7".to_string())]
+    );
+
+    let keep_last_1 = RetentionPolicy {
+        keep_last: 1,
+        ..Default::default()
+    };
+    let rep = repo.prune(None, &keep_last_1, false).unwrap();
+    assert_eq!(rep.removed, vec![m1.id.clone()]);
+    let held = rep.decisions.iter().find(|d| d.id == m2.id).unwrap();
+    assert!(held.keep && held.reasons == ["in-use"], "{held:?}");
+    let err = repo.remove_backup(&m2.id).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict);
+    assert!(err.to_string().contains("instant recovery job 7"), "{err}");
+    repo.remove_backup(&m3.id).unwrap();
+    let gc = repo
+        .gc(GcOptions {
+            repack_threshold: 0.0,
+            ..GcOptions::default()
+        })
+        .unwrap();
+    assert!(gc.packs_deleted + gc.packs_repacked > 0, "{gc:?}");
+    assert_eq!(read_all(&repo, &m2, "vda").unwrap(), d2);
+    assert!(repo.verify(VerifyMode::Full, None).unwrap().is_ok());
+
+    drop(hold);
+    assert!(repo.held().is_empty());
+    let rep = repo.prune(None, &keep_last_1, true).unwrap();
+    assert!(rep.decisions.iter().all(|d| d.keep), "the last one left");
+    repo.remove_backup(&m2.id).unwrap();
+    assert_eq!(
+        repo.hold(&m2.id, "late").unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+}
+
+#[test]
+fn holds_of_one_backup_count_and_name_each_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_b, repo) = mem_repo(dir.path());
+    let m = backup(&repo, &[("vda", &noise(3, 2 * CS))], None, None, 1).unwrap();
+    let one = repo.hold(&m.id, "job 1").unwrap();
+    let two = repo.hold(&m.id, "job 2").unwrap();
+    assert_eq!(repo.held()[0].1, "job 1, job 2");
+    drop(one);
+    assert_eq!(repo.held()[0].1, "job 2");
+    assert!(repo.remove_backup(&m.id).is_err());
+    drop(two);
+    assert!(repo.held().is_empty());
+    repo.remove_backup(&m.id).unwrap();
+}

@@ -65,4 +65,7 @@ fn operations_are_send(
     send(RepoExport::open(repo, name, ExportOptions::default()));
     send(crate::repo::call(|| Ok(())));
     send(crate::repo::latest_backup(repo, "uuid"));
+    send(lv.define_and_start(""));
+    send(lv.domain_state("vm"));
+    send(lv.end_instant_domain("vm", &[]));
 }

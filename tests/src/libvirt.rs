@@ -3,7 +3,8 @@
 //! Owns: making sure `virtlogd` and `libvirtd` run (started when absent, reused when present),
 //! the `/dev/kvm` permission fix that keeps `virsh define` fast, libvirtd's TLS set-up (the
 //! test bed's server certificate installed under `/etc/pki`, `listen_tls` on `127.0.0.1` in
-//! `libvirtd.conf`, the backup NBD TLS keys in `qemu.conf`, `libvirtd -l`), running `virsh`,
+//! `libvirtd.conf`, the backup NBD TLS keys in `qemu.conf`, QEMU's client certificate for
+//! NBD disks over TLS in `/etc/pki/libvirt-nbd`, `libvirtd -l`), running `virsh`,
 //! and finding QEMU processes by domain name. It does not own domains (see [`crate::vm`]) nor
 //! the PKI and the client side of TLS (see [`crate::remote`]).
 //!
@@ -215,6 +216,7 @@ fn configure_tls() -> Result<bool> {
     make_dir(Path::new("/etc/pki/CA"), 0o755, None)?;
     make_dir(Path::new("/etc/pki/libvirt/private"), 0o700, None)?;
     make_dir(Path::new(BACKUP_CERT_DIR), 0o750, Some(qemu_gid))?;
+    make_dir(Path::new(NBD_CLIENT_CERT_DIR), 0o750, Some(qemu_gid))?;
     let mut changed = false;
     for (from, to, mode, gid) in installed_files(&pki, qemu_gid) {
         changed |= install(from, Path::new(to), mode, gid)?;
@@ -225,11 +227,13 @@ fn configure_tls() -> Result<bool> {
     Ok(changed)
 }
 
-/// (source, destination, mode, group) of every PKI file libvirtd and QEMU read.
+/// (source, destination, mode, group) of every PKI file libvirtd and QEMU read: libvirtd's
+/// server half, QEMU's backup NBD server half, and QEMU's NBD client half (for disks on an
+/// NBD export over TLS: instant recovery from Sluice's NBD server).
 fn installed_files(
     pki: &crate::remote::ServerPki,
     qemu_gid: u32,
-) -> [(&Path, &'static str, u32, Option<u32>); 6] {
+) -> [(&Path, &'static str, u32, Option<u32>); 9] {
     let q = Some(qemu_gid);
     [
         (&pki.ca_cert, "/etc/pki/CA/cacert.pem", 0o644, None),
@@ -263,6 +267,19 @@ fn installed_files(
             0o640,
             q,
         ),
+        (&pki.ca_cert, "/etc/pki/libvirt-nbd/ca-cert.pem", 0o640, q),
+        (
+            &pki.client_cert,
+            "/etc/pki/libvirt-nbd/client-cert.pem",
+            0o640,
+            q,
+        ),
+        (
+            &pki.client_key,
+            "/etc/pki/libvirt-nbd/client-key.pem",
+            0o640,
+            q,
+        ),
     ]
 }
 
@@ -286,6 +303,11 @@ const CONF_BLOCKS: [ConfBlock; 2] = [
     ConfBlock {
         path: "/etc/libvirt/qemu.conf",
         title: "pull-mode backup exports over NBD with TLS",
+        // No key for NBD disks over TLS (instant recovery): libvirt takes
+        // `/etc/pki/libvirt-nbd` as `nbd_tls_x509_cert_dir` when that directory exists at
+        // its start, and `nbd_tls` stays off (only disks with `tls='yes'` use TLS). Leaving
+        // this block as it was keeps test beds of older checkouts from rewriting it (and
+        // restarting libvirtd) back and forth.
         settings: &[
             ("backup_tls_x509_cert_dir", "\"/etc/pki/libvirt-backup\""),
             ("backup_tls_x509_verify", "1"),
@@ -295,6 +317,12 @@ const CONF_BLOCKS: [ConfBlock; 2] = [
 
 /// QEMU's server certificate for backup exports (`backup_tls_x509_cert_dir`).
 const BACKUP_CERT_DIR: &str = "/etc/pki/libvirt-backup";
+
+/// QEMU's client certificate for NBD disks over TLS: `ca-cert.pem` (the test bed's CA, which
+/// signed the NBD server's certificate), `client-cert.pem`, `client-key.pem`. libvirt's
+/// default `nbd_tls_x509_cert_dir` when it exists as libvirtd starts (a libvirtd already
+/// running when the files are first installed is restarted once, like any change here).
+const NBD_CLIENT_CERT_DIR: &str = "/etc/pki/libvirt-nbd";
 
 /// `mkdir -p`, then mode and (when given) group.
 fn make_dir(path: &Path, mode: u32, gid: Option<u32>) -> Result<()> {

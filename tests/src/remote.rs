@@ -18,6 +18,7 @@
 //! | server certificate and key (root only), CA copy | `TLS_DIR/server/{server-cert,server-key,ca-cert}.pem` |
 //! | libvirt client (`?pkipath=`) | `TLS_DIR/libvirt-client/{cacert,clientcert,clientkey}.pem` |
 //! | NBD client (libnbd `tls-certificates=`) | `TLS_DIR/nbd-client/{ca-cert,client-cert,client-key}.pem` |
+//! | Sluice's NBD server (an isolated daemon's `nbd_cert`, `nbd_key`) | `TESTBED_DIR/nbd-server/{server-cert,server-key}.pem` |
 //! | the isolated user's home and data directories | `TESTBED_DIR/home/USER`, `TESTBED_DIR/isolated/` |
 //!
 //! The client directories belong to [`ISOLATED_USER`] (mode 0750, keys 0600, certificates
@@ -131,7 +132,45 @@ impl TlsHost {
     pub fn virsh<S: AsRef<str>>(&self, args: &[S]) -> Result<String> {
         virsh_at(&self.uri(), args)
     }
+
+    /// The certificate and key of Sluice's own NBD server for an isolated daemon
+    /// (`nbd_cert`, `nbd_key`): the test bed's server certificate (for `127.0.0.1` and
+    /// `localhost`, signed by the test bed's CA, which QEMU's NBD client directory
+    /// `/etc/pki/libvirt-nbd` trusts), copied once into [`NBD_SERVER_DIR`] for
+    /// [`ISOLATED_USER`] (key 0600). Its client CA (`nbd_client_ca`) is [`TlsHost::ca_cert`]:
+    /// QEMU presents the test bed's client certificate.
+    pub fn sluice_nbd_identity(&self) -> Result<(PathBuf, PathBuf)> {
+        let dir = Path::new(NBD_SERVER_DIR);
+        let (cert, key) = (dir.join("server-cert.pem"), dir.join("server-key.pem"));
+        if cert.is_file() && key.is_file() {
+            return Ok((cert, key));
+        }
+        let iso = Isolated::ensure()?;
+        let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
+        make_dir(&tmp, 0o750, Some(&iso))?;
+        let server = Path::new(TLS_DIR).join("server");
+        copy_file(
+            &server.join("server-cert.pem"),
+            &tmp.join("server-cert.pem"),
+            0o640,
+            Some(&iso),
+        )?;
+        copy_file(
+            &server.join("server-key.pem"),
+            &tmp.join("server-key.pem"),
+            0o600,
+            Some(&iso),
+        )?;
+        // Another test process may have made it meanwhile: then its copy serves.
+        if fs::rename(&tmp, dir).is_err() {
+            fs::remove_dir_all(&tmp)?;
+        }
+        Ok((cert, key))
+    }
 }
+
+/// Where [`TlsHost::sluice_nbd_identity`] keeps the isolated daemon's NBD server identity.
+pub const NBD_SERVER_DIR: &str = "/var/tmp/sluice-testbed/nbd-server";
 
 /// A loopback TCP port nobody listens on now (bound and released), for a backup export.
 pub fn free_port() -> Result<u16> {
@@ -297,6 +336,9 @@ pub(crate) struct ServerPki {
     pub ca_cert: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
+    /// QEMU's client certificate and key for NBD disks over TLS (root only).
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
 }
 
 /// The PKI under [`TLS_DIR`], made when absent. The caller holds the libvirt start lock, so
@@ -311,6 +353,8 @@ pub(crate) fn server_pki() -> Result<ServerPki> {
         ca_cert: server.join("ca-cert.pem"),
         server_cert: server.join("server-cert.pem"),
         server_key: server.join("server-key.pem"),
+        client_cert: tls.join("ca").join("client-cert.pem"),
+        client_key: tls.join("ca").join("client-key.pem"),
     })
 }
 

@@ -121,6 +121,16 @@ pub struct Config {
     /// CA of the client certificates the NBD server demands; required for a non-loopback
     /// `nbd_listen`.
     pub nbd_client_ca: Option<PathBuf>,
+    /// The NBD server's certificate (PEM, with its chain), signed by a CA the hypervisors
+    /// trust (their `nbd_tls_x509_cert_dir/ca-cert.pem`), for the name in `nbd_advertise`.
+    /// Default: one made under the data directory (`nbd-tls-server/`).
+    pub nbd_cert: Option<PathBuf>,
+    /// Its private key (PEM), readable by the service only (mode 0600 or 0400).
+    pub nbd_key: Option<PathBuf>,
+    /// The host name or address QEMU on a hypervisor dials to reach the NBD server for an
+    /// instant recovery (the server certificate must carry it); the port is `nbd_listen`'s.
+    /// Default: `nbd_listen`'s address (none if it is unspecified, `0.0.0.0` or `::`).
+    pub nbd_advertise: Option<String>,
 }
 
 impl Default for Config {
@@ -140,6 +150,9 @@ impl Default for Config {
             restore_dirs: Vec::new(),
             nbd_tls: true,
             nbd_client_ca: None,
+            nbd_cert: None,
+            nbd_key: None,
+            nbd_advertise: None,
         }
     }
 }
@@ -199,7 +212,57 @@ impl Config {
                 ));
             }
         }
+        if let Err((key, why)) = self.check_nbd() {
+            errors.push(at(text, key_span(text, key), why));
+        }
         errors
+    }
+
+    /// `nbd_cert` and `nbd_key` come together, with `nbd_tls`, as absolute paths, the key
+    /// only the service's; `nbd_advertise` is a host name or address. On failure, the key
+    /// at fault and why.
+    fn check_nbd(&self) -> Result<(), (&'static str, String)> {
+        match (&self.nbd_cert, &self.nbd_key) {
+            (None, None) => {}
+            (Some(cert), Some(key)) => {
+                if !self.nbd_tls {
+                    return Err((
+                        "nbd_cert",
+                        "nbd_cert and nbd_key need nbd_tls = true".into(),
+                    ));
+                }
+                absolute("nbd_cert", cert).map_err(|e| ("nbd_cert", e))?;
+                absolute("nbd_key", key).map_err(|e| ("nbd_key", e))?;
+                owner_only("nbd_key", key).map_err(|e| ("nbd_key", e))?;
+            }
+            (Some(_), None) | (None, Some(_)) => {
+                return Err((
+                    "nbd_cert",
+                    "give nbd_cert and nbd_key together: the NBD server's certificate and its key"
+                        .into(),
+                ))
+            }
+        }
+        if let Some(host) = &self.nbd_advertise {
+            let bad = |c: char| c.is_control() || c.is_whitespace() || "/?#@'\"<>".contains(c);
+            if host.is_empty() || host.chars().any(bad) {
+                return Err((
+                    "nbd_advertise",
+                    format!("nbd_advertise {host:?} is not a host name or address"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// What QEMU on a hypervisor dials to reach the NBD server bound at `bound`:
+    /// `nbd_advertise`, else the bound address unless it is unspecified.
+    pub fn nbd_advertised(&self, bound: SocketAddr) -> Option<String> {
+        match &self.nbd_advertise {
+            Some(h) => Some(h.clone()),
+            None if bound.ip().is_unspecified() => None,
+            None => Some(bound.ip().to_string()),
+        }
     }
 
     /// The hypervisors of this cluster, as the registry takes them.
@@ -231,6 +294,22 @@ impl Config {
             .clone()
             .unwrap_or_else(|| self.data_dir.join("repo"))
     }
+}
+
+/// Where the top-level setting `key` is written in `text` (its line), if it is.
+fn key_span(text: &str, key: &str) -> Option<std::ops::Range<usize>> {
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim_start();
+        if t.strip_prefix(key)
+            .is_some_and(|rest| rest.trim_start().starts_with('='))
+        {
+            let start = offset + (line.len() - t.len());
+            return Some(start..start + key.len());
+        }
+        offset += line.len();
+    }
+    None
 }
 
 /// The registry's view of a checked entry.
@@ -502,6 +581,48 @@ mod tests {
             .replace("qemu+tls://kvm1.example/system", "qemu:///system");
         let e = Config::parse(&local).unwrap_err();
         assert!(e[0].message.contains("remote libvirt_uri"), "{e:?}");
+    }
+
+    #[test]
+    fn the_nbd_server_identity_and_advertised_name_are_checked() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("nbd-key.pem");
+        std::fs::write(&key, "x").unwrap();
+        let with = |mode: u32, extra: &str| {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+            let text = format!(
+                "max_jobs = 2\nnbd_cert = \"{d}/nbd-cert.pem\"\nnbd_key = \"{k}\"\n{extra}",
+                d = dir.path().display(),
+                k = key.display()
+            );
+            Config::parse(&text)
+        };
+        let c = with(0o600, "nbd_advertise = \"proxy.example\"\n").expect("parses");
+        let bound: std::net::SocketAddr = "0.0.0.0:10809".parse().unwrap();
+        assert_eq!(c.nbd_advertised(bound).as_deref(), Some("proxy.example"));
+        let open = with(0o644, "").unwrap_err();
+        assert!(
+            open[0].message.contains("nbd_key") && open[0].message.contains("readable by others"),
+            "{open:?}"
+        );
+        assert_eq!(open[0].line, 3, "{open:?}");
+        let plain = with(0o600, "nbd_tls = false\n").unwrap_err();
+        assert!(plain[0].message.contains("need nbd_tls"), "{plain:?}");
+        let bad = with(0o600, "nbd_advertise = \"a b\"\n").unwrap_err();
+        assert!(bad[0].message.contains("not a host name"), "{bad:?}");
+        assert_eq!(bad[0].line, 4, "{bad:?}");
+        let alone = Config::parse("nbd_key = \"/k.pem\"\n").unwrap_err();
+        assert!(alone[0].message.contains("together"), "{alone:?}");
+
+        let d = Config::default();
+        assert_eq!(
+            d.nbd_advertised(bound),
+            None,
+            "unspecified: nothing to advertise"
+        );
+        let lo: std::net::SocketAddr = "127.0.0.1:10809".parse().unwrap();
+        assert_eq!(d.nbd_advertised(lo).as_deref(), Some("127.0.0.1"));
     }
 
     /// A `[[hypervisors]]` entry for `uri` with `ssh_key` and `ssh_known_hosts` files made in

@@ -130,23 +130,61 @@ impl Exports {
 /// The NBD server's TLS material under `<data_dir>`, made on first use: a CA certificate
 /// for clients in `nbd-tls/ca-cert.pem` (the directory libnbd's `tls-certificates=` and QEMU's
 /// `tls-creds-x509 dir=` take) and the server's certificate and key, signed by that CA, in
-/// `nbd-tls-server/` (key 0600). The CA key is not kept: delete both directories to rotate.
-/// QEMU insists on a CA certificate with basic constraints, so the API's self-signed
-/// certificate cannot serve here.
-pub fn nbd_tls_material(data: &FsPath, ip: IpAddr) -> anyhow::Result<(Identity, PathBuf)> {
+/// `nbd-tls-server/` (key 0600), for `localhost`, `127.0.0.1`, `ip` and `advertise` (the name
+/// hypervisors dial for an instant recovery; the names are kept in `nbd-tls-server/names`,
+/// and a start whose names differ says so). The CA key is not kept: delete both directories
+/// to rotate. QEMU insists on a CA certificate with basic constraints, so the API's
+/// self-signed certificate cannot serve here.
+pub fn nbd_tls_material(
+    data: &FsPath,
+    ip: IpAddr,
+    advertise: Option<&str>,
+) -> anyhow::Result<(Identity, PathBuf)> {
     let client_dir = data.join("nbd-tls");
     let server_dir = data.join("nbd-tls-server");
     let identity = Identity {
         cert_file: server_dir.join("server-cert.pem"),
         key_file: server_dir.join("server-key.pem"),
     };
+    let names = cert_names(ip, advertise);
     if !identity.cert_file.exists() || !client_dir.join("ca-cert.pem").exists() {
-        make_nbd_certs(&client_dir, &server_dir, ip)?;
+        make_nbd_certs(&client_dir, &server_dir, &names)?;
+        std::fs::write(server_dir.join("names"), names.join("\n"))?;
+    } else if let Ok(made) = std::fs::read_to_string(server_dir.join("names")) {
+        let made: Vec<&str> = made.lines().collect();
+        if let Some(missing) = names.iter().find(|n| !made.contains(&n.as_str())) {
+            let msg = format!(
+                "the NBD server certificate in {} does not name {missing} (it names {}): \
+                 delete {} and {} to make new ones (and give hypervisors the new CA), or set nbd_cert and nbd_key",
+                server_dir.display(),
+                made.join(", "),
+                server_dir.display(),
+                client_dir.display()
+            );
+            tracing::warn!("{msg}");
+            eprintln!("warning: {msg}");
+        }
     }
     Ok((identity, client_dir))
 }
 
-fn make_nbd_certs(client_dir: &FsPath, server_dir: &FsPath, ip: IpAddr) -> anyhow::Result<()> {
+/// The names the made NBD server certificate carries.
+fn cert_names(ip: IpAddr, advertise: Option<&str>) -> Vec<String> {
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    if !ip.is_loopback() && !ip.is_unspecified() {
+        names.push(ip.to_string());
+    }
+    if let Some(a) = advertise.filter(|a| !names.iter().any(|n| n == a)) {
+        names.push(a.to_string());
+    }
+    names
+}
+
+fn make_nbd_certs(
+    client_dir: &FsPath,
+    server_dir: &FsPath,
+    names: &[String],
+) -> anyhow::Result<()> {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
     let ca_key = KeyPair::generate()?;
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
@@ -156,12 +194,8 @@ fn make_nbd_certs(client_dir: &FsPath, server_dir: &FsPath, ip: IpAddr) -> anyho
         .push(rcgen::DnType::CommonName, "sluice nbd ca");
     let ca_cert = ca.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca, ca_key);
-    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-    if !ip.is_loopback() && !ip.is_unspecified() {
-        names.push(ip.to_string());
-    }
     let key = KeyPair::generate()?;
-    let mut params = CertificateParams::new(names)?;
+    let mut params = CertificateParams::new(names.to_vec())?;
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, "sluice nbd server");

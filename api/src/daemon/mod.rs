@@ -12,6 +12,7 @@ pub mod error;
 pub mod exports;
 pub mod http;
 pub mod hypervisors;
+pub mod instant;
 pub mod jobs;
 pub mod lock;
 pub mod names;

@@ -97,7 +97,14 @@ async fn build_state(cfg: &Config, work: PathBuf) -> anyhow::Result<AppState> {
     let state = AppState::new(repo, hypervisors, tokens, work, cfg.max_jobs).with_audit(audit);
     let state = state.with_restore_dirs(restore_dirs(cfg)?);
     let state = match cfg.nbd_listen {
-        Some(addr) => state.with_exports(start_nbd(cfg, addr).await?),
+        Some(addr) => {
+            let (exports, advertised) = start_nbd(cfg, addr).await?;
+            let state = state.with_exports(exports);
+            match advertised {
+                Some(at) => state.with_instant_address(at),
+                None => state,
+            }
+        }
         None => state,
     };
     let policies =
@@ -189,7 +196,9 @@ impl Leftovers {
 ///   ended and its job directory removed. A hypervisor that does not answer is
 ///   left alone, with its job directory: the next backup of that VM ends the job first.
 /// - a restore: its staging directory beside the target (partial files) and its socket
-///   directory are removed, and the `qemu-nbd` writing a VM's disk from there ended.
+///   directory are removed, and the `qemu-nbd` writing a VM's disk from there ended; an
+///   instant recovery's domain (whose exports died with the daemon) is destroyed and
+///   undefined on its hypervisor.
 ///
 /// Then job directories no interrupted job claimed (unless a hypervisor did not answer),
 /// restore socket directories and export overlays of the earlier run are removed.
@@ -199,6 +208,9 @@ async fn clean_up_after_restart(st: Arc<AppState>, left: Leftovers) {
     for job in st.jobs.interrupted() {
         let outcome = match job.kind {
             JobKind::Backup => end_backup(&st, &job, &mut dirs).await,
+            JobKind::Restore if job.mode == JobMode::Instant => {
+                crate::daemon::ops::restore::instant::clean_after_restart(&st, &job).await
+            }
             JobKind::Restore => Ok(clean_restore(&st, &job, &left.restore_dirs).await),
         };
         let note = match outcome {
@@ -430,17 +442,37 @@ fn stale_staging(dir: &Path, job: u64) -> Vec<PathBuf> {
         .collect()
 }
 
-async fn start_nbd(cfg: &Config, addr: std::net::SocketAddr) -> anyhow::Result<Exports> {
+/// Starts the NBD server on `addr`: its exports, and the address QEMU on a hypervisor dials
+/// for an instant recovery (none without `nbd_advertise` when `addr` is unspecified).
+async fn start_nbd(
+    cfg: &Config,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<(Exports, Option<proxy::restore::NbdAddress>)> {
     let private = cfg.nbd_tls && cfg.nbd_client_ca.is_some();
     if !(addr.ip().is_loopback() || private) {
         bail!("nbd_listen {addr}: a non-loopback NBD server needs nbd_tls and nbd_client_ca (client certificates)");
     }
-    let (tls, client_dir) = if cfg.nbd_tls {
-        let (identity, dir) = crate::daemon::exports::nbd_tls_material(&cfg.data_dir, addr.ip())?;
-        let tls = ServerTls::new(&identity, cfg.nbd_client_ca.as_deref())?;
-        (Some(tls), Some(dir))
-    } else {
-        (None, None)
+    let advertise = cfg.nbd_advertised(addr);
+    let (tls, client_dir) = match (cfg.nbd_tls, &cfg.nbd_cert, &cfg.nbd_key) {
+        (false, _, _) => (None, None),
+        (true, Some(cert), Some(key)) => {
+            let identity = proxy::nbd::Identity {
+                cert_file: cert.clone(),
+                key_file: key.clone(),
+            };
+            let tls = ServerTls::new(&identity, cfg.nbd_client_ca.as_deref())
+                .with_context(|| format!("nbd_cert {} and nbd_key", cert.display()))?;
+            (Some(tls), None)
+        }
+        (true, _, _) => {
+            let (identity, dir) = crate::daemon::exports::nbd_tls_material(
+                &cfg.data_dir,
+                addr.ip(),
+                advertise.as_deref(),
+            )?;
+            let tls = ServerTls::new(&identity, cfg.nbd_client_ca.as_deref())?;
+            (Some(tls), Some(dir))
+        }
     };
     let server = Server::new(ServerOptions {
         tls_required: tls.is_some(),
@@ -462,10 +494,18 @@ async fn start_nbd(cfg: &Config, addr: std::net::SocketAddr) -> anyhow::Result<E
     let scheme = if cfg.nbd_tls { "nbds" } else { "nbd" };
     println!("nbd exports on {scheme}://{bound}");
     let ex = Exports::new(server, format!("{scheme}://{bound}")).with_overlay_dir(overlays);
-    Ok(match client_dir {
+    let ex = match client_dir {
         Some(dir) => ex.with_tls_certificates(dir),
         None => ex,
-    })
+    };
+    let at = cfg
+        .nbd_advertised(bound)
+        .map(|host| proxy::restore::NbdAddress {
+            host,
+            port: bound.port(),
+            tls: cfg.nbd_tls,
+        });
+    Ok((ex, at))
 }
 
 /// The configured restore directories; the default one is created.

@@ -12,6 +12,7 @@ use crate::daemon::auth::TokenStore;
 use crate::daemon::error::{ApiError, ApiResult};
 use crate::daemon::exports::Exports;
 use crate::daemon::hypervisors::Hypervisors;
+use crate::daemon::instant::InstantRecoveries;
 use crate::daemon::jobs::Jobs;
 use crate::daemon::schedule::policy::PolicyStore;
 
@@ -34,6 +35,8 @@ pub struct AppState {
     pub policies: PolicyStore,
     /// Paces the reads of every backup job together (none: unlimited).
     pub read_limit: Option<Arc<proxy::job::RateLimit>>,
+    /// Running instant recoveries, and the NBD address hypervisors dial for them.
+    pub instant: InstantRecoveries,
 }
 
 impl std::fmt::Debug for AppState {
@@ -67,7 +70,14 @@ impl AppState {
             restore_dirs: Vec::new(),
             policies: PolicyStore::in_memory(),
             read_limit: None,
+            instant: InstantRecoveries::default(),
         }
+    }
+
+    /// Instant recoveries are served at `at` (what QEMU on a hypervisor dials).
+    pub fn with_instant_address(mut self, at: proxy::restore::NbdAddress) -> Self {
+        self.instant.at = Some(at);
+        self
     }
 
     /// Records mutating calls in `log`.

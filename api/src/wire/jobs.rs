@@ -38,6 +38,8 @@ pub enum JobMode {
     AsDomain,
     /// Restore: back onto the VM's own disks.
     OntoVm,
+    /// Restore: a new domain running straight from the repository (instant recovery).
+    Instant,
 }
 
 /// What to do about a job that did not succeed (the library's error kind, kept through
@@ -95,7 +97,7 @@ impl JobKind {
 }
 
 impl JobMode {
-    /// The wire name (`auto`, `full`, `to-file`, `as-domain`, `onto-vm`).
+    /// The wire name (`auto`, `full`, `to-file`, `as-domain`, `onto-vm`, `instant`).
     pub fn as_str(self) -> &'static str {
         match self {
             JobMode::Auto => "auto",
@@ -103,6 +105,7 @@ impl JobMode {
             JobMode::ToFile => "to-file",
             JobMode::AsDomain => "as-domain",
             JobMode::OntoVm => "onto-vm",
+            JobMode::Instant => "instant",
         }
     }
 }
@@ -183,6 +186,9 @@ pub struct JobInfo {
     #[serde(default)]
     pub hypervisor: Option<String>,
     pub progress: JobProgress,
+    /// An instant recovery (mode `instant`): its domain, exports and state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instant: Option<crate::wire::instant::InstantInfo>,
 }
 
 impl JobState {

@@ -9,6 +9,7 @@ pub mod display;
 pub mod error;
 pub mod exports;
 pub mod hypervisors;
+pub mod instant;
 pub mod jobs;
 pub mod meta;
 pub mod policy;

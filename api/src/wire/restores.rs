@@ -12,7 +12,8 @@ pub enum RestoreFormat {
     Raw,
 }
 
-/// Body of a restore request: exactly one of `to` (one disk to a file) and `as_domain`.
+/// Body of a restore request: exactly one of `to` (one disk to a file), `as_domain` (a new
+/// domain), `onto_vm` and `instant`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestoreRequest {
@@ -40,4 +41,10 @@ pub struct RestoreRequest {
     /// writes to. Default: the hypervisor of the backed-up VM (found by its uuid), or the
     /// only libvirt hypervisor. A QMP hypervisor is refused.
     pub hypervisor: Option<String>,
+    /// Instant recovery: define a new domain (`as_domain`, default `VM-instant`) on
+    /// `hypervisor` whose disks are writable NBD exports of the backup, and start it at once;
+    /// the job runs until cancelled (which destroys and undefines the domain and discards
+    /// its writes).
+    #[serde(default)]
+    pub instant: bool,
 }

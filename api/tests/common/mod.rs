@@ -77,7 +77,12 @@ pub async fn api_with(specs: Vec<HvSpec>) -> Api {
                     "nbd://127.0.0.1:1".into(),
                 )
                 .with_overlay_dir(overlays),
-            ),
+            )
+            .with_instant_address(proxy::restore::NbdAddress {
+                host: "127.0.0.1".into(),
+                port: 1,
+                tls: true,
+            }),
     );
     Api {
         app: app(state.clone()),

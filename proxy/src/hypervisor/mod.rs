@@ -17,6 +17,7 @@ pub mod offline;
 pub mod qmp;
 mod session;
 pub mod xml;
+pub mod xml_instant;
 pub mod xml_restore;
 
 use std::future::Future;

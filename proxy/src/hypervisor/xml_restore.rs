@@ -55,7 +55,7 @@ pub fn copy_domain_xml(domain_xml: &str, new_name: &str, disks: &[CopyDisk]) -> 
 }
 
 /// Character devices whose `<source path=…>` names a host file or socket.
-const CHARDEVS: [&str; 4] = ["serial", "console", "channel", "parallel"];
+pub(super) const CHARDEVS: [&str; 4] = ["serial", "console", "channel", "parallel"];
 
 /// `domain_xml` with the `<source path>` of every `unix` or `file` serial, console, channel
 /// and parallel device moved into `dir` (same file name; `.2`, `.3`… appended when two
@@ -91,7 +91,7 @@ pub fn relocate_chardevs(domain_xml: &str, dir: &Path) -> Result<String> {
     Ok(apply(domain_xml, edits))
 }
 
-fn parse<'x>(what: &str, xml: &'x str) -> Result<Document<'x>> {
+pub(super) fn parse<'x>(what: &str, xml: &'x str) -> Result<Document<'x>> {
     Document::parse(xml).map_err(|e| invalid(format!("{what} does not parse")).with_source(e))
 }
 
@@ -175,7 +175,7 @@ fn disk_edits(disk: Node, to: &CopyDisk, edits: &mut Vec<(Range<usize>, String)>
 }
 
 /// Applies non-overlapping `(range, replacement)` edits to `text`.
-fn apply(text: &str, mut edits: Vec<(Range<usize>, String)>) -> String {
+pub(super) fn apply(text: &str, mut edits: Vec<(Range<usize>, String)>) -> String {
     edits.sort_by_key(|(r, _)| std::cmp::Reverse(r.start));
     let mut out = text.to_string();
     for (r, with) in edits {
@@ -184,11 +184,11 @@ fn apply(text: &str, mut edits: Vec<(Range<usize>, String)>) -> String {
     out
 }
 
-fn child<'a, 'i>(node: Node<'a, 'i>, name: &str) -> Option<Node<'a, 'i>> {
+pub(super) fn child<'a, 'i>(node: Node<'a, 'i>, name: &str) -> Option<Node<'a, 'i>> {
     node.children().find(|c| c.has_tag_name(name))
 }
 
-fn invalid(message: String) -> Error {
+pub(super) fn invalid(message: String) -> Error {
     Error::new(ErrorKind::InvalidInput, message)
 }
 

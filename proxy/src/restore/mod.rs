@@ -8,6 +8,8 @@
 //!   sparse; the only writer of that progress.
 //! - [`domain`]: the rules of a restore as a new domain (name, one restored file per disk);
 //!   the XML rewrite itself is `crate::hypervisor::xml_restore`'s.
+//! - [`instant`]: instant recovery: the rules of a new domain booted straight from writable
+//!   exports of a backup's disks (the XML is `crate::hypervisor::xml_instant`'s).
 //! - [`onto`]: a backup written back onto an existing, shut-off VM's disks (only the chunks
 //!   that can differ when the image's checkpoint bitmap allows).
 //!
@@ -22,6 +24,7 @@ pub mod domain;
 mod error;
 pub mod export;
 pub mod file;
+pub mod instant;
 pub mod name;
 pub mod onto;
 mod overlay;
@@ -34,6 +37,7 @@ pub use file::{
     restore_disk, restore_disk_with, restore_disks_with, restore_to_file, FileRestoreControl,
     ImageFormat, RestoreReport,
 };
+pub use instant::{instant_domain, InstantDisk, NbdAddress};
 pub use name::ExportName;
 pub use onto::{restore_onto_vm, DiskOntoReport, OntoPath, OntoVmOptions, OntoVmReport};
 pub use overlay::OVERLAY_BLOCK;

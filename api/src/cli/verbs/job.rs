@@ -4,7 +4,7 @@ use clap::Subcommand;
 
 use crate::cli::client::Client;
 use crate::cli::table::{or_dash, show, size, when};
-use crate::wire::jobs::JobInfo;
+use crate::wire::jobs::{JobInfo, JobState};
 
 #[derive(Subcommand, Debug)]
 pub enum JobCmd {
@@ -13,7 +13,15 @@ pub enum JobCmd {
     /// One job with its progress.
     Show { id: u64 },
     /// Ask a job to stop (it ends as `cancelled` once it has released its resources).
-    Cancel { id: u64 },
+    ///
+    /// An instant recovery's domain is destroyed and undefined and the guest's writes since
+    /// it booted are discarded: refused without --discard-writes.
+    Cancel {
+        id: u64,
+        /// Confirm that cancelling a running instant recovery discards its guest's writes.
+        #[arg(long)]
+        discard_writes: bool,
+    },
 }
 
 /// Runs a `job` verb.
@@ -27,7 +35,22 @@ pub async fn run(c: &Client, cmd: JobCmd, as_json: bool) -> anyhow::Result<i32> 
             let v = c.get::<JobInfo>(&format!("/jobs/{id}")).await?;
             show(&v, as_json, detail);
         }
-        JobCmd::Cancel { id } => {
+        JobCmd::Cancel { id, discard_writes } => {
+            if !discard_writes {
+                let j = c.get::<JobInfo>(&format!("/jobs/{id}")).await?;
+                if let Some(i) = j
+                    .body
+                    .instant
+                    .as_ref()
+                    .filter(|_| is_running_instant(&j.body))
+                {
+                    eprintln!(
+                        "job {id} is an instant recovery: cancelling it destroys and undefines domain {} on hypervisor {} and discards the guest's writes since it booted; add --discard-writes to go ahead",
+                        i.domain, i.hypervisor
+                    );
+                    return Ok(2);
+                }
+            }
             let v = c
                 .ask::<JobInfo>("POST", &format!("/jobs/{id}/cancel"), None)
                 .await?;
@@ -53,8 +76,24 @@ fn table(list: &[JobInfo]) {
             j.state.to_string(),
             j.mode.to_string(),
             size(j.progress.bytes_done),
-            or_dash(j.message.as_ref())
+            message(j)
         );
+    }
+}
+
+/// The message column: the outcome, or what a running instant recovery runs.
+fn message(j: &JobInfo) -> String {
+    match (&j.instant, j.message.as_ref()) {
+        (_, Some(m)) => m.clone(),
+        (Some(i), None) => format!(
+            "instant {}: domain {} on {} from backup {} ({} written)",
+            i.state,
+            i.domain,
+            i.hypervisor,
+            i.backup,
+            size(i.disks.iter().map(|d| d.written).sum())
+        ),
+        (None, None) => "-".into(),
     }
 }
 
@@ -86,6 +125,26 @@ fn detail(j: &JobInfo) {
         size(p.read_rate as u64)
     );
     println!("backup      {}", or_dash(j.backup_id.as_ref()));
+    if let Some(i) = &j.instant {
+        println!(
+            "instant     {}: domain {} ({}) on hypervisor {}, from backup {}, at {}",
+            i.state,
+            i.domain,
+            or_dash(i.domain_state.as_ref()),
+            i.hypervisor,
+            i.backup,
+            i.nbd
+        );
+        for d in &i.disks {
+            println!(
+                "  {:<8}  export {} ({}), {} written",
+                d.target,
+                d.export,
+                size(d.size),
+                size(d.written)
+            );
+        }
+    }
     println!("message     {}", or_dash(j.message.as_ref()));
     if let Some(e) = &j.error {
         println!("error       {} ({})", e.kind, what_to_do(e.kind));
@@ -104,4 +163,9 @@ pub(crate) fn what_to_do(kind: crate::wire::jobs::ErrorKind) -> &'static str {
         K::Cancelled => "cancelled; nothing was committed",
         K::Failed => "see the message",
     }
+}
+
+/// Whether `j` is an instant recovery whose domain may still run from the repository.
+fn is_running_instant(j: &JobInfo) -> bool {
+    j.instant.is_some() && j.state != JobState::Queued && !j.state.is_final()
 }

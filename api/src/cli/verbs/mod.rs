@@ -5,6 +5,7 @@
 pub mod backup;
 pub mod export;
 pub mod hypervisor;
+pub mod instant;
 pub mod job;
 pub mod lookup;
 pub mod policy;

@@ -34,6 +34,10 @@ pub struct RestoreArgs {
     /// Write the backup back onto its own (shut-off) VM's disks; needs --confirm.
     #[arg(long, conflicts_with_all = ["to", "as_domain"])]
     pub onto_vm: bool,
+    /// Instant recovery: run the backup at once as a new domain (--as-domain, default
+    /// VM-instant) straight from the repository; returns once it runs.
+    #[arg(long, conflicts_with_all = ["to", "onto_vm", "disk", "format"])]
+    pub instant: bool,
     /// Confirm that --onto-vm overwrites the VM's disks.
     #[arg(long)]
     pub confirm: bool,
@@ -76,7 +80,11 @@ pub async fn run(c: &Client, a: RestoreArgs, as_json: bool) -> anyhow::Result<i3
         onto_vm: a.onto_vm,
         confirm: a.confirm,
         hypervisor: a.hypervisor,
+        instant: a.instant,
     };
+    if req.instant {
+        return crate::cli::verbs::instant::run(c, req, a.no_wait, as_json).await;
+    }
     let job = c
         .post::<JobInfo>("/restores", &req)
         .await

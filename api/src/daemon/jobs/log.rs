@@ -217,6 +217,7 @@ mod tests {
             host: "h1".into(),
             hypervisor: None,
             progress: JobProgress::default(),
+            instant: None,
         }
     }
 

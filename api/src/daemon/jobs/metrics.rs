@@ -279,6 +279,7 @@ mod tests {
                 bytes_read,
                 ..JobProgress::default()
             },
+            instant: None,
         }
     }
 

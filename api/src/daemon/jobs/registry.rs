@@ -84,6 +84,17 @@ pub struct JobHandle {
     pub id: u64,
     pub progress: Arc<Progress>,
     pub cancel: CancellationToken,
+    /// The concurrency slots the job holds while it runs (see [`JobHandle::release_slots`]).
+    slots: Arc<Mutex<Option<Permits>>>,
+}
+
+impl JobHandle {
+    /// Gives back the job's concurrency slots (overall and its host's) before it ends: for a
+    /// job that stays running while it does no work of its own (an instant recovery, whose
+    /// guest runs from the repository until cancelled), so it does not keep backups waiting.
+    pub fn release_slots(&self) {
+        self.slots.lock().expect("jobs lock").take();
+    }
 }
 
 /// What a job body that succeeded leaves.
@@ -296,6 +307,7 @@ impl Jobs {
             host: host.clone(),
             hypervisor: spec.hypervisor,
             progress: JobProgress::default(),
+            instant: None,
         };
         let entry = Entry {
             info: info.clone(),
@@ -314,6 +326,7 @@ impl Jobs {
             id,
             progress,
             cancel,
+            slots: Arc::new(Mutex::new(None)),
         };
         Queued { info, handle, turn }
     }
@@ -393,6 +406,24 @@ impl Jobs {
         self.changed.notify_waiters();
     }
 
+    /// Sets what instant recovery job `id` runs (its domain, exports, state), and records it
+    /// in the history when `persist` (a change of its state; the restart's clean-up reads it
+    /// back), else only for readers (written bytes, the domain's state).
+    pub fn set_instant(&self, id: u64, instant: crate::wire::instant::InstantInfo, persist: bool) {
+        let info = {
+            let mut entries = self.entries.lock().expect("jobs lock");
+            let Some(e) = entries.get_mut(&id).filter(|e| !e.info.state.is_final()) else {
+                return;
+            };
+            e.info.instant = Some(instant);
+            e.info.clone()
+        };
+        if persist {
+            self.persist(&info);
+        }
+        self.changed.notify_waiters();
+    }
+
     /// Adds `note` to the message job `id` ends with (e.g. what its retention removed).
     pub fn annotate(&self, id: u64, note: &str) {
         if let Some(e) = self.entries.lock().expect("jobs lock").get_mut(&id) {
@@ -418,13 +449,16 @@ impl Jobs {
             _ = h.cancel.cancelled() => None,
         };
         drop(turn.mine);
-        let Some(_permit) = permit else {
+        let Some(permit) = permit else {
             self.finish(id, Err(JobError::cancelled("cancelled before it started")));
             return;
         };
+        let slots = h.slots.clone();
+        *slots.lock().expect("jobs lock") = Some(permit);
         self.set_state(id, JobState::Running);
         tracing::info!(job = id, "job started");
         let out = body(h).await;
+        slots.lock().expect("jobs lock").take();
         self.finish(id, out);
     }
 

@@ -4,6 +4,7 @@
 //! back up or checkpoint an inactive domain.
 
 mod ffi;
+mod instant;
 mod worker;
 
 use std::path::PathBuf;
@@ -22,6 +23,7 @@ use super::{
     Hypervisor, Result, VmState,
 };
 use catalog::Chain;
+pub use instant::Ended;
 use worker::Worker;
 
 /// Turns a libvirt error into ours, choosing the kind from libvirt's error code.

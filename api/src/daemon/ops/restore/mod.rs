@@ -1,6 +1,7 @@
 //! Restores, each a background job with progress: a backup disk to an image file (raw or
 //! qcow2) on the proxy host, a whole backup as a new libvirt domain, or a backup written back
-//! onto its own shut-off VM's disks (confirmed explicitly).
+//! onto its own shut-off VM's disks (confirmed explicitly); an instant recovery (a new
+//! domain running straight from the repository) is `instant`'s.
 //!
 //! `start` checks the request and plans the restore (`Plan`); `jobs` runs it; `staging` owns
 //! the checks on what a restore may write: target paths are absolute, free of `..` and NUL,
@@ -9,6 +10,7 @@
 //! directory beside the target and moved into place only when complete, so a failed or
 //! cancelled restore leaves nothing behind. The copy itself is `proxy::restore`.
 
+pub mod instant;
 mod jobs;
 mod plan;
 pub mod staging;
@@ -35,6 +37,10 @@ pub async fn start(st: &SharedState, req: RestoreRequest) -> ApiResult<JobInfo> 
     let id = BackupId::parse(&req.backup).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let id2 = id.clone();
     let m = st.repo(move |r| r.manifest(&id2)).await?;
+    if req.instant {
+        let hv = restore_hv(st, &m, &req).await?;
+        return instant::start(st, req, m, hv).await;
+    }
     let format = req.format.unwrap_or_default();
     let (plan, mode) = match (&req.to, &req.as_domain, req.onto_vm) {
         (Some(to), None, false) => (file_plan(st, &m, &req, to)?, JobMode::ToFile),
