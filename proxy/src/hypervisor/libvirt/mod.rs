@@ -4,6 +4,8 @@
 //! back up or checkpoint an inactive domain.
 
 mod ffi;
+pub mod storage;
+pub mod upload;
 mod worker;
 
 use std::path::PathBuf;
