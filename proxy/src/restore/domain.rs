@@ -73,7 +73,7 @@ pub fn relocate_chardevs(domain_xml: &str, dir: &Path) -> Result<String> {
         .map_err(|e| Error::hypervisor(format!("character devices moved to {}", dir.display()), e))
 }
 
-fn check_name(name: &str) -> Result<()> {
+pub(super) fn check_name(name: &str) -> Result<()> {
     let bad = |c: char| c.is_control() || c == '/';
     if name.is_empty() || name.len() > MAX_NAME || name.chars().any(bad) {
         return Err(Error::new(

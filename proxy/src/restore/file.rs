@@ -116,7 +116,7 @@ pub async fn restore_disks_with(
 }
 
 /// Disk `name.disk` of backup `name.backup`, refused if the backup is of another vm.
-async fn open_reader(repo: &Repository, name: &ExportName) -> Result<DiskReader> {
+pub(super) async fn open_reader(repo: &Repository, name: &ExportName) -> Result<DiskReader> {
     let ctx = |e| Error::catalog(format!("restore {name}"), e);
     let m = crate::repo::manifest(repo, &name.backup)
         .await

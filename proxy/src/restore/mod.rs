@@ -10,6 +10,8 @@
 //!   the XML rewrite itself is `crate::hypervisor::xml_restore`'s.
 //! - [`onto`]: a backup written back onto an existing, shut-off VM's disks (only the chunks
 //!   that can differ when the image's checkpoint bitmap allows).
+//! - [`volume`]: restore as a new domain into a libvirt storage pool of a hypervisor that
+//!   shares only the network: volumes filled by a sparse upload over the libvirt connection.
 //!
 //! The repository is synchronous; everything here reaches it through `crate::repo` (short
 //! calls on the bounded blocking pool, whole-disk copies on dedicated threads). Images and
@@ -25,6 +27,7 @@ pub mod file;
 pub mod name;
 pub mod onto;
 mod overlay;
+pub mod volume;
 
 pub use diff::{changed_since_context, CHANGED_SINCE_PREFIX, STATE_CHANGED};
 pub use domain::{relocate_chardevs, restore_as_domain, RestoredDisk};
@@ -37,3 +40,6 @@ pub use file::{
 pub use name::ExportName;
 pub use onto::{restore_onto_vm, DiskOntoReport, OntoPath, OntoVmOptions, OntoVmReport};
 pub use overlay::OVERLAY_BLOCK;
+pub use volume::{
+    check_pool_restore, restore_to_pool, volume_name, PoolRestoreOptions, PoolRestoreReport,
+};
