@@ -125,10 +125,7 @@ fn sweep_dead_pools() {
         return;
     };
     for name in names.iter().filter(|n| n.starts_with(&prefix)) {
-        let pid = name
-            .rsplitn(3, '-')
-            .nth(1)
-            .and_then(|p| p.parse::<u32>().ok());
+        let pid = name.rsplit('-').nth(1).and_then(|p| p.parse::<u32>().ok());
         if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
             eprintln!("testbed: removing stale pool {name}");
             remove_pool(name);

@@ -559,6 +559,7 @@ impl Drop for Made {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::restore::file::tests::{disk, reader};
 
     #[test]
     fn volume_names_follow_the_domain_and_disk() {
@@ -580,5 +581,54 @@ mod tests {
             ]
         );
         assert_eq!(names_used("w", &["vda"], ImageFormat::Raw), ["w-vda.raw"]);
+    }
+
+    /// Every piece the reader sends for a disk of `chunks` 64 KiB chunks (every fourth zero,
+    /// the last one short).
+    fn pieces(chunks: u64) -> Vec<Piece> {
+        let dir = tempfile::tempdir().unwrap();
+        let r = reader(dir.path(), chunks);
+        let (tx, mut rx) = mpsc::channel(DEPTH);
+        let t = std::thread::spawn(move || produce(&r, &tx));
+        let mut out = Vec::new();
+        while let Some(p) = rx.blocking_recv() {
+            out.push(p.unwrap());
+        }
+        t.join().unwrap();
+        out
+    }
+
+    #[test]
+    fn the_reader_sends_the_disk_in_order_with_zero_chunks_as_holes() {
+        let cs = 64u64 << 10;
+        let got = pieces(40);
+        let mut bytes = Vec::new();
+        for p in &got {
+            match p {
+                Piece::Data(d) => bytes.extend_from_slice(d),
+                Piece::Hole(n) => bytes.resize(bytes.len() + *n as usize, 0),
+            }
+        }
+        assert_eq!(bytes, disk(40), "the pieces are the disk");
+        let holes: Vec<u64> = got
+            .iter()
+            .filter_map(|p| match p {
+                Piece::Hole(n) => Some(*n),
+                Piece::Data(_) => None,
+            })
+            .collect();
+        // Chunks 3, 7, … 39 are zero; 39 is the short last one.
+        assert_eq!(holes.len(), 10);
+        assert!(holes[..9].iter().all(|&n| n == cs), "{holes:?}");
+        assert_eq!(holes[9], cs / 2);
+    }
+
+    #[test]
+    fn a_reader_nobody_listens_to_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = reader(dir.path(), 512);
+        let (tx, rx) = mpsc::channel(1);
+        drop(rx);
+        produce(&r, &tx);
     }
 }
