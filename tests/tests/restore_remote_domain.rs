@@ -111,6 +111,12 @@ impl Remote {
     }
 }
 
+/// Whether libvirt has a domain `name` (other tests define theirs meanwhile: only this
+/// name tells).
+fn defined(name: &str) -> Result<bool> {
+    Ok(domain_names()?.iter().any(|n| n == name))
+}
+
 fn uuid(name: &str) -> Result<String> {
     Ok(virsh(&["domuuid", name])?.trim().to_string())
 }
@@ -231,7 +237,6 @@ fn existing_domains_and_volumes_are_refused_and_nothing_is_made() -> Result<()> 
     vm.sync()?;
     let d = r.daemon("")?;
     let id = r.backup(&d)?;
-    let domains = domain_names()?;
 
     // The original's own name.
     let (code, _) = d.cli(&r.restore_args(&id, vm.name(), &[]))?;
@@ -272,7 +277,7 @@ fn existing_domains_and_volumes_are_refused_and_nothing_is_made() -> Result<()> 
         "no volume made: {:?}",
         r.pool.volumes()?
     );
-    ensure!(domain_names()? == domains, "no domain made");
+    ensure!(!defined(&copy)?, "no domain made");
 
     // A pool the hypervisor does not have: 404, naming the pools there are.
     let (code, _) = d.cli(&[
@@ -286,7 +291,7 @@ fn existing_domains_and_volumes_are_refused_and_nothing_is_made() -> Result<()> 
         "no-such-pool",
     ])?;
     ensure!(code == 4, "a missing pool is not found (404): exit {code}");
-    ensure!(domain_names()? == domains, "no domain made");
+    ensure!(!defined(&copy)?, "no domain made");
     Ok(())
 }
 
@@ -300,7 +305,6 @@ fn a_restore_cancelled_mid_upload_leaves_no_volume_and_no_domain() -> Result<()>
     let id = r.backup(&r.daemon("")?)?;
     // The upload is paced by read_limit (2 MiB/s: about 12 s for the 24 MiB of data).
     let d = r.daemon("read_limit = 2097152\n")?;
-    let domains = domain_names()?;
     let copy = r.copy_name("rrd-cancel");
     let _guard = Defined(copy.clone());
     let job = d.ok(&r.restore_args(&id, &copy, &["--no-wait"]))?;
@@ -336,7 +340,7 @@ fn a_restore_cancelled_mid_upload_leaves_no_volume_and_no_domain() -> Result<()>
         "no volume left: {:?}",
         r.pool.volumes()?
     );
-    ensure!(domain_names()? == domains, "no domain left");
+    ensure!(!defined(&copy)?, "no domain left");
     ensure!(vm.state()? == "running", "the original runs on");
     Ok(())
 }
