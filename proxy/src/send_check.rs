@@ -69,3 +69,20 @@ fn operations_are_send(
     send(lv.domain_state("vm"));
     send(lv.end_instant_domain("vm", &[]));
 }
+
+/// The restore into a storage pool (`restore::volume`) and its checks; never called.
+#[allow(dead_code)]
+fn pool_restores_are_send(
+    lv: &LibvirtHypervisor,
+    repo: &Repository,
+    pool: &restore::PoolRestoreOptions,
+) {
+    send(restore::restore_to_pool(lv, repo, pool));
+    send(restore::check_pool_restore(
+        lv,
+        "new",
+        "default",
+        &["vda"],
+        ImageFormat::Qcow2,
+    ));
+}

@@ -14,6 +14,7 @@
 //! - [`instant`]: a writable export of a backup that a domain boots from (instant recovery).
 //! - [`inspect`]: what `nbdinfo --map` and `qemu-img compare` see of exports and images.
 //! - [`daemon`]: a real `sluice serve` driven through the `sluice` CLI.
+//! - [`pool`]: a libvirt directory storage pool per test, removed on drop.
 //! - [`remote`]: libvirt as a second host reached only over the network
 //!   (`qemu+tls://127.0.0.1/system`, backup exports over NBD with TLS), and [`Isolated`]: the
 //!   proxy under test as its own user in a mount namespace that hides the hypervisor's files.
@@ -27,6 +28,7 @@ pub mod instant;
 pub mod libvirt;
 pub mod pattern;
 pub mod peers;
+pub mod pool;
 pub mod qmp;
 pub mod remote;
 pub mod remote_guest;

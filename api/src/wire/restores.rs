@@ -13,7 +13,7 @@ pub enum RestoreFormat {
 }
 
 /// Body of a restore request: exactly one of `to` (one disk to a file), `as_domain` (a new
-/// domain), `onto_vm` and `instant`.
+/// domain), `onto_vm` (the VM's own disks) and `instant`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestoreRequest {
@@ -27,9 +27,19 @@ pub struct RestoreRequest {
     /// Replace an existing file at `to`.
     #[serde(default)]
     pub overwrite: bool,
-    /// Restore every disk into the first restore directory and define a new domain of this
-    /// name from the backup's saved definition (an existing name is refused with 409).
+    /// Define a new domain of this name from the backup's saved definition (new UUID, MAC
+    /// addresses and NVRAM; an existing name is refused with 409). Its disks are volumes of
+    /// the storage pool `pool` on the hypervisor, uploaded over the libvirt connection, when
+    /// `pool` is given or the hypervisor is remote (`backup_data` configured); else files in
+    /// the first restore directory of the proxy (a proxy on the hypervisor host).
     pub as_domain: Option<String>,
+    /// The storage pool on the hypervisor that gets the volumes of `as_domain`
+    /// (`NAME-DISK.qcow2` or `.raw`; an existing volume is refused with 409, a missing pool
+    /// with 404). Default for a remote hypervisor: `default`.
+    pub pool: Option<String>,
+    /// Start the domain `as_domain` defined once its disks are restored.
+    #[serde(default)]
+    pub start: bool,
     /// Write the backup back onto its own VM's disks (`disk`: only that one). The VM must be
     /// shut off (else 409) and `confirm` set (else 400).
     #[serde(default)]

@@ -1,15 +1,19 @@
 //! libvirt domain XML for restores: a backup's saved definition rewritten for a copy (new
-//! name, restored disk files) and a copy's character devices moved to its own files. Pure
-//! functions over text, unit-tested below; `crate::restore::domain` decides when to call them.
+//! name, restored disks) and a copy's character devices moved to its own files. Pure
+//! functions over text, unit-tested below; `crate::restore::{domain, volume}` decide when to
+//! call them.
 //!
 //! The rewrite edits the saved text at positions found by parsing it (roxmltree), so
 //! everything not listed here is kept byte for byte:
 //! - `<name>` becomes the new name; `<uuid>` is dropped (libvirt generates a new one);
-//! - each `<disk device='disk'>` becomes `type='file'`, its `<driver>` becomes
-//!   `<driver name='qemu' type='raw|qcow2'/>`, its `<source>` points at the restored file,
-//!   and its `<backingStore>` is dropped (the restored image is flat); its target, address,
-//!   boot order, serial and the rest are kept;
+//! - each `<disk device='disk'>` is opened anew on its restored disk ([`CopySource`]):
+//!   `type='file'` with `<source file>`, `type='block'` with `<source dev>` or
+//!   `type='volume'` with `<source pool volume>`; its `<driver>` becomes
+//!   `<driver name='qemu' type='raw|qcow2'/>` and its `<backingStore>` is dropped (the
+//!   restored image is flat); its target, address, boot order, serial and the rest are kept;
 //! - `<mac>` inside `<interface>` is dropped, so libvirt gives the copy new MAC addresses;
+//! - `<nvram>` under `<os>` loses its path (keeping a `template`), so libvirt makes the
+//!   copy its own UEFI variable store instead of sharing the original's;
 //! - other devices (cdrom, floppy, ...) are kept as they are.
 //!
 //! Every `device='disk'` disk must have a restored file: a copy sharing the original's disk
@@ -23,13 +27,24 @@ use roxmltree::{Document, Node};
 use super::xml::escape;
 use super::{Error, ErrorKind, Result};
 
-/// One disk of the copy: its guest target (`vda`), image file and image format (`raw`,
+/// One disk of the copy: its guest target (`vda`), restored disk and image format (`raw`,
 /// `qcow2`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CopyDisk<'a> {
     pub target: &'a str,
-    pub path: &'a Path,
+    pub source: CopySource<'a>,
     pub format: &'a str,
+}
+
+/// Where a disk of the copy lives on the hypervisor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopySource<'a> {
+    /// An image file (a restored file, or a volume of a file pool by its path).
+    File(&'a Path),
+    /// A block device (a volume of a logical or disk pool by its path).
+    Block(&'a Path),
+    /// A volume libvirt resolves itself (any other pool type).
+    Volume { pool: &'a str, volume: &'a str },
 }
 
 /// `domain_xml` (a backup's saved definition) rewritten for a copy named `new_name` on the
@@ -51,6 +66,13 @@ pub fn copy_domain_xml(domain_xml: &str, new_name: &str, disks: &[CopyDisk]) -> 
     if let Some(devices) = child(root, "devices") {
         device_edits(devices, disks, &mut edits)?;
     }
+    if let Some(nvram) = child(root, "os").and_then(|os| child(os, "nvram")) {
+        let kept = match nvram.attribute("template") {
+            Some(t) => format!("<nvram template='{}'/>", escape(t)),
+            None => String::new(),
+        };
+        edits.push((nvram.range(), kept));
+    }
     Ok(apply(domain_xml, edits))
 }
 
@@ -61,6 +83,34 @@ pub(super) const CHARDEVS: [&str; 4] = ["serial", "console", "channel", "paralle
 /// and parallel device moved into `dir` (same file name; `.2`, `.3`… appended when two
 /// different paths share one). A console that names its serial's path keeps sharing it.
 pub fn relocate_chardevs(domain_xml: &str, dir: &Path) -> Result<String> {
+    move_chardevs(domain_xml, |old, moved| relocated(old, dir, moved))
+}
+
+/// `domain_xml` with the `<source path>` of every `unix` or `file` serial, console, channel
+/// and parallel device renamed to `PREFIX-NAME` in its own directory (`/x/agent.sock` becomes
+/// `/x/PREFIX-agent.sock`): a directory the original's QEMU already uses on its hypervisor,
+/// so the copy needs no directory made for it there. A console that names its serial's path
+/// keeps sharing it.
+pub fn prefix_chardevs(domain_xml: &str, prefix: &str) -> Result<String> {
+    move_chardevs(domain_xml, |old, _| {
+        let p = Path::new(old);
+        let name = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| invalid(format!("character device path {old:?} has no file name")))?;
+        let new = p.with_file_name(format!("{prefix}-{name}"));
+        new.to_str()
+            .map(str::to_string)
+            .ok_or_else(|| invalid(format!("character device path {old:?} is not utf-8")))
+    })
+}
+
+/// `domain_xml` with each character device path `old` replaced by `new_path(old, moved)`
+/// (`moved`: the `(old, new)` pairs so far); one old path gets one new path.
+fn move_chardevs(
+    domain_xml: &str,
+    new_path: impl Fn(&str, &[(String, String)]) -> Result<String>,
+) -> Result<String> {
     let doc = parse("domain definition", domain_xml)?;
     let Some(devices) = child(doc.root_element(), "devices") else {
         return Ok(domain_xml.to_string());
@@ -81,7 +131,7 @@ pub fn relocate_chardevs(domain_xml: &str, dir: &Path) -> Result<String> {
         let new = match moved.iter().find(|(o, _)| *o == old) {
             Some((_, n)) => n.clone(),
             None => {
-                let n = relocated(&old, dir, &moved)?;
+                let n = new_path(&old, &moved)?;
                 moved.push((old, n.clone()));
                 n
             }
@@ -155,16 +205,27 @@ fn disk_edits(disk: Node, to: &CopyDisk, edits: &mut Vec<(Range<usize>, String)>
     let first = disk
         .first_child()
         .ok_or_else(|| invalid(format!("disk {} of the saved domain is empty", to.target)))?;
-    let path = to
-        .path
-        .to_str()
-        .ok_or_else(|| invalid(format!("restored file {} is not utf-8", to.path.display())))?;
-    let mut open = String::from("<disk type='file' device='disk'>");
-    open.push_str(&format!(
-        "<driver name='qemu' type='{}'/>",
-        escape(to.format)
-    ));
-    open.push_str(&format!("<source file='{}'/>", escape(path)));
+    let utf8 = |p: &Path| {
+        p.to_str()
+            .map(escape)
+            .ok_or_else(|| invalid(format!("restored disk {} is not utf-8", p.display())))
+    };
+    let driver = format!("<driver name='qemu' type='{}'/>", escape(to.format));
+    let open = match to.source {
+        CopySource::File(p) => format!(
+            "<disk type='file' device='disk'>{driver}<source file='{}'/>",
+            utf8(p)?
+        ),
+        CopySource::Block(p) => format!(
+            "<disk type='block' device='disk'>{driver}<source dev='{}'/>",
+            utf8(p)?
+        ),
+        CopySource::Volume { pool, volume } => format!(
+            "<disk type='volume' device='disk'>{driver}<source pool='{}' volume='{}'/>",
+            escape(pool),
+            escape(volume)
+        ),
+    };
     edits.push((disk.range().start..first.range().start, open));
     for c in disk.children().filter(|c| {
         c.has_tag_name("driver") || c.has_tag_name("source") || c.has_tag_name("backingStore")
@@ -230,12 +291,12 @@ pub(crate) mod tests {
         vec![
             CopyDisk {
                 target: "vda",
-                path: Path::new("/r/a&b.raw"),
+                source: CopySource::File(Path::new("/r/a&b.raw")),
                 format: "raw",
             },
             CopyDisk {
                 target: "vdb",
-                path: Path::new("/r/vdb.qcow2"),
+                source: CopySource::File(Path::new("/r/vdb.qcow2")),
                 format: "qcow2",
             },
         ]
@@ -312,6 +373,84 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn volumes_block_devices_and_nvram_of_the_copy() {
+        let saved = SAVED.replace(
+            "<memory unit='KiB'>262144</memory>",
+            "<memory unit='KiB'>262144</memory><os><type>hvm</type>\
+             <loader readonly='yes' type='pflash'>/fw/CODE.fd</loader>\
+             <nvram template='/fw/VARS.fd'>/var/lib/libvirt/qemu/nvram/web-1_VARS.fd</nvram></os>",
+        );
+        let disks = [
+            CopyDisk {
+                target: "vda",
+                source: CopySource::Volume {
+                    pool: "ceph",
+                    volume: "web-2-vda.raw",
+                },
+                format: "raw",
+            },
+            CopyDisk {
+                target: "vdb",
+                source: CopySource::Block(Path::new("/dev/vg/web-2-vdb")),
+                format: "raw",
+            },
+        ];
+        let xml = copy_domain_xml(&saved, "web-2", &disks).unwrap();
+        let doc = Document::parse(&xml).unwrap();
+        let vda = disk(&doc, "vda");
+        assert_eq!(vda.attribute("type"), Some("volume"));
+        let src = child(vda, "source").unwrap();
+        assert_eq!(src.attribute("pool"), Some("ceph"));
+        assert_eq!(src.attribute("volume"), Some("web-2-vda.raw"));
+        let vdb = disk(&doc, "vdb");
+        assert_eq!(vdb.attribute("type"), Some("block"));
+        assert_eq!(
+            child(vdb, "source").unwrap().attribute("dev"),
+            Some("/dev/vg/web-2-vdb")
+        );
+        assert!(xml.contains("<nvram template='/fw/VARS.fd'/>"), "{xml}");
+        assert!(!xml.contains("web-1_VARS"), "{xml}");
+        assert!(xml.contains("<loader readonly='yes' type='pflash'>/fw/CODE.fd</loader>"));
+        let bare = saved.replace(" template='/fw/VARS.fd'", "");
+        let xml = copy_domain_xml(&bare, "web-2", &disks).unwrap();
+        assert!(!xml.contains("nvram"), "{xml}");
+    }
+
+    #[test]
+    fn prefixed_chardevs_stay_in_their_directories() {
+        let xml = "<domain><name>a</name><devices>
+  <serial type='file'><source path='/x/console.log'/><target port='0'/></serial>
+  <serial type='unix'><source mode='bind' path='/x/agent.sock'/><target port='1'/></serial>
+  <serial type='pty'><source path='/dev/pts/3'/><target port='2'/></serial>
+  <console type='file'><source path='/x/console.log'/><target type='serial' port='0'/></console>
+  <channel type='unix'><source mode='bind' path='/y/agent.sock'/><target type='virtio'/></channel>
+</devices></domain>";
+        let out = prefix_chardevs(xml, "copy").unwrap();
+        let doc = Document::parse(&out).unwrap();
+        let paths: Vec<&str> = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("source"))
+            .filter_map(|n| n.attribute("path"))
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "/x/copy-console.log",
+                "/x/copy-agent.sock",
+                "/dev/pts/3",
+                "/x/copy-console.log",
+                "/y/copy-agent.sock"
+            ]
+        );
+        let e = prefix_chardevs(
+            "<domain><devices><serial type='unix'><source path='/'/></serial></devices></domain>",
+            "c",
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    }
+
+    #[test]
     fn bad_xml_and_unmatched_disks_are_refused() {
         let kind =
             |xml: &str, disks: &[CopyDisk]| copy_domain_xml(xml, "n", disks).unwrap_err().kind();
@@ -323,7 +462,7 @@ pub(crate) mod tests {
         let mut extra = restored();
         extra.push(CopyDisk {
             target: "vdz",
-            path: Path::new("/r/z.raw"),
+            source: CopySource::File(Path::new("/r/z.raw")),
             format: "raw",
         });
         assert_eq!(kind(SAVED, &extra), ErrorKind::InvalidInput);

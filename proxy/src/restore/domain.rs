@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use super::error::{Error, ErrorKind, Result};
 use super::file::ImageFormat;
-use crate::hypervisor::xml_restore::{self, CopyDisk};
+use crate::hypervisor::xml_restore::{self, CopyDisk, CopySource};
 
 /// Longest domain name accepted.
 const MAX_NAME: usize = 255;
@@ -54,7 +54,7 @@ pub fn restore_as_domain(
         .iter()
         .map(|d| CopyDisk {
             target: &d.target,
-            path: &d.path,
+            source: CopySource::File(&d.path),
             format: match d.format {
                 ImageFormat::Raw => "raw",
                 ImageFormat::Qcow2 => "qcow2",

@@ -116,7 +116,7 @@ pub async fn restore_disks_with(
 }
 
 /// Disk `name.disk` of backup `name.backup`, refused if the backup is of another vm.
-async fn open_reader(repo: &Repository, name: &ExportName) -> Result<DiskReader> {
+pub(super) async fn open_reader(repo: &Repository, name: &ExportName) -> Result<DiskReader> {
     let ctx = |e| Error::catalog(format!("restore {name}"), e);
     let m = crate::repo::manifest(repo, &name.backup)
         .await
@@ -320,7 +320,7 @@ fn convert_qcow2(raw: &Path, out: &Path, cancel: &CancellationToken) -> Result<(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use catalog::{
         BackupMode, BackupSpec, CommitInfo, Consistency, DiskSpec, FsBackend, RepoConfig,
@@ -330,7 +330,7 @@ mod tests {
     const CS: u64 = 64 << 10;
 
     /// The disk's bytes: `chunks` chunks, every fourth one zero, the last one short.
-    fn disk(chunks: u64) -> Vec<u8> {
+    pub(crate) fn disk(chunks: u64) -> Vec<u8> {
         let mut data = vec![0u8; (chunks * CS - CS / 2) as usize];
         for (i, c) in data.chunks_mut(CS as usize).enumerate() {
             if i % 4 != 3 {
@@ -344,7 +344,7 @@ mod tests {
 
     /// A one-disk backup in a repository on disk: `chunks` chunks, every fourth one zero, the
     /// last one short (half a chunk).
-    fn reader(dir: &Path, chunks: u64) -> DiskReader {
+    pub(crate) fn reader(dir: &Path, chunks: u64) -> DiskReader {
         let backend = Arc::new(FsBackend::open(dir.join("repo")).unwrap());
         let opts = RepoOptions::new(dir.join("catalog.sqlite"));
         let repo = Repository::create(backend, RepoConfig::default(), opts).unwrap();

@@ -12,6 +12,8 @@
 //!   exports of a backup's disks (the XML is `crate::hypervisor::xml_instant`'s).
 //! - [`onto`]: a backup written back onto an existing, shut-off VM's disks (only the chunks
 //!   that can differ when the image's checkpoint bitmap allows).
+//! - [`volume`]: restore as a new domain into a libvirt storage pool of a hypervisor that
+//!   shares only the network: volumes filled by a sparse upload over the libvirt connection.
 //!
 //! The repository is synchronous; everything here reaches it through `crate::repo` (short
 //! calls on the bounded blocking pool, whole-disk copies on dedicated threads). Images and
@@ -28,6 +30,7 @@ pub mod instant;
 pub mod name;
 pub mod onto;
 mod overlay;
+pub mod volume;
 
 pub use diff::{changed_since_context, CHANGED_SINCE_PREFIX, STATE_CHANGED};
 pub use domain::{relocate_chardevs, restore_as_domain, RestoredDisk};
@@ -41,3 +44,6 @@ pub use instant::{instant_domain, InstantDisk, NbdAddress};
 pub use name::ExportName;
 pub use onto::{restore_onto_vm, DiskOntoReport, OntoPath, OntoVmOptions, OntoVmReport};
 pub use overlay::OVERLAY_BLOCK;
+pub use volume::{
+    check_pool_restore, restore_to_pool, volume_name, PoolRestoreOptions, PoolRestoreReport,
+};

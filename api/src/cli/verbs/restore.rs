@@ -1,6 +1,7 @@
 //! `restore ID`: one disk to an image file (`--to PATH`), every disk as a new domain
-//! (`--as-domain NAME`) or back onto the VM's own disks (`--onto-vm --confirm`). Waits for the
-//! job unless `--no-wait`.
+//! (`--as-domain NAME [--pool POOL] [--start]`: volumes of a storage pool on the hypervisor,
+//! or files of the proxy for a local one) or back onto the VM's own disks
+//! (`--onto-vm --confirm`). Waits for the job unless `--no-wait`.
 
 use std::path::PathBuf;
 
@@ -31,6 +32,13 @@ pub struct RestoreArgs {
     /// Define a new domain of this name with the restored disks.
     #[arg(long)]
     pub as_domain: Option<String>,
+    /// The storage pool on the hypervisor for the volumes of --as-domain (default for a
+    /// remote hypervisor: `default`); volumes are uploaded over the libvirt connection.
+    #[arg(long, value_name = "POOL", requires = "as_domain")]
+    pub pool: Option<String>,
+    /// Start the domain --as-domain defines once its disks are restored.
+    #[arg(long, requires = "as_domain")]
+    pub start: bool,
     /// Write the backup back onto its own (shut-off) VM's disks; needs --confirm.
     #[arg(long, conflicts_with_all = ["to", "as_domain"])]
     pub onto_vm: bool,
@@ -77,6 +85,8 @@ pub async fn run(c: &Client, a: RestoreArgs, as_json: bool) -> anyhow::Result<i3
         format: a.format,
         overwrite: a.force,
         as_domain: a.as_domain,
+        pool: a.pool,
+        start: a.start,
         onto_vm: a.onto_vm,
         confirm: a.confirm,
         hypervisor: a.hypervisor,

@@ -1,5 +1,5 @@
 //! A small safe wrapper over the libvirt calls `virt` 0.5.0 does not wrap: backup jobs,
-//! checkpoints, filesystem freeze and block info. Every function must run on the libvirt
+//! checkpoints, filesystem freeze, block info and holes on a sparse stream. Every function must run on the libvirt
 //! worker thread (libvirt's last-error slot is thread-local).
 
 use std::ffi::{c_char, CStr, CString};
@@ -175,4 +175,12 @@ pub fn disk_capacity(dom: &Domain, disk: &str) -> Result<u64, VirtError> {
     })?;
     // SAFETY: the call succeeded, so libvirt filled the struct (it was zeroed before anyway).
     Ok(unsafe { info.assume_init() }.capacity)
+}
+
+/// Sends a hole of `length` bytes on a stream opened for a sparse upload
+/// (`VIR_STORAGE_VOL_UPLOAD_SPARSE_STREAM`); `virt` 0.5.0 does not wrap it.
+pub fn stream_send_hole(stream: &virt::stream::Stream, length: i64) -> Result<(), VirtError> {
+    // SAFETY: `stream` is a live stream handle for the duration of the call; libvirt only
+    // reads the length and flags (0: no flags are defined).
+    check(unsafe { sys::virStreamSendHole(stream.as_ptr(), length, 0) }).map(drop)
 }

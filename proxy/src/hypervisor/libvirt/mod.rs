@@ -5,6 +5,8 @@
 
 mod ffi;
 mod instant;
+pub mod storage;
+pub mod upload;
 mod worker;
 
 use std::path::PathBuf;

@@ -7,7 +7,10 @@ use catalog::BackupId;
 
 use proxy::hypervisor::libvirt::LibvirtHypervisor;
 use proxy::restore::file::{restore_disk_with, FileRestoreControl};
-use proxy::restore::{restore_onto_vm, ExportName, OntoPath, OntoVmOptions, RestoredDisk};
+use proxy::restore::{
+    restore_onto_vm, restore_to_pool, ExportName, OntoPath, OntoVmOptions, PoolRestoreOptions,
+    RestoredDisk,
+};
 
 use super::plan::Plan;
 use super::staging::Staging;
@@ -45,14 +48,37 @@ pub(super) async fn run(
             new_name,
             xml,
             disks,
+            start,
         } => {
             let job = DomainJob {
                 hv: &hv,
                 new_name: &new_name,
                 xml: &xml,
                 disks: &disks,
+                start,
             };
             domain_job(&st, job, format, &h).await
+        }
+        Plan::Pool {
+            hv,
+            new_name,
+            pool,
+            xml,
+            disks,
+            start,
+        } => {
+            let opts = PoolRestoreOptions {
+                new_name,
+                pool,
+                format: format.image(),
+                start,
+                domain_xml: xml,
+                disks,
+                cancel: h.cancel.clone(),
+                progress: h.progress.clone(),
+                limit: st.read_limit.clone(),
+            };
+            pool_job(&st, &hv, opts).await
         }
         Plan::Onto {
             hv,
@@ -99,7 +125,44 @@ async fn onto_job(
     )))
 }
 
-fn libvirt<'a>(conn: &'a dyn Hv, hv: &Member) -> Result<&'a LibvirtHypervisor, JobError> {
+/// A restore as a new domain into a storage pool of `hv` (`proxy::restore::volume`): the
+/// library removes what it made if it fails or is cancelled, and its error says so.
+async fn pool_job(st: &SharedState, hv: &Member, opts: PoolRestoreOptions) -> JobOutcome {
+    let conn = hv.hv().await.map_err(|e| failure::hypervisor(&e))?;
+    let lv = libvirt(&*conn, hv)?;
+    let rep = restore_to_pool(lv, &st.repo, &opts)
+        .await
+        .map_err(|e| failure::restore(&e))?;
+    let vols: Vec<String> = rep
+        .volumes
+        .iter()
+        .map(|v| format!("{} ({} bytes allocated)", v.name, v.allocation))
+        .collect();
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let rate = match rep.upload_seconds {
+        s if s > 0.0 => mib(rep.data_bytes) / s,
+        _ => 0.0,
+    };
+    Ok(JobDone::Done(format!(
+        "restored {} disk(s) of backup {} as domain {} on hypervisor {} in storage pool {}: {}; \
+         {:.1} MiB uploaded and {:.1} MiB sent as holes in {:.1} s ({rate:.1} MiB/s){}",
+        rep.volumes.len(),
+        opts.disks[0].backup,
+        rep.domain,
+        hv.name(),
+        opts.pool,
+        vols.join(", "),
+        mib(rep.data_bytes),
+        mib(rep.hole_bytes),
+        rep.upload_seconds,
+        if rep.started { "; started" } else { "" }
+    )))
+}
+
+pub(super) fn libvirt<'a>(
+    conn: &'a dyn Hv,
+    hv: &Member,
+) -> Result<&'a LibvirtHypervisor, JobError> {
     conn.as_any()
         .downcast_ref::<LibvirtHypervisor>()
         .ok_or_else(|| {
@@ -116,6 +179,7 @@ struct DomainJob<'a> {
     new_name: &'a str,
     xml: &'a str,
     disks: &'a [(ExportName, PathBuf)],
+    start: bool,
 }
 
 async fn domain_job(
@@ -129,6 +193,7 @@ async fn domain_job(
         new_name,
         xml,
         disks,
+        start,
     } = job;
     let first = &disks
         .first()
@@ -169,10 +234,14 @@ async fn domain_job(
             format!("defining domain {new_name}: {}", e.message),
         ));
     }
+    if start {
+        start_domain(hv, new_name).await?;
+    }
     Ok(JobDone::Done(format!(
-        "restored {} disk(s) of backup {} as domain {new_name}",
+        "restored {} disk(s) of backup {} as domain {new_name}{}",
         disks.len(),
-        disks[0].0.backup
+        disks[0].0.backup,
+        if start { "; started" } else { "" }
     )))
 }
 
@@ -182,6 +251,22 @@ async fn define(hv: &Member, xml: &str) -> Result<String, JobError> {
     lv.define_domain(xml)
         .await
         .map_err(|e| failure::hypervisor(&e))
+}
+
+/// Starts a restored domain; a failure keeps it (it is whole) and says so.
+async fn start_domain(hv: &Member, name: &str) -> Result<(), JobError> {
+    let conn = hv.hv().await.map_err(|e| failure::hypervisor(&e))?;
+    let lv = libvirt(&*conn, hv)?;
+    lv.start_domain(name).await.map_err(|e| {
+        let e = failure::hypervisor(&e);
+        JobError::new(
+            e.kind,
+            format!(
+                "domain {name} is restored and defined with its disks (kept), but it did not start: {}",
+                e.message
+            ),
+        )
+    })
 }
 
 /// Copies each disk into the staging directory; honours cancel between and (by discarding the

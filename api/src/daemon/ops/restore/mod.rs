@@ -1,7 +1,9 @@
 //! Restores, each a background job with progress: a backup disk to an image file (raw or
-//! qcow2) on the proxy host, a whole backup as a new libvirt domain, or a backup written back
-//! onto its own shut-off VM's disks (confirmed explicitly); an instant recovery (a new
-//! domain running straight from the repository) is `instant`'s.
+//! qcow2) on the proxy host, a whole backup as a new libvirt domain (its disks volumes of a
+//! storage pool on the hypervisor, uploaded over the libvirt connection, or files of the
+//! proxy for a local hypervisor), or a backup written back onto its own shut-off VM's disks
+//! (confirmed explicitly); an instant recovery (a new domain running straight from the
+//! repository) is `instant`'s.
 //!
 //! `start` checks the request and plans the restore (`Plan`); `jobs` runs it; `staging` owns
 //! the checks on what a restore may write: target paths are absolute, free of `..` and NUL,
@@ -21,7 +23,7 @@ use catalog::{BackupId, Manifest};
 use proxy::hypervisor::VmState;
 use proxy::restore::ExportName;
 
-use crate::daemon::error::{ApiError, ApiResult};
+use crate::daemon::error::{ApiError, ApiResult, Status};
 use crate::daemon::hypervisors::Member;
 use crate::daemon::jobs::JobSpec;
 use crate::daemon::names::validate_name;
@@ -53,7 +55,7 @@ pub async fn start(st: &SharedState, req: RestoreRequest) -> ApiResult<JobInfo> 
         }
     };
     let mut spec = JobSpec::new(JobKind::Restore, &m.vm.name, mode);
-    if let Plan::Domain { hv, .. } | Plan::Onto { hv, .. } = &plan {
+    if let Plan::Domain { hv, .. } | Plan::Pool { hv, .. } | Plan::Onto { hv, .. } = &plan {
         spec = spec.on(hv.name(), &hv.spec.host);
     }
     let state = st.clone();
@@ -159,6 +161,9 @@ async fn domain_plan(
     validate_name("domain name", new_name)?;
     let format = req.format.unwrap_or_default();
     let hv = restore_hv(st, m, req).await?;
+    if req.pool.is_some() || hv.spec.remote.is_some() {
+        return pool_plan(m, req, new_name, hv).await;
+    }
     let existing = hv.list().await?;
     if existing.iter().any(|d| d.name == new_name) {
         return Err(ApiError::conflict(format!(
@@ -179,7 +184,62 @@ async fn domain_plan(
         new_name: new_name.to_string(),
         xml: m.domain_xml.clone(),
         disks,
+        start: req.start,
     })
+}
+
+/// The storage pool a restore as a new domain uses when the request names none.
+pub const DEFAULT_POOL: &str = "default";
+
+/// A restore as a new domain into a storage pool of `hv`: checked on the hypervisor first
+/// (pool active, no domain or volume of the names it would make), so a conflict is refused
+/// before any job starts.
+async fn pool_plan(
+    m: &Manifest,
+    req: &RestoreRequest,
+    new_name: &str,
+    hv: Arc<Member>,
+) -> ApiResult<Plan> {
+    let pool = req.pool.as_deref().unwrap_or(DEFAULT_POOL);
+    validate_name("storage pool", pool)?;
+    let format = req.format.unwrap_or_default().image();
+    let mut disks = Vec::new();
+    for d in &m.disks {
+        disks.push(
+            ExportName::new(&m.vm.name, &d.target, &m.id)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?,
+        );
+    }
+    let targets: Vec<&str> = disks.iter().map(|d| d.disk.as_str()).collect();
+    let conn = hv.hv().await?;
+    let lv = jobs::libvirt(&*conn, &hv).map_err(|e| ApiError::bad_request(e.message))?;
+    proxy::restore::check_pool_restore(lv, new_name, pool, &targets, format)
+        .await
+        .map_err(|e| refusal(&hv, &e))?;
+    Ok(Plan::Pool {
+        hv,
+        new_name: new_name.to_string(),
+        pool: pool.to_string(),
+        xml: m.domain_xml.clone(),
+        disks,
+        start: req.start,
+    })
+}
+
+/// A restore refused before its job: the library's kind decides the answer.
+fn refusal(hv: &Member, e: &proxy::restore::Error) -> ApiError {
+    use proxy::restore::ErrorKind as K;
+    let msg = format!(
+        "hypervisor {}: {}",
+        hv.name(),
+        crate::daemon::error::chain(e)
+    );
+    match e.kind() {
+        K::Refused => ApiError::conflict(msg),
+        K::NotFound => ApiError::not_found(msg),
+        K::InvalidInput => ApiError::bad_request(msg),
+        _ => ApiError::new(Status::BadGateway, "hypervisor", msg),
+    }
 }
 
 /// Checks before a job: the VM exists and is shut off, the overwrite is confirmed.

@@ -21,6 +21,16 @@ pub(crate) enum Plan {
         new_name: String,
         xml: String,
         disks: Vec<(ExportName, PathBuf)>,
+        start: bool,
+    },
+    /// As a new domain whose disks are volumes of a storage pool on the hypervisor.
+    Pool {
+        hv: Arc<Member>,
+        new_name: String,
+        pool: String,
+        xml: String,
+        disks: Vec<ExportName>,
+        start: bool,
     },
     Onto {
         hv: Arc<Member>,
