@@ -143,3 +143,63 @@ fn every_crash_point_reopens_consistent() {
         check_after_crash(dir.path(), fault.crash(), &expect, n);
     }
 }
+
+/// A backend whose pack writes fail with ENOSPC after the first; everything else is the
+/// memory backend's.
+struct FullDisk {
+    inner: MemBackend,
+    packs: std::sync::atomic::AtomicU32,
+}
+
+impl catalog::Backend for FullDisk {
+    fn put(&self, key: &str, data: &[u8]) -> catalog::Result<()> {
+        let n = self.packs.load(std::sync::atomic::Ordering::SeqCst);
+        if key.starts_with("packs/") {
+            self.packs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if n >= 1 {
+                let e = std::io::Error::from_raw_os_error(28);
+                return Err(catalog::Error::new(
+                    catalog::ErrorKind::Io,
+                    format!("writing object {key}: {e}"),
+                ));
+            }
+        }
+        self.inner.put(key, data)
+    }
+    fn get(&self, key: &str) -> catalog::Result<Vec<u8>> {
+        self.inner.get(key)
+    }
+    fn get_range(&self, key: &str, offset: u64, len: usize) -> catalog::Result<Vec<u8>> {
+        self.inner.get_range(key, offset, len)
+    }
+    fn len(&self, key: &str) -> catalog::Result<u64> {
+        self.inner.len(key)
+    }
+    fn list(&self, prefix: &str) -> catalog::Result<Vec<String>> {
+        self.inner.list(prefix)
+    }
+    fn delete(&self, key: &str) -> catalog::Result<()> {
+        self.inner.delete(key)
+    }
+    fn lock(&self, mode: catalog::LockMode, wait: bool) -> catalog::Result<catalog::LockGuard> {
+        self.inner.lock(mode, wait)
+    }
+}
+
+/// A pack write that fails (ENOSPC) while the store loop has more packs to hand over: the
+/// backup's error is the write's, naming the cause, not that the sealer stopped.
+#[test]
+fn a_failed_pack_write_is_the_backups_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Arc::new(FullDisk {
+        inner: MemBackend::new(),
+        packs: std::sync::atomic::AtomicU32::new(0),
+    });
+    let repo = Repository::create(b, small_config(), opts(dir.path())).unwrap();
+    // 8 MiB of incompressible data: eight 1 MiB packs.
+    let d = noise(51, 128 * CS);
+    let e = backup(&repo, &[("vda", &d)], None, None, 100).unwrap_err();
+    let msg = catalog::Chain(&e).to_string();
+    assert!(msg.contains("No space left on device"), "{msg}");
+    assert!(!msg.contains("sealer stopped"), "{msg}");
+}

@@ -343,7 +343,14 @@ fn store_loop(sh: Arc<Shared>, disks: Vec<DiskIndex>, rx: Receiver<Outcome>) -> 
     drop(seal_tx);
     match sealer.join() {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => record_failure(&sh, &mut st, e),
+        // The sealer's own error (e.g. ENOSPC writing a pack) is the cause of the "stopped"
+        // the store loop saw when it could no longer hand it a pack: it replaces it.
+        Ok(Err(e)) => {
+            if st.error.as_deref().is_some_and(is_sealer_stopped) {
+                st.error = None;
+            }
+            record_failure(&sh, &mut st, e)
+        }
         Err(_) => record_failure(
             &sh,
             &mut st,
@@ -474,6 +481,14 @@ fn add_blob(
     push(sh, &mut st.pack, digest, BlobKind::Chunk, &b, chans)
 }
 
+/// What the store loop sees when the sealer thread has ended (it failed: its own error,
+/// returned by `join`, says why).
+const SEALER_STOPPED: &str = "pack sealer stopped";
+
+fn is_sealer_stopped(e: &Error) -> bool {
+    e.to_string() == SEALER_STOPPED
+}
+
 /// Append a blob to the open pack; a full pack goes to the sealer.
 fn push(
     sh: &Shared,
@@ -492,7 +507,7 @@ fn push(
         let full = std::mem::replace(pack, next);
         seal_tx
             .send(full)
-            .map_err(|_| Error::new(crate::ErrorKind::Io, "pack sealer stopped"))?;
+            .map_err(|_| Error::new(crate::ErrorKind::Io, SEALER_STOPPED))?;
     }
     Ok(())
 }
