@@ -393,6 +393,21 @@ impl ServerCertVerifier for Pinned {
     }
 }
 
+/// A restore refused for want of a hypervisor: the API says `"hypervisor"`, the CLI
+/// `--hypervisor`.
+pub fn hypervisor_hint(e: anyhow::Error) -> anyhow::Error {
+    match e.downcast::<ClientError>() {
+        Ok(mut ce) if ce.status == 400 && ce.message.contains("\"hypervisor\"") => {
+            ce.message.push_str(
+                " (with the CLI: --hypervisor NAME; `sluice hypervisor list` names them)",
+            );
+            ce.into()
+        }
+        Ok(ce) => ce.into(),
+        Err(e) => e,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{encode, take_event, SseEvent};

@@ -19,13 +19,14 @@
 //! Every `device='disk'` disk must have an export: a copy sharing the original's disk would
 //! corrupt it. Errors are [`ErrorKind::InvalidInput`].
 
-use std::ops::Range;
 use std::path::Path;
 
 use roxmltree::Node;
 
 use super::xml::escape;
-use super::xml_restore::{apply, child, invalid, parse, CHARDEVS};
+use super::xml_restore::{
+    apply, child, device_edits, identity_edits, invalid, parse, Edits, CHARDEVS,
+};
 use super::Result;
 
 /// One disk of the copy: its guest target (`vda`) and the NBD export that serves it.
@@ -46,61 +47,25 @@ pub struct NbdDisk<'a> {
 pub fn instant_domain_xml(domain_xml: &str, new_name: &str, disks: &[NbdDisk]) -> Result<String> {
     let doc = parse("saved domain definition", domain_xml)?;
     let root = doc.root_element();
-    if !root.has_tag_name("domain") {
-        return Err(invalid(
-            "saved domain definition has no <domain> root".into(),
-        ));
-    }
-    let mut edits = Vec::new();
-    let name = child(root, "name").ok_or_else(|| invalid("saved domain has no <name>".into()))?;
-    edits.push((name.range(), format!("<name>{}</name>", escape(new_name))));
-    if let Some(uuid) = child(root, "uuid") {
-        edits.push((uuid.range(), String::new()));
-    }
+    let mut edits = identity_edits(root, new_name)?;
     if let Some(nvram) = child(root, "os").and_then(|os| child(os, "nvram")) {
         edits.push((nvram.range(), String::new()));
     }
     let devices =
         child(root, "devices").ok_or_else(|| invalid("saved domain has no <devices>".into()))?;
-    device_edits(devices, disks, &mut edits)?;
+    let to = |d: &NbdDisk| d.target.to_string();
+    device_edits(
+        devices,
+        disks,
+        to,
+        ("export", "exported disk"),
+        disk_edits,
+        &mut edits,
+    )?;
     Ok(apply(domain_xml, edits))
 }
 
-fn device_edits(
-    devices: Node,
-    disks: &[NbdDisk],
-    edits: &mut Vec<(Range<usize>, String)>,
-) -> Result<()> {
-    let mut used = vec![false; disks.len()];
-    for disk in devices.children().filter(|n| n.has_tag_name("disk")) {
-        if disk.attribute("device").unwrap_or("disk") != "disk" {
-            continue;
-        }
-        let target = child(disk, "target")
-            .and_then(|t| t.attribute("dev"))
-            .ok_or_else(|| invalid("a disk of the saved domain has no target".into()))?;
-        let i = disks
-            .iter()
-            .position(|d| d.target == target)
-            .ok_or_else(|| invalid(format!("disk {target} of the saved domain has no export")))?;
-        used[i] = true;
-        disk_edits(disk, &disks[i], edits)?;
-    }
-    for interface in devices.children().filter(|n| n.has_tag_name("interface")) {
-        if let Some(mac) = child(interface, "mac") {
-            edits.push((mac.range(), String::new()));
-        }
-    }
-    if let Some(i) = used.iter().position(|u| !u) {
-        return Err(invalid(format!(
-            "exported disk {} is not a disk of the saved domain",
-            disks[i].target
-        )));
-    }
-    Ok(())
-}
-
-fn disk_edits(disk: Node, to: &NbdDisk, edits: &mut Vec<(Range<usize>, String)>) -> Result<()> {
+fn disk_edits(disk: Node, to: &NbdDisk, edits: &mut Edits) -> Result<()> {
     let first = disk
         .first_child()
         .ok_or_else(|| invalid(format!("disk {} of the saved domain is empty", to.target)))?;

@@ -52,19 +52,11 @@ pub enum CopySource<'a> {
 pub fn copy_domain_xml(domain_xml: &str, new_name: &str, disks: &[CopyDisk]) -> Result<String> {
     let doc = parse("saved domain definition", domain_xml)?;
     let root = doc.root_element();
-    if !root.has_tag_name("domain") {
-        return Err(invalid(
-            "saved domain definition has no <domain> root".into(),
-        ));
-    }
-    let mut edits = Vec::new();
-    let name = child(root, "name").ok_or_else(|| invalid("saved domain has no <name>".into()))?;
-    edits.push((name.range(), format!("<name>{}</name>", escape(new_name))));
-    if let Some(uuid) = child(root, "uuid") {
-        edits.push((uuid.range(), String::new()));
-    }
+    let mut edits = identity_edits(root, new_name)?;
     if let Some(devices) = child(root, "devices") {
-        device_edits(devices, disks, &mut edits)?;
+        let to = |d: &CopyDisk| d.target.to_string();
+        let names = ("restored file", "restored disk");
+        device_edits(devices, disks, to, names, disk_edits, &mut edits)?;
     }
     if let Some(nvram) = child(root, "os").and_then(|os| child(os, "nvram")) {
         let kept = match nvram.attribute("template") {
@@ -163,11 +155,38 @@ fn relocated(old: &str, dir: &Path, moved: &[(String, String)]) -> Result<String
     Ok(candidate)
 }
 
-fn device_edits(
+/// Text edits of a saved definition: byte range, replacement.
+pub(super) type Edits = Vec<(Range<usize>, String)>;
+
+/// The edits every copy of a saved domain starts with: the new name, and no `<uuid>` (libvirt
+/// gives the copy one). Refuses a document whose root is not `<domain>`.
+pub(super) fn identity_edits(root: Node, new_name: &str) -> Result<Edits> {
+    if !root.has_tag_name("domain") {
+        return Err(invalid(
+            "saved domain definition has no <domain> root".into(),
+        ));
+    }
+    let name = child(root, "name").ok_or_else(|| invalid("saved domain has no <name>".into()))?;
+    let mut edits = vec![(name.range(), format!("<name>{}</name>", escape(new_name)))];
+    if let Some(uuid) = child(root, "uuid") {
+        edits.push((uuid.range(), String::new()));
+    }
+    Ok(edits)
+}
+
+/// The edits of a copy's `<devices>`: each `device='disk'` disk rewritten by `disk_edits` for
+/// the entry of `disks` whose target (`target_of`) it has, and every `<mac>` dropped (libvirt
+/// makes new ones). A disk of the definition without an entry, or an entry without a disk, is
+/// refused; `names` says what an entry is in those errors (`("export", "exported disk")`).
+pub(super) fn device_edits<D>(
     devices: Node,
-    disks: &[CopyDisk],
-    edits: &mut Vec<(Range<usize>, String)>,
+    disks: &[D],
+    target_of: impl Fn(&D) -> String,
+    names: (&str, &str),
+    disk_edits: impl Fn(Node, &D, &mut Edits) -> Result<()>,
+    edits: &mut Edits,
 ) -> Result<()> {
+    let (entry, entry_disk) = names;
     let mut used = vec![false; disks.len()];
     for disk in devices.children().filter(|n| n.has_tag_name("disk")) {
         if disk.attribute("device").unwrap_or("disk") != "disk" {
@@ -178,12 +197,8 @@ fn device_edits(
             .ok_or_else(|| invalid("a disk of the saved domain has no target".into()))?;
         let i = disks
             .iter()
-            .position(|d| d.target == target)
-            .ok_or_else(|| {
-                invalid(format!(
-                    "disk {target} of the saved domain has no restored file"
-                ))
-            })?;
+            .position(|d| target_of(d) == target)
+            .ok_or_else(|| invalid(format!("disk {target} of the saved domain has no {entry}")))?;
         used[i] = true;
         disk_edits(disk, &disks[i], edits)?;
     }
@@ -194,14 +209,14 @@ fn device_edits(
     }
     if let Some(i) = used.iter().position(|u| !u) {
         return Err(invalid(format!(
-            "restored disk {} is not a disk of the saved domain",
-            disks[i].target
+            "{entry_disk} {} is not a disk of the saved domain",
+            target_of(&disks[i])
         )));
     }
     Ok(())
 }
 
-fn disk_edits(disk: Node, to: &CopyDisk, edits: &mut Vec<(Range<usize>, String)>) -> Result<()> {
+fn disk_edits(disk: Node, to: &CopyDisk, edits: &mut Edits) -> Result<()> {
     let first = disk
         .first_child()
         .ok_or_else(|| invalid(format!("disk {} of the saved domain is empty", to.target)))?;

@@ -43,13 +43,7 @@ pub fn restore_as_domain(
     disks: &[RestoredDisk],
     existing: &[String],
 ) -> Result<String> {
-    check_name(new_name)?;
-    if existing.iter().any(|n| n == new_name) {
-        return Err(Error::new(
-            ErrorKind::Refused,
-            format!("domain {new_name} already exists"),
-        ));
-    }
+    check_new_name(new_name, existing)?;
     let copies: Vec<CopyDisk> = disks
         .iter()
         .map(|d| CopyDisk {
@@ -71,6 +65,18 @@ pub fn restore_as_domain(
 pub fn relocate_chardevs(domain_xml: &str, dir: &Path) -> Result<String> {
     xml_restore::relocate_chardevs(domain_xml, dir)
         .map_err(|e| Error::hypervisor(format!("character devices moved to {}", dir.display()), e))
+}
+
+/// A valid domain name that none of `existing` has.
+pub(super) fn check_new_name(name: &str, existing: &[String]) -> Result<()> {
+    check_name(name)?;
+    if existing.iter().any(|n| n == name) {
+        return Err(Error::new(
+            ErrorKind::Refused,
+            format!("domain {name} already exists"),
+        ));
+    }
+    Ok(())
 }
 
 pub(super) fn check_name(name: &str) -> Result<()> {

@@ -8,8 +8,8 @@
 
 use std::path::Path;
 
-use super::domain::check_name;
-use super::error::{Error, ErrorKind, Result};
+use super::domain::check_new_name;
+use super::error::{Error, Result};
 use crate::hypervisor::xml_instant::{self, NbdDisk};
 
 /// Where QEMU on the hypervisor reaches Sluice's NBD server.
@@ -45,13 +45,7 @@ pub fn instant_domain(
     chardev_dir: Option<&Path>,
     existing: &[String],
 ) -> Result<String> {
-    check_name(new_name)?;
-    if existing.iter().any(|n| n == new_name) {
-        return Err(Error::new(
-            ErrorKind::Refused,
-            format!("domain {new_name} already exists"),
-        ));
-    }
+    check_new_name(new_name, existing)?;
     let nbd: Vec<NbdDisk> = disks
         .iter()
         .map(|d| NbdDisk {
@@ -73,6 +67,7 @@ pub fn instant_domain(
 mod tests {
     use super::*;
     use crate::hypervisor::xml_restore::tests::SAVED;
+    use crate::restore::error::ErrorKind;
 
     fn disks() -> Vec<InstantDisk> {
         ["vda", "vdb"]

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::cli::client::{Client, ClientError};
+use crate::cli::client::{hypervisor_hint, Client};
 use crate::cli::table::{or_dash, print_json};
 use crate::wire::instant::InstantState;
 use crate::wire::jobs::JobInfo;
@@ -23,7 +23,10 @@ pub async fn run(
     as_json: bool,
 ) -> anyhow::Result<i32> {
     let backup = req.backup.clone();
-    let job = c.post::<JobInfo>("/restores", &req).await.map_err(hint)?;
+    let job = c
+        .post::<JobInfo>("/restores", &req)
+        .await
+        .map_err(hypervisor_hint)?;
     let id = job.body.id;
     let end = if no_wait {
         job
@@ -78,19 +81,5 @@ fn say(j: &JobInfo, backup: &str) {
             );
         }
         _ => println!("job {id} {}: instant recovery of {backup} queued", j.state),
-    }
-}
-
-/// A refusal for want of a hypervisor: the API says `"hypervisor"`, the CLI `--hypervisor`.
-fn hint(e: anyhow::Error) -> anyhow::Error {
-    match e.downcast::<ClientError>() {
-        Ok(mut ce) if ce.status == 400 && ce.message.contains("\"hypervisor\"") => {
-            ce.message.push_str(
-                " (with the CLI: --hypervisor NAME; `sluice hypervisor list` names them)",
-            );
-            ce.into()
-        }
-        Ok(ce) => ce.into(),
-        Err(e) => e,
     }
 }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::cli::client::{Client, ClientError};
+use crate::cli::client::{hypervisor_hint, Client};
 use crate::cli::progress::wait_job;
 use crate::cli::table::show;
 use crate::wire::jobs::JobInfo;
@@ -98,7 +98,7 @@ pub async fn run(c: &Client, a: RestoreArgs, as_json: bool) -> anyhow::Result<i3
     let job = c
         .post::<JobInfo>("/restores", &req)
         .await
-        .map_err(restore_hint)?;
+        .map_err(hypervisor_hint)?;
     let jid = job.body.id;
     if a.no_wait {
         show(&job, as_json, |_| {
@@ -107,19 +107,4 @@ pub async fn run(c: &Client, a: RestoreArgs, as_json: bool) -> anyhow::Result<i3
         return Ok(0);
     }
     wait_job(c, jid, &format!("restore {}", a.id), as_json).await
-}
-
-/// A restore refused for want of a hypervisor: the API says `"hypervisor"`, the CLI
-/// `--hypervisor`.
-fn restore_hint(e: anyhow::Error) -> anyhow::Error {
-    match e.downcast::<ClientError>() {
-        Ok(mut ce) if ce.status == 400 && ce.message.contains("\"hypervisor\"") => {
-            ce.message.push_str(
-                " (with the CLI: --hypervisor NAME; `sluice hypervisor list` names them)",
-            );
-            ce.into()
-        }
-        Ok(ce) => ce.into(),
-        Err(e) => e,
-    }
 }
